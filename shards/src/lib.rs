@@ -15,9 +15,11 @@
 //! join, placement, hashing).
 
 mod mesh;
+mod notify;
 mod stop;
 
 pub use mesh::{Mesh, MeshError, MeshStats};
+pub use notify::Notify;
 pub use stop::{StopHandle, StopToken};
 
 use glommio::{LocalExecutorBuilder, Placement};

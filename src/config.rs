@@ -1,0 +1,1011 @@
+//! Gateway configuration: the RON schema, loading and start-up validation.
+//!
+//! This module owns the one configuration file of the gateway
+//! (`config/gateway.ron`, also embedded as [`DEFAULT_RON`]): its types, how it
+//! is parsed, and every rule checked before the gateway starts. Every error is
+//! a [`ConfigError`] whose `Display` is one line naming the file (with line
+//! and column) or the key at fault, so `main` can print it and exit with
+//! status 2. Command-line overrides (`--listen`, `--http-listen`, `--shards`)
+//! are applied by the caller on the parsed [`Config`], which then calls
+//! [`Config::validate`] again.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// The shipped default configuration, which is also the documented template.
+pub const DEFAULT_RON: &str = include_str!("../config/gateway.ron");
+
+/// Smallest accepted `max_frame` (bytes after the length prefix).
+pub const MIN_MAX_FRAME: u32 = 64;
+/// Largest accepted `max_frame`: 16 MiB.
+pub const MAX_MAX_FRAME: u32 = 16 * 1024 * 1024;
+/// Largest accepted `shards`.
+pub const MAX_SHARDS: usize = 1024;
+/// Bytes of the length prefix that precedes `len` bytes of frame.
+const LEN_PREFIX: usize = 4;
+
+/// The whole gateway configuration (one RON file).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Client TCP address, bound by every shard with SO_REUSEPORT.
+    pub listen: String,
+    /// Push/admin HTTP address.
+    pub http_listen: String,
+    /// `Some(n)`: n shards; `None`: one per available core.
+    #[serde(default)]
+    pub shards: Option<usize>,
+    /// Largest allowed frame `len` field (bytes after the length prefix).
+    pub max_frame: u32,
+    /// Client connections per gateway; beyond it new ones are closed at once.
+    pub max_connections: usize,
+    /// A session silent for this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub session_idle: Duration,
+    /// How long a player without a connection is kept for resume.
+    #[serde(with = "humantime_serde")]
+    pub player_linger: Duration,
+    /// Per-player outbox bounds.
+    pub outbox: OutboxLimits,
+    /// Per-session queued-output byte limit; beyond it KICK SLOW_CONSUMER.
+    pub write_queue_bytes: usize,
+    /// Backend link timings.
+    pub backend: BackendConfig,
+    /// Service name -> instances.
+    pub services: BTreeMap<String, ServiceConfig>,
+    /// msg_id ranges -> service.
+    pub routes: Vec<RouteConfig>,
+    /// Bearer token required on push/admin HTTP requests; `None` = no check.
+    #[serde(default)]
+    pub push_token: Option<String>,
+    /// Start the in-process demo backend on this address.
+    #[serde(default)]
+    pub demo_backend: Option<String>,
+    /// tracing filter; `RUST_LOG` overrides it.
+    #[serde(default = "default_log")]
+    pub log: String,
+}
+
+fn default_log() -> String {
+    "info".to_string()
+}
+
+/// Bounds of a player's outbox (frames kept for resume).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboxLimits {
+    pub max_frames: usize,
+    pub max_bytes: usize,
+}
+
+/// Backend connection timings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max: Duration,
+}
+
+/// One backend service.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    /// `"ip:port"` of each instance.
+    pub instances: Vec<String>,
+}
+
+/// One route: an inclusive msg_id range sent to a service.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Inclusive `(first, last)` msg_id range.
+    pub msgs: (u32, u32),
+    pub service: String,
+    /// The player must be logged in.
+    #[serde(default)]
+    pub auth: bool,
+    /// This msg_id is a login request.
+    #[serde(default)]
+    pub login: bool,
+    #[serde(default)]
+    pub balance: Balance,
+}
+
+/// How a route picks an instance of its service.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+pub enum Balance {
+    /// Spread requests over the instances in turn.
+    #[default]
+    RoundRobin,
+    /// The same player always goes to the same instance.
+    HashPlayer,
+    /// Send to every instance.
+    Broadcast,
+}
+
+/// A configuration that cannot be used. `Display` is one line.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("config {}: cannot read: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// RON syntax error, unknown/missing/duplicate key or wrong type.
+    #[error("config {origin}:{line}:{col}: {message}")]
+    Syntax {
+        origin: String,
+        line: usize,
+        col: usize,
+        message: String,
+    },
+    /// Parsed, but a value breaks a rule.
+    #[error("config key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
+    value.parse().map_err(|_| {
+        invalid(
+            key,
+            format!("`{value}` is not an address of the form ip:port (e.g. \"127.0.0.1:7000\")"),
+        )
+    })
+}
+
+fn positive(key: &str, d: Duration) -> Result<(), ConfigError> {
+    if d.is_zero() {
+        Err(invalid(key, "must be greater than 0"))
+    } else {
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Parses `text` (RON) and validates it. `origin` names it in errors
+    /// (a file path, or e.g. `"<embedded>"`).
+    pub fn from_ron(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let config: Config = ron::from_str(text).map_err(|e| syntax_error(text, origin, &e))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_ron(&text, &path.display().to_string())
+    }
+
+    /// The shipped default ([`DEFAULT_RON`]).
+    pub fn embedded_default() -> Config {
+        Config::from_ron(DEFAULT_RON, "<embedded gateway.ron>")
+            .expect("the embedded config/gateway.ron must be valid (tested)")
+    }
+
+    /// Checks every rule; the first broken one is returned.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.listen_addr()?;
+        self.http_listen_addr()?;
+        if let Some(n) = self.shards {
+            if n == 0 || n > MAX_SHARDS {
+                return Err(invalid(
+                    "shards",
+                    format!("must be None or Some(1..={MAX_SHARDS}), got Some({n})"),
+                ));
+            }
+        }
+        if !(MIN_MAX_FRAME..=MAX_MAX_FRAME).contains(&self.max_frame) {
+            return Err(invalid(
+                "max_frame",
+                format!(
+                    "must be in {MIN_MAX_FRAME}..={MAX_MAX_FRAME} bytes (20-byte header + body), got {}",
+                    self.max_frame
+                ),
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err(invalid("max_connections", "must be greater than 0"));
+        }
+        positive("session_idle", self.session_idle)?;
+        positive("player_linger", self.player_linger)?;
+        if self.outbox.max_frames == 0 {
+            return Err(invalid("outbox.max_frames", "must be greater than 0"));
+        }
+        if self.outbox.max_bytes == 0 {
+            return Err(invalid("outbox.max_bytes", "must be greater than 0"));
+        }
+        let largest_frame = self.max_frame as usize + LEN_PREFIX;
+        if self.write_queue_bytes < largest_frame {
+            return Err(invalid(
+                "write_queue_bytes",
+                format!(
+                    "must be at least max_frame + 4 = {largest_frame} bytes so that one largest frame fits, got {}",
+                    self.write_queue_bytes
+                ),
+            ));
+        }
+        let b = &self.backend;
+        positive("backend.request_timeout", b.request_timeout)?;
+        positive("backend.connect_timeout", b.connect_timeout)?;
+        positive("backend.reconnect_min", b.reconnect_min)?;
+        positive("backend.reconnect_max", b.reconnect_max)?;
+        if b.reconnect_min > b.reconnect_max {
+            return Err(invalid(
+                "backend.reconnect_min",
+                format!(
+                    "{:?} is greater than backend.reconnect_max ({:?})",
+                    b.reconnect_min, b.reconnect_max
+                ),
+            ));
+        }
+        if self.services.is_empty() && !self.routes.is_empty() {
+            return Err(invalid(
+                "services",
+                "is empty but routes are configured; add at least one service",
+            ));
+        }
+        for (name, service) in &self.services {
+            if service.instances.is_empty() {
+                return Err(invalid(
+                    format!("services.{name}.instances"),
+                    "a service needs at least one instance",
+                ));
+            }
+            for (i, inst) in service.instances.iter().enumerate() {
+                parse_addr(&format!("services.{name}.instances[{i}]"), inst)?;
+            }
+        }
+        for (i, route) in self.routes.iter().enumerate() {
+            let (first, last) = route.msgs;
+            if first > last {
+                return Err(invalid(
+                    format!("routes[{i}].msgs"),
+                    format!(
+                        "first {first} is greater than last {last} (the range is ({first}, {last}) inclusive)"
+                    ),
+                ));
+            }
+            for (j, earlier) in self.routes[..i].iter().enumerate() {
+                let (ef, el) = earlier.msgs;
+                if ef <= el && first <= el && ef <= last {
+                    return Err(invalid(
+                        format!("routes[{i}].msgs"),
+                        format!("range {first}..={last} overlaps routes[{j}] ({ef}..={el})"),
+                    ));
+                }
+            }
+            if !self.services.contains_key(&route.service) {
+                let known: Vec<&str> = self.services.keys().map(String::as_str).collect();
+                return Err(invalid(
+                    format!("routes[{i}].service"),
+                    format!(
+                        "unknown service `{}` (known: {})",
+                        route.service,
+                        if known.is_empty() {
+                            "none".to_string()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                ));
+            }
+            if route.login && route.auth {
+                return Err(invalid(
+                    format!("routes[{i}].auth"),
+                    "a login route (login: true) cannot require auth; set auth: false",
+                ));
+            }
+        }
+        if let Some(token) = &self.push_token {
+            if token.is_empty() {
+                return Err(invalid(
+                    "push_token",
+                    "must not be empty; use None to disable the check",
+                ));
+            }
+        }
+        if let Some(addr) = &self.demo_backend {
+            parse_addr("demo_backend", addr)?;
+        }
+        Ok(())
+    }
+
+    /// Number of shards to run: `shards`, or one per available core.
+    pub fn shard_count(&self) -> usize {
+        self.shards.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        })
+    }
+
+    /// `listen` as a socket address.
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        parse_addr("listen", &self.listen)
+    }
+
+    /// `http_listen` as a socket address.
+    pub fn http_listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        parse_addr("http_listen", &self.http_listen)
+    }
+}
+
+/// Turns a RON error into a one-line [`ConfigError::Syntax`], naming the key
+/// at the error position where it can be found.
+fn syntax_error(text: &str, origin: &str, e: &ron::error::SpannedError) -> ConfigError {
+    let ron::error::Position { line, col } = e.position;
+    let path = key_path_at(text, line, col);
+    let message = match &e.code {
+        ron::Error::NoSuchStructField {
+            expected, found, ..
+        } => {
+            let mut m = format!("unknown field `{found}`");
+            if !path.parent.is_empty() {
+                let _ = write!(m, " in `{}`", path.parent);
+            }
+            let list: Vec<String> = expected.iter().map(|f| format!("`{f}`")).collect();
+            let _ = write!(m, ", expected one of {}", list.join(", "));
+            m
+        }
+        ron::Error::MissingStructField { field, .. } => {
+            let mut m = format!("missing field `{field}`");
+            if !path.parent.is_empty() {
+                let _ = write!(m, " in `{}`", path.parent);
+            }
+            m
+        }
+        ron::Error::DuplicateStructField { field, .. } => {
+            let mut m = format!("duplicate field `{field}`");
+            if !path.parent.is_empty() {
+                let _ = write!(m, " in `{}`", path.parent);
+            }
+            m
+        }
+        other => {
+            // ron 0.8 writes "`Variant`in enum"; restore the space.
+            let mut m = other.to_string().replace("`in ", "` in ");
+            if matches!(other, ron::Error::ExpectedOption) {
+                m.push_str(" (write Some(value) or None)");
+            }
+            if path.full.is_empty() {
+                m
+            } else {
+                format!("key `{}`: {m}", path.full)
+            }
+        }
+    };
+    ConfigError::Syntax {
+        origin: origin.to_string(),
+        line,
+        col,
+        message,
+    }
+}
+
+#[derive(Debug, Default, PartialEq)]
+struct KeyPath {
+    /// Path of the value being parsed at the position, e.g. `routes[2].msgs`.
+    full: String,
+    /// Path of the struct or map that contains it, e.g. `routes[2]`.
+    parent: String,
+}
+
+struct Level {
+    open: u8,
+    key: Option<String>,
+    index: usize,
+}
+
+fn path_of(levels: &[Level], with_last_key: bool) -> String {
+    let mut out = String::new();
+    let n = levels.len();
+    for (k, level) in levels.iter().enumerate() {
+        match level.open {
+            b'[' => {
+                let _ = write!(out, "[{}]", level.index);
+            }
+            _ => {
+                if k + 1 == n && !with_last_key {
+                    continue;
+                }
+                if let Some(key) = &level.key {
+                    if !out.is_empty() {
+                        out.push('.');
+                    }
+                    out.push_str(key);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Best-effort: the key path of the value at 1-based (`line`, `col` in bytes)
+/// of `text`, found by scanning brackets, keys, strings and comments.
+fn key_path_at(text: &str, line: usize, col: usize) -> KeyPath {
+    let b = text.as_bytes();
+    let mut end = 0;
+    let mut cur = 1;
+    while cur < line && end < b.len() {
+        if b[end] == b'\n' {
+            cur += 1;
+        }
+        end += 1;
+    }
+    let end = (end + col.saturating_sub(1)).min(b.len());
+    let mut levels: Vec<Level> = Vec::new();
+    let mut pending: Option<String> = None; // identifier or string awaiting ':'
+    let mut i = 0;
+    while i < end {
+        let c = b[i];
+        match c {
+            b'/' if b.get(i + 1) == Some(&b'/') => {
+                while i < end && b[i] != b'\n' {
+                    i += 1;
+                }
+                continue;
+            }
+            b'/' if b.get(i + 1) == Some(&b'*') => {
+                i += 2;
+                while i < end && !(b[i] == b'*' && b.get(i + 1) == Some(&b'/')) {
+                    i += 1;
+                }
+                i += 2;
+                continue;
+            }
+            b'"' => {
+                let start = i + 1;
+                i += 1;
+                while i < end && b[i] != b'"' {
+                    if b[i] == b'\\' {
+                        i += 1;
+                    }
+                    i += 1;
+                }
+                let stop = i.min(end);
+                pending = Some(String::from_utf8_lossy(&b[start..stop]).into_owned());
+                i += 1;
+                continue;
+            }
+            b'(' | b'[' | b'{' => {
+                levels.push(Level {
+                    open: c,
+                    key: None,
+                    index: 0,
+                });
+                pending = None;
+            }
+            b')' | b']' | b'}' => {
+                levels.pop();
+                pending = None;
+            }
+            b',' => {
+                if let Some(level) = levels.last_mut() {
+                    level.index += 1;
+                    level.key = None;
+                }
+                pending = None;
+            }
+            b':' => {
+                if let (Some(level), Some(key)) = (levels.last_mut(), pending.take()) {
+                    level.key = Some(key);
+                }
+            }
+            c if c.is_ascii_alphabetic() || c == b'_' => {
+                let start = i;
+                while i < end && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
+                    i += 1;
+                }
+                pending = Some(String::from_utf8_lossy(&b[start..i]).into_owned());
+                continue;
+            }
+            c if c.is_ascii_whitespace() => {}
+            _ => pending = None,
+        }
+        i += 1;
+    }
+    KeyPath {
+        full: path_of(&levels, true),
+        parent: path_of(&levels, false),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn default_text() -> String {
+        DEFAULT_RON.to_string()
+    }
+
+    /// The default file with `from` replaced by `to` (which must occur once).
+    fn edited(from: &str, to: &str) -> String {
+        let text = default_text();
+        assert_eq!(text.matches(from).count(), 1, "`{from}` must occur once");
+        text.replace(from, to)
+    }
+
+    fn err(text: &str) -> String {
+        Config::from_ron(text, "gateway.ron")
+            .expect_err("config should be rejected")
+            .to_string()
+    }
+
+    fn invalid_of(mutate: impl FnOnce(&mut Config)) -> String {
+        let mut c = Config::embedded_default();
+        mutate(&mut c);
+        let e = c.validate().expect_err("config should be rejected");
+        assert!(matches!(e, ConfigError::Invalid { .. }), "{e:?}");
+        e.to_string()
+    }
+
+    #[test]
+    fn embedded_default_parses_and_validates() {
+        let c = Config::embedded_default();
+        c.validate().unwrap();
+        assert_eq!(c.listen_addr().unwrap(), "127.0.0.1:7000".parse().unwrap());
+        assert_eq!(
+            c.http_listen_addr().unwrap(),
+            "127.0.0.1:7001".parse().unwrap()
+        );
+        assert_eq!(c.shards, None);
+        assert!(c.shard_count() >= 1);
+        assert_eq!(c.max_frame, 65536);
+        assert_eq!(c.max_connections, 100_000);
+        assert_eq!(c.session_idle, Duration::from_secs(60));
+        assert_eq!(c.player_linger, Duration::from_secs(300));
+        assert_eq!(
+            c.outbox,
+            OutboxLimits {
+                max_frames: 1024,
+                max_bytes: 1_048_576
+            }
+        );
+        assert_eq!(c.write_queue_bytes, 1_048_576);
+        assert_eq!(
+            c.backend,
+            BackendConfig {
+                request_timeout: Duration::from_secs(5),
+                connect_timeout: Duration::from_secs(1),
+                reconnect_min: Duration::from_millis(100),
+                reconnect_max: Duration::from_secs(5),
+            }
+        );
+        assert_eq!(c.services.len(), 1);
+        assert_eq!(c.services["demo"].instances, vec!["127.0.0.1:7100"]);
+        let r: Vec<_> = c
+            .routes
+            .iter()
+            .map(|r| (r.msgs, r.service.as_str(), r.auth, r.login, r.balance))
+            .collect();
+        assert_eq!(
+            r,
+            vec![
+                ((1, 1), "demo", false, true, Balance::RoundRobin),
+                ((2, 2), "demo", false, false, Balance::RoundRobin),
+                ((100, 199), "demo", true, false, Balance::RoundRobin),
+                ((200, 200), "demo", true, false, Balance::RoundRobin),
+            ]
+        );
+        assert_eq!(c.push_token, None);
+        assert_eq!(c.demo_backend.as_deref(), Some("127.0.0.1:7100"));
+        assert_eq!(c.log, "info");
+    }
+
+    #[test]
+    fn optional_keys_take_defaults() {
+        let text = edited("    log: \"info\",\n", "")
+            .replace("    demo_backend: Some(\"127.0.0.1:7100\"),\n", "")
+            .replace("    shards: None,\n", "")
+            .replace("    push_token: None,\n", "")
+            .replace(", auth: false, login: true, balance: RoundRobin)", ")");
+        let c = Config::from_ron(&text, "gateway.ron").unwrap();
+        assert_eq!(c.log, "info");
+        assert_eq!(c.demo_backend, None);
+        assert_eq!(c.shards, None);
+        assert!(!c.routes[0].auth && !c.routes[0].login);
+        assert_eq!(c.routes[0].balance, Balance::RoundRobin);
+    }
+
+    #[test]
+    fn other_balances_and_shards_parse() {
+        let text = edited("shards: None", "shards: Some(4)").replace(
+            "(msgs: (100, 199), service: \"demo\", auth: true)",
+            "(msgs: (100, 199), service: \"demo\", auth: true, balance: HashPlayer)",
+        );
+        let text = text.replace(
+            "(msgs: (200, 200), service: \"demo\", auth: true)",
+            "(msgs: (200, 200), service: \"demo\", auth: true, balance: Broadcast)",
+        );
+        let c = Config::from_ron(&text, "gateway.ron").unwrap();
+        assert_eq!(c.shard_count(), 4);
+        assert_eq!(c.routes[2].balance, Balance::HashPlayer);
+        assert_eq!(c.routes[3].balance, Balance::Broadcast);
+    }
+
+    #[test]
+    fn load_reads_a_file_and_names_it_in_errors() {
+        let dir = std::env::temp_dir().join(format!("slg-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.ron");
+        std::fs::write(&good, DEFAULT_RON).unwrap();
+        assert_eq!(Config::load(&good).unwrap().max_frame, 65536);
+
+        let bad = dir.join("bad.ron");
+        std::fs::write(&bad, DEFAULT_RON.replace("max_frame:", "maxframe:")).unwrap();
+        let e = Config::load(&bad).unwrap_err().to_string();
+        assert!(e.starts_with(&format!("config {}:", bad.display())), "{e}");
+        assert!(e.contains("unknown field `maxframe`"), "{e}");
+
+        let missing = dir.join("missing.ron");
+        let e = Config::load(&missing).unwrap_err();
+        assert!(matches!(e, ConfigError::Io { .. }));
+        let e = e.to_string();
+        assert!(
+            e.starts_with(&format!("config {}: cannot read: ", missing.display())),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn syntax_error_names_origin_line_and_col() {
+        let text = edited("max_connections: 100000,", "max_connections: 100000,,");
+        let line = text
+            .lines()
+            .position(|l| l.contains("max_connections: 100000,,"))
+            .unwrap()
+            + 1;
+        let e = err(&text);
+        assert!(e.starts_with(&format!("config gateway.ron:{line}:")), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn unknown_key_names_the_key_and_line() {
+        let text = edited("    max_frame: 65536,", "    maxframe: 65536,");
+        let line = text.lines().position(|l| l.contains("maxframe:")).unwrap() + 1;
+        let e = err(&text);
+        assert!(e.starts_with(&format!("config gateway.ron:{line}:")), "{e}");
+        assert!(
+            e.contains("unknown field `maxframe`, expected one of `listen`"),
+            "{e}"
+        );
+        assert!(e.contains("`max_frame`"), "{e}");
+    }
+
+    #[test]
+    fn unknown_nested_key_names_its_struct() {
+        let e = err(&edited("max_bytes: 1048576", "max_byte: 1048576"));
+        assert!(
+            e.contains(
+                "unknown field `max_byte` in `outbox`, expected one of `max_frames`, `max_bytes`"
+            ),
+            "{e}"
+        );
+        let e = err(&edited(
+            "(msgs: (2, 2), service: \"demo\", auth: false)",
+            "(msgs: (2, 2), service: \"demo\", auht: false)",
+        ));
+        assert!(e.contains("unknown field `auht` in `routes[1]`"), "{e}");
+    }
+
+    #[test]
+    fn missing_key_names_the_key() {
+        let e = err(&edited("    max_connections: 100000,\n", ""));
+        assert!(e.starts_with("config gateway.ron:"), "{e}");
+        assert!(e.contains("missing field `max_connections`"), "{e}");
+        let e = err(&edited("        max_bytes: 1048576,\n", ""));
+        assert!(e.contains("missing field `max_bytes` in `outbox`"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_names_the_key() {
+        let text = edited("max_frame: 65536,", "max_frame: \"big\",");
+        let line = text.lines().position(|l| l.contains("\"big\"")).unwrap() + 1;
+        let e = err(&text);
+        assert!(e.starts_with(&format!("config gateway.ron:{line}:")), "{e}");
+        assert!(e.contains("key `max_frame`"), "{e}");
+
+        let e = err(&edited("(msgs: (100, 199)", "(msgs: (100, \"x\")"));
+        assert!(e.contains("key `routes[2].msgs`"), "{e}");
+
+        let e = err(&edited(
+            "instances: [\"127.0.0.1:7100\"]",
+            "instances: [7100]",
+        ));
+        assert!(e.contains("key `services.demo.instances[0]`"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_names_the_key() {
+        let e = err(&edited("session_idle: \"60s\"", "session_idle: \"sixty\""));
+        assert!(e.contains("key `session_idle`"), "{e}");
+        let e = err(&edited("reconnect_max: \"5s\"", "reconnect_max: 5"));
+        assert!(e.contains("key `backend.reconnect_max`"), "{e}");
+    }
+
+    #[test]
+    fn bad_enum_variant_names_the_key() {
+        let e = err(&edited("balance: RoundRobin", "balance: Random"));
+        assert!(e.contains("key `routes[0].balance`"), "{e}");
+        assert!(e.contains("`Random` in enum `Balance`"), "{e}");
+        let e = err(&edited("shards: None", "shards: 4"));
+        assert!(
+            e.contains("key `shards`: Expected option (write Some(value) or None)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn listen_addresses_must_parse() {
+        let e = invalid_of(|c| c.listen = "localhost".into());
+        assert!(
+            e.starts_with("config key `listen`: `localhost` is not"),
+            "{e}"
+        );
+        let e = invalid_of(|c| c.http_listen = "127.0.0.1".into());
+        assert!(
+            e.starts_with("config key `http_listen`: `127.0.0.1` is not"),
+            "{e}"
+        );
+        let e = invalid_of(|c| c.demo_backend = Some("127.0.0.1:port".into()));
+        assert!(e.starts_with("config key `demo_backend`:"), "{e}");
+        let e = invalid_of(|c| {
+            c.services
+                .get_mut("demo")
+                .unwrap()
+                .instances
+                .push("10.0.0.1".into())
+        });
+        assert!(
+            e.starts_with("config key `services.demo.instances[1]`: `10.0.0.1` is not"),
+            "{e}"
+        );
+        let mut c = Config::embedded_default();
+        c.listen = "[::1]:9000".into();
+        assert_eq!(c.listen_addr().unwrap(), "[::1]:9000".parse().unwrap());
+    }
+
+    #[test]
+    fn shards_must_be_in_range() {
+        let e = invalid_of(|c| c.shards = Some(0));
+        assert_eq!(
+            e,
+            "config key `shards`: must be None or Some(1..=1024), got Some(0)"
+        );
+        let e = invalid_of(|c| c.shards = Some(1025));
+        assert!(e.starts_with("config key `shards`:"), "{e}");
+        let mut c = Config::embedded_default();
+        c.shards = Some(1024);
+        c.validate().unwrap();
+        assert_eq!(c.shard_count(), 1024);
+    }
+
+    #[test]
+    fn max_frame_must_be_in_range() {
+        let e = invalid_of(|c| c.max_frame = 63);
+        assert_eq!(
+            e,
+            "config key `max_frame`: must be in 64..=16777216 bytes (20-byte header + body), got 63"
+        );
+        let e = invalid_of(|c| {
+            c.max_frame = 16 * 1024 * 1024 + 1;
+            c.write_queue_bytes = 64 * 1024 * 1024;
+        });
+        assert!(e.starts_with("config key `max_frame`:"), "{e}");
+        let mut c = Config::embedded_default();
+        c.max_frame = 64;
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn max_connections_must_be_positive() {
+        let e = invalid_of(|c| c.max_connections = 0);
+        assert_eq!(e, "config key `max_connections`: must be greater than 0");
+    }
+
+    #[test]
+    fn durations_must_be_positive() {
+        let e = invalid_of(|c| c.session_idle = Duration::ZERO);
+        assert_eq!(e, "config key `session_idle`: must be greater than 0");
+        let e = invalid_of(|c| c.player_linger = Duration::ZERO);
+        assert_eq!(e, "config key `player_linger`: must be greater than 0");
+        let e = invalid_of(|c| c.backend.request_timeout = Duration::ZERO);
+        assert_eq!(
+            e,
+            "config key `backend.request_timeout`: must be greater than 0"
+        );
+        let e = invalid_of(|c| c.backend.connect_timeout = Duration::ZERO);
+        assert_eq!(
+            e,
+            "config key `backend.connect_timeout`: must be greater than 0"
+        );
+        let e = invalid_of(|c| c.backend.reconnect_min = Duration::ZERO);
+        assert_eq!(
+            e,
+            "config key `backend.reconnect_min`: must be greater than 0"
+        );
+        let e = invalid_of(|c| c.backend.reconnect_max = Duration::ZERO);
+        assert_eq!(
+            e,
+            "config key `backend.reconnect_max`: must be greater than 0"
+        );
+        // Through the file, too: "0s" parses and is then rejected.
+        let e = err(&edited("player_linger: \"5m\"", "player_linger: \"0s\""));
+        assert_eq!(e, "config key `player_linger`: must be greater than 0");
+    }
+
+    #[test]
+    fn reconnect_min_must_not_exceed_max() {
+        let e = invalid_of(|c| c.backend.reconnect_min = Duration::from_secs(10));
+        assert_eq!(
+            e,
+            "config key `backend.reconnect_min`: 10s is greater than backend.reconnect_max (5s)"
+        );
+        let mut c = Config::embedded_default();
+        c.backend.reconnect_min = c.backend.reconnect_max;
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn outbox_limits_must_be_positive() {
+        let e = invalid_of(|c| c.outbox.max_frames = 0);
+        assert_eq!(e, "config key `outbox.max_frames`: must be greater than 0");
+        let e = invalid_of(|c| c.outbox.max_bytes = 0);
+        assert_eq!(e, "config key `outbox.max_bytes`: must be greater than 0");
+    }
+
+    #[test]
+    fn write_queue_must_hold_a_largest_frame() {
+        let e = invalid_of(|c| c.write_queue_bytes = 65536 + 3);
+        assert_eq!(
+            e,
+            "config key `write_queue_bytes`: must be at least max_frame + 4 = 65540 bytes so that one largest frame fits, got 65539"
+        );
+        let mut c = Config::embedded_default();
+        c.write_queue_bytes = 65536 + 4;
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn services_empty_only_without_routes() {
+        let e = invalid_of(|c| c.services.clear());
+        assert!(e.starts_with("config key `services`: is empty"), "{e}");
+        let mut c = Config::embedded_default();
+        c.services.clear();
+        c.routes.clear();
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn service_needs_an_instance() {
+        let e = invalid_of(|c| c.services.get_mut("demo").unwrap().instances.clear());
+        assert_eq!(
+            e,
+            "config key `services.demo.instances`: a service needs at least one instance"
+        );
+    }
+
+    #[test]
+    fn route_range_must_be_ordered() {
+        let e = invalid_of(|c| c.routes[2].msgs = (199, 100));
+        assert!(
+            e.starts_with("config key `routes[2].msgs`: first 199 is greater than last 100"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn route_ranges_must_not_overlap() {
+        let e = invalid_of(|c| {
+            c.routes.insert(
+                2,
+                RouteConfig {
+                    msgs: (150, 160),
+                    service: "demo".into(),
+                    auth: true,
+                    login: false,
+                    balance: Balance::RoundRobin,
+                },
+            );
+            c.routes.swap(2, 3);
+        });
+        assert_eq!(
+            e,
+            "config key `routes[3].msgs`: range 150..=160 overlaps routes[2] (100..=199)"
+        );
+        // Touching at one end is an overlap too; adjacency is not.
+        let e = invalid_of(|c| c.routes[3].msgs = (199, 200));
+        assert_eq!(
+            e,
+            "config key `routes[3].msgs`: range 199..=200 overlaps routes[2] (100..=199)"
+        );
+        let mut c = Config::embedded_default();
+        c.routes[3].msgs = (200, 300);
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn route_service_must_exist() {
+        let e = invalid_of(|c| c.routes[0].service = "lgoin".into());
+        assert_eq!(
+            e,
+            "config key `routes[0].service`: unknown service `lgoin` (known: demo)"
+        );
+    }
+
+    #[test]
+    fn login_route_must_not_need_auth() {
+        let e = invalid_of(|c| c.routes[0].auth = true);
+        assert!(
+            e.starts_with("config key `routes[0].auth`: a login route"),
+            "{e}"
+        );
+        // Several login routes are fine.
+        let mut c = Config::embedded_default();
+        c.routes[1].login = true;
+        c.validate().unwrap();
+    }
+
+    #[test]
+    fn push_token_must_not_be_empty() {
+        let e = invalid_of(|c| c.push_token = Some(String::new()));
+        assert!(
+            e.starts_with("config key `push_token`: must not be empty"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn every_error_is_one_line() {
+        let cases = [
+            err(&edited("listen: \"127.0.0.1:7000\"", "listen: 7000")),
+            err(&edited("(msgs: (1, 1)", "(msgs: (1, 1, 1)")),
+            err("not ron at all"),
+            err(""),
+        ];
+        for e in cases {
+            assert!(e.starts_with("config gateway.ron:"), "{e}");
+            assert!(!e.contains('\n'), "{e}");
+        }
+    }
+
+    #[test]
+    fn key_path_scanner() {
+        let t = "(\n a: 1, // x: (\n b: { \"k\": (c: [1, 2, \"x(\", 4]) },\n)";
+        let pos = |needle: &str| {
+            let off = t.find(needle).unwrap();
+            let line = t[..off].matches('\n').count() + 1;
+            let col = off - t[..off].rfind('\n').map_or(0, |p| p + 1) + 1;
+            key_path_at(t, line, col)
+        };
+        assert_eq!(pos("1,").full, "a");
+        assert_eq!(pos("4]").full, "b.k.c[3]");
+        assert_eq!(pos("4]").parent, "b.k.c[3]");
+        assert_eq!(pos("c:").parent, "b.k");
+    }
+}

@@ -1,0 +1,321 @@
+//! Starting and stopping a whole gateway: reserve the ports, start the
+//! shards, and on every shard the accept loop, the inbox of the mesh, the
+//! backend connections and the timers.
+//!
+//! `Gateway::start(config)` returns once every shard listens, with the
+//! addresses actually bound (port 0 picks one), so tests and harnesses start
+//! a real gateway and talk to it.
+
+use crate::backend::{run_connection, AnswerSink};
+use crate::config::{Config, ConfigError};
+use crate::shard::{ShardCtx, ShardMsg};
+use bytes::BytesMut;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Why a gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot bind {what} {addr}: {source}")]
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start shards: {0}")]
+    Shards(#[from] shards::ShardError),
+    #[error("shard {shard} failed to start: {message}")]
+    ShardInit { shard: usize, message: String },
+}
+
+/// Counters of one shard, returned when it stops.
+#[derive(Debug, Clone, Default)]
+pub struct ShardReport {
+    pub shard: usize,
+    pub accepted: u64,
+    pub refused_max_connections: u64,
+    pub logins_ok: u64,
+    pub protocol_errors: u64,
+}
+
+/// A running gateway.
+pub struct Gateway {
+    /// The client port every shard listens on.
+    pub client_addr: SocketAddr,
+    /// The address reserved for the HTTP API.
+    pub http_addr: SocketAddr,
+    shards: shards::Shards<ShardMsg, ShardReport>,
+    connections: Arc<AtomicUsize>,
+    _http_reservation: socket2::Socket,
+}
+
+impl Gateway {
+    /// Validate `cfg`, bind, start every shard; returns once all listen.
+    pub fn start(cfg: Config) -> Result<Gateway, StartError> {
+        cfg.validate()?;
+        let client = cfg.listen_addr()?;
+        let http = cfg.http_listen_addr()?;
+        let (client_res, client_addr) =
+            crate::net::reserve_port(client).map_err(|source| StartError::Bind {
+                what: "client listener",
+                addr: client,
+                source,
+            })?;
+        let (http_res, http_addr) =
+            crate::net::reserve_port(http).map_err(|source| StartError::Bind {
+                what: "http listener",
+                addr: http,
+                source,
+            })?;
+        let shards_cfg = shards::ShardsConfig {
+            shards: cfg.shard_count(),
+            pin: true,
+            name: "shard".into(),
+            mesh_capacity: 4096,
+        };
+        let connections = Arc::new(AtomicUsize::new(0));
+        let (ready_tx, ready_rx) = flume::unbounded::<Result<usize, (usize, String)>>();
+        let cfg = Arc::new(cfg);
+        let conns = connections.clone();
+        let shards = shards::start(&shards_cfg, move |shard: shards::Shard<ShardMsg>| {
+            run_shard(shard, cfg, client_addr, conns, ready_tx)
+        })?;
+        for _ in 0..shards.count() {
+            match ready_rx.recv() {
+                Ok(Ok(_)) => {}
+                Ok(Err((shard, message))) => {
+                    shards.stop();
+                    let _ = shards.join();
+                    return Err(StartError::ShardInit { shard, message });
+                }
+                Err(_) => {
+                    shards.stop();
+                    let _ = shards.join();
+                    return Err(StartError::ShardInit {
+                        shard: 0,
+                        message: "a shard ended during start".into(),
+                    });
+                }
+            }
+        }
+        drop(client_res);
+        Ok(Gateway {
+            client_addr,
+            http_addr,
+            shards,
+            connections,
+            _http_reservation: http_res,
+        })
+    }
+
+    /// Open client connections now.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Acquire)
+    }
+
+    /// A handle that stops the gateway from any thread (signal handlers).
+    pub fn stop_handle(&self) -> shards::StopHandle {
+        self.shards.stop_handle()
+    }
+
+    /// Stop and wait for every shard.
+    pub fn stop(self) -> Vec<ShardReport> {
+        self.shards.stop();
+        self.join()
+    }
+
+    /// Wait for every shard to end (after a stop from elsewhere).
+    pub fn join(self) -> Vec<ShardReport> {
+        self.shards
+            .join()
+            .into_iter()
+            .filter_map(|r| match r {
+                Ok(rep) => Some(rep),
+                Err(e) => {
+                    tracing::error!(error = %e, "shard ended badly");
+                    None
+                }
+            })
+            .collect()
+    }
+}
+
+async fn run_shard(
+    shard: shards::Shard<ShardMsg>,
+    cfg: Arc<Config>,
+    client_addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    ready: flume::Sender<Result<usize, (usize, String)>>,
+) -> ShardReport {
+    let (id, count, mesh, inbox, stop, _stop_handle) = shard.into_parts();
+    let listener = match crate::net::listen_reuseport(client_addr) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err((id, format!("cannot listen on {client_addr}: {e}"))));
+            return ShardReport {
+                shard: id,
+                ..Default::default()
+            };
+        }
+    };
+    let cfg = Rc::new((*cfg).clone());
+    let ctx = Rc::new(ShardCtx::new(
+        id,
+        count,
+        cfg.clone(),
+        mesh,
+        stop.clone(),
+        connections,
+    ));
+
+    // Backend connections.
+    let mut backend_tasks = Vec::new();
+    for (_s, _i, conn) in ctx.backends.connections() {
+        let ctx2 = ctx.clone();
+        let stop = stop.clone();
+        let b = cfg.backend;
+        let max_frame = cfg.max_frame;
+        backend_tasks.push(glommio::spawn_local(async move {
+            run_connection(
+                ctx2.clone(),
+                &ctx2.backends,
+                conn,
+                max_frame,
+                b.connect_timeout,
+                (b.reconnect_min, b.reconnect_max),
+                stop,
+            )
+            .await
+        }));
+    }
+
+    // Request deadlines.
+    let deadlines = {
+        let ctx = ctx.clone();
+        glommio::spawn_local(async move {
+            loop {
+                let next = ctx.backends.next_deadline();
+                let wait = async {
+                    match next {
+                        Some(at) => {
+                            glommio::timer::sleep(at.saturating_duration_since(Instant::now()))
+                                .await
+                        }
+                        None => ctx.backends.deadline_added().await,
+                    }
+                };
+                futures_lite::future::or(wait, ctx.stop.stopped()).await;
+                if ctx.stop.is_stopped() {
+                    break;
+                }
+                for p in ctx.backends.expired(Instant::now()) {
+                    let a = crate::backend::Answer::error(&p, crate::protocol::Code::Timeout);
+                    ctx.on_answer(p, a);
+                }
+            }
+        })
+    };
+
+    // Idle sessions: a coarse sweep rather than a timer per session.
+    let idle = {
+        let ctx = ctx.clone();
+        let period =
+            (cfg.session_idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        glommio::spawn_local(async move {
+            while !ctx.stop.is_stopped() {
+                futures_lite::future::or(glommio::timer::sleep(period), ctx.stop.stopped()).await;
+                if let Some(cutoff) = Instant::now().checked_sub(ctx.cfg.session_idle) {
+                    ctx.kick_idle(cutoff);
+                }
+            }
+        })
+    };
+
+    // The mesh inbox: drained in its own task (never one that also sends).
+    let inbox_task = {
+        let ctx = ctx.clone();
+        glommio::spawn_local(async move {
+            loop {
+                let msg =
+                    futures_lite::future::or(async { inbox.recv_async().await.ok() }, async {
+                        ctx.stop.stopped().await;
+                        None
+                    })
+                    .await;
+                match msg {
+                    Some(ShardMsg::Handoff(h)) => crate::session::conn::adopt(ctx.clone(), *h),
+                    None => break,
+                }
+            }
+        })
+    };
+
+    let _ = ready.send(Ok(id));
+    tracing::debug!(shard = id, "listening on {client_addr}");
+
+    // Accept until stopped.
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            ctx.stop.stopped().await;
+            None
+        })
+        .await;
+        let stream = match accepted {
+            None => break,
+            Some(Ok(s)) => s,
+            Some(Err(e)) => {
+                tracing::warn!(shard = id, error = %e, "accept failed");
+                // Out of fds or similar: back off instead of spinning.
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let peer = stream
+            .peer_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        if ctx.connections.fetch_add(1, Ordering::AcqRel) >= cfg.max_connections {
+            ctx.connections.fetch_sub(1, Ordering::AcqRel);
+            ctx.stats
+                .refused_max_connections
+                .set(ctx.stats.refused_max_connections.get() + 1);
+            tracing::debug!(shard = id, %peer, "refused: max_connections");
+            drop(stream);
+            continue;
+        }
+        ctx.stats.accepted.set(ctx.stats.accepted.get() + 1);
+        glommio::spawn_local(crate::session::conn::serve(
+            ctx.clone(),
+            stream,
+            peer,
+            BytesMut::new(),
+            None,
+        ))
+        .detach();
+    }
+    drop(listener);
+
+    // Stopping: tell every client, give the writers a moment, then end.
+    ctx.kick_all(crate::protocol::Code::Shutdown);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while ctx.session_count() > 0 && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(5)).await;
+    }
+    let _ = inbox_task.await;
+    let _ = deadlines.await;
+    let _ = idle.await;
+    for t in backend_tasks {
+        t.await;
+    }
+    ShardReport {
+        shard: id,
+        accepted: ctx.stats.accepted.get(),
+        refused_max_connections: ctx.stats.refused_max_connections.get(),
+        logins_ok: ctx.stats.logins_ok.get(),
+        protocol_errors: ctx.stats.protocol_errors.get(),
+    }
+}

@@ -1,0 +1,32 @@
+//! slg-gateway: a thread-per-core gateway for strategy-game clients.
+//!
+//! # Layout
+//! | module | job |
+//! |---|---|
+//! | [`protocol`] | frames, kinds, codes, the codec of both links |
+//! | [`config`] | the RON file: schema, loading, validation |
+//! | [`gateway`] | start and stop a whole gateway (shards, listeners) |
+//! | [`shard`] | what one shard owns and the handlers that change it |
+//! | [`session`] | one connection: rules ([`session::Session`]) and its tasks ([`session::conn`]) |
+//! | [`player`] | seq counter, acks, token, bound session |
+//! | [`router`] | msg_id ranges to services, instance choice |
+//! | [`backend`] | per-shard backend connections, req_id multiplexing, deadlines |
+//! | [`net`] | SO_REUSEPORT listeners, the shared stream, the batching writer |
+//! | [`demo`] | the demo backend |
+//! | [`client`] | the reference client of the client link |
+//! | [`limits`] | raising process limits at start |
+//!
+//! The runtime (pinned executors, mesh, stop) is the `shards` crate.
+
+pub mod backend;
+pub mod client;
+pub mod config;
+pub mod demo;
+pub mod gateway;
+pub mod limits;
+pub mod net;
+pub mod player;
+pub mod protocol;
+pub mod router;
+pub mod session;
+pub mod shard;

@@ -1,0 +1,90 @@
+//! Process limits the gateway needs: RLIMIT_NOFILE (one fd per client and
+//! backend connection) and RLIMIT_MEMLOCK (io_uring rings). Each is raised
+//! to its hard limit where the soft one is lower; what was obtained is
+//! reported so operators see it at start.
+
+use std::fmt;
+
+/// One limit after the attempt to raise it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    pub soft: u64,
+    pub hard: u64,
+    /// Whether this process raised the soft limit.
+    pub raised: bool,
+}
+
+impl fmt::Display for Limit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let show = |v: u64| {
+            if v == libc::RLIM_INFINITY {
+                "unlimited".to_string()
+            } else {
+                v.to_string()
+            }
+        };
+        write!(
+            f,
+            "{} (hard {}{})",
+            show(self.soft),
+            show(self.hard),
+            if self.raised { ", raised" } else { "" }
+        )
+    }
+}
+
+/// Raise `resource`'s soft limit to its hard limit; report what it is now.
+pub fn raise(resource: libc::__rlimit_resource_t) -> std::io::Result<Limit> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the struct we own.
+    if unsafe { libc::getrlimit(resource, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut raised = false;
+    if lim.rlim_cur < lim.rlim_max {
+        let want = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit reads the struct we own.
+        if unsafe { libc::setrlimit(resource, &want) } == 0 {
+            lim = want;
+            raised = true;
+        }
+    }
+    Ok(Limit {
+        soft: lim.rlim_cur,
+        hard: lim.rlim_max,
+        raised,
+    })
+}
+
+/// Raise both limits and log the result; returns (nofile, memlock).
+pub fn raise_all() -> (Option<Limit>, Option<Limit>) {
+    let nofile = raise(libc::RLIMIT_NOFILE);
+    let memlock = raise(libc::RLIMIT_MEMLOCK);
+    match &nofile {
+        Ok(l) => tracing::info!("open files limit: {l}"),
+        Err(e) => tracing::warn!("cannot read the open files limit: {e}"),
+    }
+    match &memlock {
+        Ok(l) => tracing::info!("locked memory limit (io_uring): {l} bytes"),
+        Err(e) => tracing::warn!("cannot read the locked memory limit: {e}"),
+    }
+    (nofile.ok(), memlock.ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nofile_soft_reaches_hard() {
+        let l = raise(libc::RLIMIT_NOFILE).expect("getrlimit");
+        assert_eq!(l.soft, l.hard);
+        assert!(l.to_string().contains("hard"));
+    }
+}

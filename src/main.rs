@@ -1,0 +1,161 @@
+//! `slg-gateway`: run the gateway (on the embedded default config, or a RON
+//! file), or `slg-gateway demo-backend` to run the demo backend alone.
+
+use clap::{Parser, Subcommand};
+use slg_gateway::config::Config;
+use slg_gateway::demo::DemoBackend;
+use slg_gateway::gateway::Gateway;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "slg-gateway",
+    version,
+    about = "Thread-per-core gateway for strategy-game clients"
+)]
+struct Cli {
+    /// RON config file (default: the embedded config/gateway.ron, which
+    /// also starts the demo backend in-process).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Client listen address (overrides `listen`; port 0 picks one).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// HTTP listen address (overrides `http_listen`).
+    #[arg(long = "http-listen", value_name = "ADDR")]
+    http_listen: Option<String>,
+    /// Number of shards (overrides `shards`).
+    #[arg(long, value_name = "N")]
+    shards: Option<usize>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the demo backend alone (for benchmarks in its own process).
+    DemoBackend {
+        /// Address to listen on.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7100")]
+        listen: SocketAddr,
+    },
+}
+
+fn init_logs(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
+}
+
+/// Block until SIGINT or SIGTERM.
+fn wait_for_signal() {
+    match signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ]) {
+        Ok(mut signals) => {
+            if let Some(sig) = signals.forever().next() {
+                tracing::info!(signal = sig, "stopping");
+            }
+        }
+        Err(e) => {
+            tracing::error!("cannot install signal handlers: {e}; stopping at once");
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::DemoBackend { listen }) = cli.command {
+        init_logs("info");
+        return match DemoBackend::start(listen) {
+            Ok(demo) => {
+                println!("demo backend listening on {}", demo.addr);
+                wait_for_signal();
+                demo.stop();
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("demo backend: cannot listen on {listen}: {e}");
+                ExitCode::from(1)
+            }
+        };
+    }
+
+    let loaded = match &cli.config {
+        Some(path) => Config::load(path),
+        None => Config::from_ron(slg_gateway::config::DEFAULT_RON, "<embedded gateway.ron>"),
+    };
+    let mut cfg = match loaded {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(l) = cli.listen {
+        cfg.listen = l;
+    }
+    if let Some(h) = cli.http_listen {
+        cfg.http_listen = h;
+    }
+    if let Some(n) = cli.shards {
+        cfg.shards = Some(n);
+    }
+    if let Err(e) = cfg.validate() {
+        eprintln!("{e}");
+        return ExitCode::from(2);
+    }
+    init_logs(&cfg.log);
+    slg_gateway::limits::raise_all();
+
+    let demo = match cfg.demo_backend.as_deref().map(str::parse::<SocketAddr>) {
+        None => None,
+        Some(Err(_)) => unreachable_config(),
+        Some(Ok(addr)) => match DemoBackend::start(addr) {
+            Ok(d) => {
+                println!("demo backend listening on {}", d.addr);
+                Some(d)
+            }
+            Err(e) => {
+                eprintln!("cannot start the demo backend on {addr}: {e}");
+                return ExitCode::from(1);
+            }
+        },
+    };
+    let shards = cfg.shard_count();
+    let gw = match Gateway::start(cfg) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("cannot start the gateway: {e}");
+            if let Some(d) = demo {
+                d.stop();
+            }
+            return ExitCode::from(1);
+        }
+    };
+    println!(
+        "gateway listening on {} (clients), {} (http), {} shards",
+        gw.client_addr, gw.http_addr, shards
+    );
+    wait_for_signal();
+    let reports = gw.stop();
+    if let Some(d) = demo {
+        d.stop();
+    }
+    let accepted: u64 = reports.iter().map(|r| r.accepted).sum();
+    tracing::info!(accepted, "stopped");
+    ExitCode::SUCCESS
+}
+
+fn unreachable_config() -> ! {
+    // validate() parsed demo_backend already.
+    eprintln!("config key `demo_backend`: not an address");
+    std::process::exit(2)
+}

@@ -1,0 +1,218 @@
+//! The glommio side of a client connection: the read loop that decodes
+//! frames and feeds them to the shard, the writer task that sends queued
+//! output in batches, and the hand-off of a logged-in connection to its
+//! player's home shard (the fd moves with the bytes already read).
+
+use crate::net::{Outbound, SharedStream};
+use crate::session::SessionId;
+use crate::shard::{release_connection, Control, Handoff, LoginReply, ShardCtx, ShardMsg};
+use bytes::BytesMut;
+use glommio::net::TcpStream;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+/// Smallest read: what an idle connection's buffer costs.
+const READ_MIN: usize = 512;
+/// Largest read when the client sends a lot at once.
+const READ_MAX: usize = 64 * 1024;
+/// How long a closing connection may take to flush its last frames.
+const CLOSE_FLUSH: Duration = Duration::from_secs(2);
+
+/// How a read loop ended.
+enum End {
+    Close,
+    Handoff {
+        home: usize,
+        player: u64,
+        reply: LoginReply,
+    },
+}
+
+/// Serve one client connection on this shard until it closes or moves.
+/// `arrived` is set for a connection handed over by another shard.
+pub async fn serve(
+    ctx: Rc<ShardCtx>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    mut buf: BytesMut,
+    arrived: Option<(u64, LoginReply)>,
+) {
+    let _ = stream.set_nodelay(true);
+    let stream = SharedStream::new(stream);
+    let out = Rc::new(Outbound::new());
+    let ctl = Rc::new(shards::Notify::new());
+    let sid = ctx.add_session(peer, out.clone(), ctl.clone());
+    let writer = {
+        let (out, stream) = (out.clone(), stream.clone());
+        glommio::spawn_local(async move { out.run_writer(stream).await })
+    };
+    match &arrived {
+        Some((player, reply)) => ctx.accept_handoff(sid, *player, reply.clone()),
+        None => tracing::debug!(session = sid, %peer, shard = ctx.id, "accept"),
+    }
+    let end = read_loop(&ctx, sid, &stream, &mut buf, &ctl).await;
+    match end {
+        End::Close => {
+            out.close();
+            let flushed = futures_lite::future::or(async { writer.await.is_ok() }, async {
+                glommio::timer::sleep(CLOSE_FLUSH).await;
+                false
+            })
+            .await;
+            if flushed {
+                let _ = shutdown_write(&stream);
+            }
+            ctx.remove_session(sid);
+            release_connection(&ctx.connections);
+            tracing::debug!(session = sid, %peer, "closed");
+        }
+        End::Handoff {
+            home,
+            player,
+            reply,
+        } => {
+            // Everything already queued goes out from here first.
+            out.close();
+            let flushed = futures_lite::future::or(async { writer.await.is_ok() }, async {
+                glommio::timer::sleep(CLOSE_FLUSH).await;
+                false
+            })
+            .await;
+            ctx.remove_session(sid);
+            let fd = if flushed { dup_fd(&stream) } else { None };
+            drop(stream);
+            let Some(fd) = fd else {
+                tracing::info!(session = sid, %peer, "hand-off abandoned: output not flushed");
+                release_connection(&ctx.connections);
+                return;
+            };
+            ctx.stats.handoffs_out.set(ctx.stats.handoffs_out.get() + 1);
+            let msg = ShardMsg::Handoff(Box::new(Handoff {
+                fd,
+                peer,
+                leftover: buf,
+                player,
+                reply,
+            }));
+            if ctx.mesh.send(home, msg).is_err() {
+                // The home shard is gone (stopping): the fd closes with the message.
+                release_connection(&ctx.connections);
+            }
+        }
+    }
+}
+
+fn shutdown_write(stream: &SharedStream) -> std::io::Result<()> {
+    let fd = stream.with(|s| s.as_raw_fd());
+    // SAFETY: fd is the open socket owned by `stream`, alive for this call.
+    let rc = unsafe { libc::shutdown(fd, libc::SHUT_WR) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+fn dup_fd(stream: &SharedStream) -> Option<OwnedFd> {
+    let fd = stream.with(|s| s.as_raw_fd());
+    // SAFETY: fd is open (owned by `stream`); dup returns a new fd we own.
+    let new = unsafe { libc::dup(fd) };
+    // SAFETY: a non-negative result of dup is a fresh fd owned by nobody else.
+    (new >= 0).then(|| unsafe { OwnedFd::from_raw_fd(new) })
+}
+
+/// Rebuild a handed-over connection on this (its home) shard.
+pub fn adopt(ctx: Rc<ShardCtx>, h: Handoff) {
+    use std::os::fd::IntoRawFd;
+    // SAFETY: the fd is a connected TCP socket whose ownership the message carried.
+    let stream = unsafe { TcpStream::from_raw_fd(h.fd.into_raw_fd()) };
+    let player = h.player;
+    glommio::spawn_local(serve(
+        ctx,
+        stream,
+        h.peer,
+        h.leftover,
+        Some((player, h.reply)),
+    ))
+    .detach();
+}
+
+async fn read_loop(
+    ctx: &ShardCtx,
+    sid: SessionId,
+    stream: &SharedStream,
+    buf: &mut BytesMut,
+    ctl: &shards::Notify,
+) -> End {
+    let decoder = ctx.client_decoder;
+    let mut chunk = READ_MIN;
+    loop {
+        match ctx.control(sid) {
+            Control::Continue => {}
+            Control::Close => return End::Close,
+            Control::Handoff {
+                home,
+                player,
+                reply,
+            } => {
+                return End::Handoff {
+                    home,
+                    player,
+                    reply,
+                }
+            }
+            Control::Pause => {
+                ctl.notified().await;
+                continue;
+            }
+        }
+        match decoder.decode(buf) {
+            Ok(Some(frame)) => {
+                ctx.on_client_frame(sid, frame);
+                continue;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                ctx.protocol_error(sid, &e);
+                continue;
+            }
+        }
+        if buf.is_empty() && buf.capacity() > 2 * READ_MAX {
+            *buf = BytesMut::new();
+        }
+        let len = buf.len();
+        let want = decoder.needed(buf).max(chunk);
+        buf.resize(len + want, 0);
+        let read =
+            futures_lite::future::or(async { Some(stream.read(&mut buf[len..]).await) }, async {
+                ctl.notified().await;
+                None
+            })
+            .await;
+        match read {
+            None => buf.truncate(len),
+            Some(Ok(0)) => {
+                buf.truncate(len);
+                ctx.close(sid);
+                return End::Close;
+            }
+            Some(Ok(n)) => {
+                buf.truncate(len + n);
+                ctx.touch(sid, Instant::now());
+                chunk = if n == want {
+                    (chunk * 2).min(READ_MAX)
+                } else {
+                    (chunk / 2).max(READ_MIN)
+                };
+            }
+            Some(Err(e)) => {
+                buf.truncate(len);
+                tracing::debug!(session = sid, error = %e, "read error");
+                ctx.close(sid);
+                return End::Close;
+            }
+        }
+    }
+}
