@@ -413,13 +413,16 @@ impl ShardCtx {
     /// gets `SESSION`, then the login `RESPONSE` with the next seq.
     pub fn bind_player(&self, sid: SessionId, player: u64, reply: LoginReply) {
         let token = new_token();
-        let (old, acked) = {
+        let (old, resume_point, gap) = {
             let mut players = self.players.borrow_mut();
             let p = players
                 .entry(player)
                 .or_insert_with(|| Player::new(player, token));
             p.token = token;
-            (p.session.replace(sid), p.acked())
+            // Nothing unacknowledged is retained for replay yet, so every
+            // frame after the last ack is lost to this session: say so.
+            let gap = p.last_seq() > p.acked();
+            (p.session.replace(sid), p.last_seq(), gap)
         };
         if let Some(old) = old.filter(|&o| o != sid) {
             self.kick(old, Code::Replaced);
@@ -434,7 +437,10 @@ impl ShardCtx {
         }
         bump(&self.stats.logins_ok);
         let mut h = Header::new(Kind::Session);
-        h.seq = acked;
+        h.seq = resume_point;
+        if gap {
+            h.code = Code::GAP.into();
+        }
         let mut body = BytesMut::with_capacity(8 + TOKEN_LEN);
         session_body(&mut body, player, &token);
         self.send_client(sid, h, &body, false);

@@ -39,6 +39,8 @@ pub struct LoggedIn {
     pub token: Vec<u8>,
     /// Resume point R of the `SESSION` frame.
     pub resume_point: u64,
+    /// `SESSION` came with code `GAP`: frames before R were lost.
+    pub gap: bool,
     /// The login `RESPONSE`.
     pub response: Frame,
 }
@@ -151,6 +153,7 @@ impl Client {
             player,
             token,
             resume_point: first.header.seq,
+            gap: first.header.code == u16::from(Code::GAP),
             response,
         })
     }

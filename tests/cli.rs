@@ -1,0 +1,221 @@
+//! The `slg-gateway` binary: start-up on the embedded default, the
+//! stand-alone demo backend, and bad config files (exit status 2, one line
+//! naming the key).
+
+use slg_gateway::client::Client;
+use std::io::{BufRead, BufReader, Write};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_slg-gateway");
+
+/// A child process killed (and reaped) on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Read stdout lines until one starts with `prefix`; return the address after it.
+fn address_after(child: &mut Child, prefix: &str) -> SocketAddr {
+    let out = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(out).lines();
+    loop {
+        let line = lines
+            .next()
+            .expect("the process printed its address")
+            .expect("utf-8 line");
+        if let Some(rest) = line.strip_prefix(prefix) {
+            let addr = rest.split_whitespace().next().expect("address");
+            // Keep draining stdout so the child never blocks on a full pipe.
+            std::thread::spawn(move || for _ in lines {});
+            return addr.parse().expect("socket address");
+        }
+    }
+}
+
+fn sigterm(child: &Child) {
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+}
+
+fn wait_exit(child: &mut Child, limit: Duration) -> Option<i32> {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status.code();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+#[test]
+fn demo_backend_alone_then_a_gateway_in_front_of_it() {
+    let mut demo = Proc(
+        Command::new(BIN)
+            .args(["demo-backend", "--listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn demo backend"),
+    );
+    let backend = address_after(&mut demo.0, "demo backend listening on ");
+    let cfg_path = write_temp("gw-demo.ron", &config_text(backend));
+    let mut gw = Proc(
+        Command::new(BIN)
+            .args([
+                "--config",
+                cfg_path.to_str().expect("path"),
+                "--shards",
+                "2",
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn gateway"),
+    );
+    let addr = address_after(&mut gw.0, "gateway listening on ");
+    let mut c = Client::connect(addr).expect("connect");
+    let li = c.login_demo(4242).expect("login");
+    assert_eq!(li.response.header.seq, 1);
+    let r = c.request(100, b"through two processes").expect("echo");
+    assert_eq!(
+        (r.header.seq, &r.body[..]),
+        (2, &b"through two processes"[..])
+    );
+    sigterm(&gw.0);
+    assert_eq!(wait_exit(&mut gw.0, Duration::from_secs(10)), Some(0));
+    sigterm(&demo.0);
+    assert_eq!(wait_exit(&mut demo.0, Duration::from_secs(10)), Some(0));
+    let _ = std::fs::remove_file(cfg_path);
+}
+
+#[test]
+fn no_arguments_runs_the_embedded_default_with_its_demo_backend() {
+    // Only the client and HTTP ports are moved off their defaults, so a
+    // gateway already running on this machine does not collide; the demo
+    // backend takes its default 127.0.0.1:7100 as a newcomer's run would.
+    let mut gw = Proc(
+        Command::new(BIN)
+            .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn gateway"),
+    );
+    let addr = address_after(&mut gw.0, "gateway listening on ");
+    let mut c = Client::connect(addr).expect("connect");
+    c.login_demo(1).expect("login");
+    assert_eq!(c.request(2, b"hi").expect("echo").body, &b"hi"[..]);
+    sigterm(&gw.0);
+    assert_eq!(wait_exit(&mut gw.0, Duration::from_secs(10)), Some(0));
+}
+
+fn write_temp(name: &str, text: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("slg-{}-{name}", std::process::id()));
+    let mut f = std::fs::File::create(&path).expect("create temp file");
+    f.write_all(text.as_bytes()).expect("write temp file");
+    path
+}
+
+/// The shipped config, with port 0 and the demo service at `backend`.
+fn config_text(backend: SocketAddr) -> String {
+    slg_gateway::config::DEFAULT_RON
+        .replace("\"127.0.0.1:7000\"", "\"127.0.0.1:0\"")
+        .replace("\"127.0.0.1:7001\"", "\"127.0.0.1:0\"")
+        .replace(
+            "demo_backend: Some(\"127.0.0.1:7100\")",
+            "demo_backend: None",
+        )
+        .replace(
+            "instances: [\"127.0.0.1:7100\"]",
+            &format!("instances: [\"{backend}\"]"),
+        )
+}
+
+/// Run the gateway on `text` as its config; expect status 2 and one line on
+/// stderr containing every one of `needles`.
+fn expect_refused(name: &str, text: &str, needles: &[&str]) {
+    let path = write_temp(name, text);
+    let out = Command::new(BIN)
+        .args(["--config", path.to_str().expect("path")])
+        .stdin(Stdio::null())
+        .output()
+        .expect("run gateway");
+    let _ = std::fs::remove_file(&path);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{name}: status; stderr: {stderr}"
+    );
+    assert!(
+        !stderr.contains("panicked"),
+        "{name}: must not panic: {stderr}"
+    );
+    assert_eq!(
+        stderr.trim().lines().count(),
+        1,
+        "{name}: one line: {stderr}"
+    );
+    for n in needles {
+        assert!(stderr.contains(n), "{name}: {stderr:?} must name {n:?}");
+    }
+}
+
+#[test]
+fn bad_config_files_exit_2_naming_the_key() {
+    let good = config_text("127.0.0.1:7100".parse().expect("addr"));
+    expect_refused(
+        "syntax.ron",
+        &good.replace("max_frame: 65536,", "max_frame: 65536"),
+        &["syntax.ron"],
+    );
+    expect_refused(
+        "unknown-key.ron",
+        &good.replace("max_frame: 65536,", "max_frame: 65536, maxframe: 1,"),
+        &["maxframe"],
+    );
+    expect_refused(
+        "overlap.ron",
+        &good.replace("(msgs: (200, 200)", "(msgs: (150, 200)"),
+        &["routes[", "overlaps"],
+    );
+    expect_refused(
+        "unknown-service.ron",
+        &good.replace(
+            "(msgs: (2, 2), service: \"demo\"",
+            "(msgs: (2, 2), service: \"lgoin\"",
+        ),
+        &["routes[1].service", "lgoin"],
+    );
+    expect_refused(
+        "zero-limit.ron",
+        &good.replace("max_frames: 1024", "max_frames: 0"),
+        &["outbox.max_frames"],
+    );
+    expect_refused(
+        "wrong-type.ron",
+        &good.replace("max_connections: 100000", "max_connections: \"many\""),
+        &["max_connections"],
+    );
+    let missing = Command::new(BIN)
+        .args(["--config", "/nonexistent/gateway.ron"])
+        .output()
+        .expect("run");
+    assert_eq!(missing.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/gateway.ron"));
+    let bad_flag = Command::new(BIN)
+        .args(["--listen", "nowhere"])
+        .output()
+        .expect("run");
+    assert_eq!(bad_flag.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad_flag.stderr).contains("listen"));
+}

@@ -1,0 +1,98 @@
+//! Test harness: a real gateway on port 0 with a real demo backend, both on
+//! their own threads, stopped (threads joined, ports closed) on drop.
+#![allow(dead_code)]
+
+use slg_gateway::client::Client;
+use slg_gateway::config::{Config, ServiceConfig};
+use slg_gateway::demo::DemoBackend;
+use slg_gateway::gateway::Gateway;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// The embedded default, on port 0, with the demo service at `backend`.
+pub fn config(backend: SocketAddr, shards: usize) -> Config {
+    let mut cfg = Config::embedded_default();
+    cfg.listen = "127.0.0.1:0".into();
+    cfg.http_listen = "127.0.0.1:0".into();
+    cfg.shards = Some(shards);
+    cfg.demo_backend = None;
+    cfg.services.insert(
+        "demo".into(),
+        ServiceConfig {
+            instances: vec![backend.to_string()],
+        },
+    );
+    cfg.backend.request_timeout = Duration::from_secs(5);
+    cfg
+}
+
+pub struct Harness {
+    pub gateway: Option<Gateway>,
+    pub demo: Option<DemoBackend>,
+}
+
+impl Harness {
+    /// A gateway with `shards` shards in front of a fresh demo backend.
+    pub fn start(shards: usize) -> Harness {
+        Harness::with(shards, |_| {})
+    }
+
+    /// Same, with the config adjusted by `tune` first.
+    pub fn with(shards: usize, tune: impl FnOnce(&mut Config)) -> Harness {
+        let demo = DemoBackend::start("127.0.0.1:0".parse().expect("addr")).expect("demo backend");
+        let mut cfg = config(demo.addr, shards);
+        tune(&mut cfg);
+        let gateway = Gateway::start(cfg).expect("gateway starts");
+        Harness {
+            gateway: Some(gateway),
+            demo: Some(demo),
+        }
+    }
+
+    /// A gateway whose only backend address has nothing listening.
+    pub fn without_backend(shards: usize) -> Harness {
+        let dead = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr")
+        };
+        let mut cfg = config(dead, shards);
+        cfg.backend.reconnect_min = Duration::from_millis(50);
+        cfg.backend.reconnect_max = Duration::from_millis(200);
+        let gateway = Gateway::start(cfg).expect("gateway starts");
+        Harness {
+            gateway: Some(gateway),
+            demo: None,
+        }
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.gateway
+            .as_ref()
+            .map(|g| g.client_addr)
+            .expect("running")
+    }
+
+    pub fn client(&self) -> Client {
+        let mut c = Client::connect(self.addr()).expect("connect");
+        c.timeout = Duration::from_secs(10);
+        c
+    }
+
+    /// Stop the demo backend now (the gateway stays up).
+    pub fn kill_backend(&mut self) {
+        if let Some(d) = self.demo.take() {
+            d.stop();
+        }
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(g) = self.gateway.take() {
+            g.stop();
+        }
+        if let Some(d) = self.demo.take() {
+            d.stop();
+        }
+    }
+}
