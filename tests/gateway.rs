@@ -358,3 +358,33 @@ fn bye_ends_the_session() {
     let mut c = h.client();
     assert_eq!(c.login_demo(31).expect("login").response.header.seq, 1);
 }
+
+#[test]
+fn bytes_read_past_the_login_move_with_the_connection() {
+    // Login plus the first half of the next request in one write: the
+    // accepting shard reads both, and the half frame must travel with the
+    // fd to the player's home shard, where the second half completes it.
+    let h = Harness::start(4);
+    for player in 700..716u64 {
+        let mut c = h.client();
+        let mut buf = bytes::BytesMut::new();
+        let mut login = Header::new(Kind::Request);
+        login.msg_id = LOGIN;
+        login.req_id = 1;
+        encode(&mut buf, &login, player.to_string().as_bytes());
+        let mut echo = Header::new(Kind::Request);
+        echo.msg_id = ECHO;
+        echo.req_id = 2;
+        let mut next = bytes::BytesMut::new();
+        encode(&mut next, &echo, b"split across the hand-off");
+        let (first, second) = next.split_at(13);
+        buf.extend_from_slice(first);
+        c.stream().write_all(&buf).expect("write");
+        let login_answer = c.response_to(1).expect("login answer");
+        assert_eq!((login_answer.header.code, login_answer.header.seq), (0, 1));
+        c.stream().write_all(second).expect("write rest");
+        let r = c.response_to(2).expect("echo");
+        assert_eq!((r.header.code, r.header.seq), (0, 2), "player {player}");
+        assert_eq!(&r.body[..], b"split across the hand-off");
+    }
+}
