@@ -63,6 +63,9 @@ pub struct Config {
     /// Bearer token required on push/admin HTTP requests; `None` = no check.
     #[serde(default)]
     pub push_token: Option<String>,
+    /// Limits and deadlines of the HTTP API.
+    #[serde(default)]
+    pub http: HttpConfig,
     /// Start the in-process demo backend on this address.
     #[serde(default)]
     pub demo_backend: Option<String>,
@@ -81,6 +84,34 @@ fn default_log() -> String {
 pub struct OutboxLimits {
     pub max_frames: usize,
     pub max_bytes: usize,
+}
+
+/// Limits and deadlines of the push/admin HTTP listener.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Open HTTP connections per gateway; beyond it new ones are closed.
+    pub max_connections: usize,
+    /// Time from a request's first byte to the end of its head.
+    #[serde(with = "humantime_serde")]
+    pub head_timeout: Duration,
+    /// Time from the end of the head to the end of the body.
+    #[serde(with = "humantime_serde")]
+    pub body_timeout: Duration,
+    /// A keep-alive connection idle this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            max_connections: 1024,
+            head_timeout: Duration::from_secs(5),
+            body_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
 }
 
 /// Backend connection timings.
@@ -230,6 +261,12 @@ impl Config {
             return Err(invalid("max_connections", "must be greater than 0"));
         }
         positive("session_idle", self.session_idle)?;
+        if self.http.max_connections == 0 {
+            return Err(invalid("http.max_connections", "must be greater than 0"));
+        }
+        positive("http.head_timeout", self.http.head_timeout)?;
+        positive("http.body_timeout", self.http.body_timeout)?;
+        positive("http.idle_timeout", self.http.idle_timeout)?;
         positive("player_linger", self.player_linger)?;
         if self.outbox.max_frames == 0 {
             return Err(invalid("outbox.max_frames", "must be greater than 0"));

@@ -47,11 +47,10 @@ pub struct ShardReport {
 pub struct Gateway {
     /// The client port every shard listens on.
     pub client_addr: SocketAddr,
-    /// The address reserved for the HTTP API.
+    /// The HTTP API's port, also on every shard.
     pub http_addr: SocketAddr,
     shards: shards::Shards<ShardMsg, ShardReport>,
     connections: Arc<AtomicUsize>,
-    _http_reservation: socket2::Socket,
 }
 
 impl Gateway {
@@ -82,8 +81,17 @@ impl Gateway {
         let (ready_tx, ready_rx) = flume::unbounded::<Result<usize, (usize, String)>>();
         let cfg = Arc::new(cfg);
         let conns = connections.clone();
+        let http_conns = Arc::new(AtomicUsize::new(0));
         let shards = shards::start(&shards_cfg, move |shard: shards::Shard<ShardMsg>| {
-            run_shard(shard, cfg, client_addr, conns, ready_tx)
+            run_shard(
+                shard,
+                cfg,
+                client_addr,
+                http_addr,
+                conns,
+                http_conns,
+                ready_tx,
+            )
         })?;
         for _ in 0..shards.count() {
             match ready_rx.recv() {
@@ -104,12 +112,12 @@ impl Gateway {
             }
         }
         drop(client_res);
+        drop(http_res);
         Ok(Gateway {
             client_addr,
             http_addr,
             shards,
             connections,
-            _http_reservation: http_res,
         })
     }
 
@@ -149,7 +157,9 @@ async fn run_shard(
     shard: shards::Shard<ShardMsg>,
     cfg: Arc<Config>,
     client_addr: SocketAddr,
+    http_addr: SocketAddr,
     connections: Arc<AtomicUsize>,
+    http_conns: Arc<AtomicUsize>,
     ready: flume::Sender<Result<usize, (usize, String)>>,
 ) -> ShardReport {
     let (id, count, mesh, inbox, stop, _stop_handle) = shard.into_parts();
@@ -157,6 +167,16 @@ async fn run_shard(
         Ok(l) => l,
         Err(e) => {
             let _ = ready.send(Err((id, format!("cannot listen on {client_addr}: {e}"))));
+            return ShardReport {
+                shard: id,
+                ..Default::default()
+            };
+        }
+    };
+    let http_listener = match crate::net::listen_reuseport(http_addr) {
+        Ok(l) => l,
+        Err(e) => {
+            let _ = ready.send(Err((id, format!("cannot listen on {http_addr}: {e}"))));
             return ShardReport {
                 shard: id,
                 ..Default::default()
@@ -172,6 +192,7 @@ async fn run_shard(
         stop.clone(),
         connections,
     ));
+    let http_task = glommio::spawn_local(run_http(ctx.clone(), http_listener, http_conns));
 
     // Backend connections.
     let mut backend_tasks = Vec::new();
@@ -305,6 +326,7 @@ async fn run_shard(
     while ctx.session_count() > 0 && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(5)).await;
     }
+    let _ = http_task.await;
     let _ = inbox_task.await;
     let _ = deadlines.await;
     let _ = idle.await;
@@ -317,5 +339,53 @@ async fn run_shard(
         refused_max_connections: ctx.stats.refused_max_connections.get(),
         logins_ok: ctx.stats.logins_ok.get(),
         protocol_errors: ctx.stats.protocol_errors.get(),
+    }
+}
+
+/// Accept HTTP connections on this shard until stopped; at most
+/// `http.max_connections` open in the whole gateway.
+async fn run_http(ctx: Rc<ShardCtx>, listener: glommio::net::TcpListener, open: Arc<AtomicUsize>) {
+    let h = ctx.cfg.http;
+    let limits = crate::http::HttpLimits {
+        head_timeout: h.head_timeout,
+        body_timeout: h.body_timeout,
+        idle_timeout: h.idle_timeout,
+        max_body: (ctx.cfg.max_frame as usize).saturating_sub(crate::protocol::HEADER_LEN),
+    };
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            ctx.stop.stopped().await;
+            None
+        })
+        .await;
+        let stream = match accepted {
+            None => break,
+            Some(Ok(s)) => s,
+            Some(Err(e)) => {
+                tracing::warn!(shard = ctx.id, error = %e, "http accept failed");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        if open.fetch_add(1, Ordering::AcqRel) >= h.max_connections {
+            open.fetch_sub(1, Ordering::AcqRel);
+            tracing::debug!(
+                shard = ctx.id,
+                "http connection refused: http.max_connections"
+            );
+            continue;
+        }
+        let (ctx2, open2) = (ctx.clone(), open.clone());
+        glommio::spawn_local(async move {
+            let stop = ctx2.stop.clone();
+            let handler = |req| crate::http::api::handle(ctx2.clone(), req);
+            futures_lite::future::or(
+                crate::http::serve_conn(stream, limits, handler),
+                stop.stopped(),
+            )
+            .await;
+            open2.fetch_sub(1, Ordering::AcqRel);
+        })
+        .detach();
     }
 }

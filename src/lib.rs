@@ -23,6 +23,7 @@ pub mod client;
 pub mod config;
 pub mod demo;
 pub mod gateway;
+pub mod http;
 pub mod limits;
 pub mod net;
 pub mod player;

@@ -1,0 +1,420 @@
+//! The HTTP/1.1 listener of every shard (push and admin API, PROTOCOL.md
+//! section 5): request parsing with httparse, keep-alive and pipelining,
+//! limits and deadlines so a slow or hostile HTTP client holds neither a
+//! connection nor memory for long, and JSON answers.
+//!
+//! [`serve_conn`] moves bytes; [`Request`] and [`Response`] are plain data;
+//! the endpoints live in [`api`].
+
+pub mod api;
+
+use crate::net::SharedStream;
+use bytes::{Bytes, BytesMut};
+use futures_lite::AsyncWriteExt;
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+/// Largest request head (request line and headers) accepted: beyond it, 431.
+pub const MAX_HEAD: usize = 16 * 1024;
+/// Most headers in one request: beyond it, 431.
+pub const MAX_HEADERS: usize = 32;
+
+/// Deadlines and limits of one HTTP connection.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpLimits {
+    /// From the first byte of a request to the end of its head.
+    pub head_timeout: Duration,
+    /// From the end of the head to the end of the body.
+    pub body_timeout: Duration,
+    /// A keep-alive connection with no request for this long is closed.
+    pub idle_timeout: Duration,
+    /// Largest body; beyond it, 413.
+    pub max_body: usize,
+}
+
+/// One parsed request.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub method: String,
+    /// Path without the query.
+    pub path: String,
+    /// The raw query string (after `?`), empty when absent.
+    pub query: String,
+    /// The `Authorization` header, if any.
+    pub authorization: Option<String>,
+    pub body: Bytes,
+}
+
+impl Request {
+    /// Query parameter `name` (first occurrence, undecoded: our parameters
+    /// are numbers and comma lists).
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.query
+            .split('&')
+            .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v)
+    }
+}
+
+/// One answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: String,
+    /// Close the connection after this answer.
+    pub close: bool,
+}
+
+impl Response {
+    pub fn json(status: u16, body: String) -> Response {
+        Response {
+            status,
+            content_type: "application/json",
+            body,
+            close: false,
+        }
+    }
+
+    /// `{"error": message}` with `status`.
+    pub fn error(status: u16, message: &str) -> Response {
+        Response::json(status, format!("{{\"error\":{}}}", json_string(message)))
+    }
+
+    pub fn text(status: u16, body: String) -> Response {
+        Response {
+            status,
+            content_type: "text/plain; version=0.0.4",
+            body,
+            close: false,
+        }
+    }
+
+    fn closing(mut self) -> Response {
+        self.close = true;
+        self
+    }
+
+    fn encode(&self, out: &mut BytesMut) {
+        let mut head = String::with_capacity(128);
+        let _ = write!(
+            head,
+            "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n{}\r\n",
+            self.status,
+            reason(self.status),
+            self.content_type,
+            self.body.len(),
+            if self.close {
+                "Connection: close\r\n"
+            } else {
+                ""
+            }
+        );
+        out.extend_from_slice(head.as_bytes());
+        out.extend_from_slice(self.body.as_bytes());
+    }
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        411 => "Length Required",
+        413 => "Payload Too Large",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        503 => "Service Unavailable",
+        _ => "Unknown",
+    }
+}
+
+/// A JSON string literal for `s`.
+pub fn json_string(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// What parsing the buffered bytes gave.
+#[derive(Debug)]
+pub enum Parsed {
+    /// Need more bytes.
+    Partial,
+    /// A complete head: the request without its body yet, the head's
+    /// length, and the body length to read.
+    Head {
+        req: Request,
+        head_len: usize,
+        body_len: usize,
+    },
+    /// Answer this and close.
+    Reject(Response),
+}
+
+/// Parse a request head from the front of `buf`.
+pub fn parse_head(buf: &[u8], max_body: usize) -> Parsed {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    let head_len = match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => {
+            return Parsed::Reject(Response::error(431, "request head too large"))
+        }
+        Ok(httparse::Status::Partial) => return Parsed::Partial,
+        Err(httparse::Error::TooManyHeaders) => {
+            return Parsed::Reject(Response::error(431, "too many headers"))
+        }
+        Err(e) => return Parsed::Reject(Response::error(400, &format!("malformed request: {e}"))),
+    };
+    if head_len > MAX_HEAD {
+        return Parsed::Reject(Response::error(431, "request head too large"));
+    }
+    let method = req.method.unwrap_or("").to_string();
+    let target = req.path.unwrap_or("/");
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let mut content_length = None;
+    let mut authorization = None;
+    let mut chunked = false;
+    for h in req.headers.iter() {
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let v = std::str::from_utf8(h.value)
+                .ok()
+                .and_then(|v| v.trim().parse::<usize>().ok());
+            match (v, content_length) {
+                (Some(v), None) => content_length = Some(v),
+                (Some(v), Some(old)) if v == old => {}
+                _ => return Parsed::Reject(Response::error(400, "bad Content-Length")),
+            }
+        } else if h.name.eq_ignore_ascii_case("authorization") {
+            authorization = std::str::from_utf8(h.value)
+                .ok()
+                .map(|s| s.trim().to_string());
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            chunked = true;
+        }
+    }
+    if chunked {
+        return Parsed::Reject(Response::error(
+            411,
+            "send a Content-Length, not Transfer-Encoding",
+        ));
+    }
+    let body_len = match (method.as_str(), content_length) {
+        ("POST" | "PUT", None) => {
+            return Parsed::Reject(Response::error(411, "Content-Length required"))
+        }
+        (_, None) => 0,
+        (_, Some(n)) if n > max_body => {
+            return Parsed::Reject(Response::error(413, &format!("body over {max_body} bytes")))
+        }
+        (_, Some(n)) => n,
+    };
+    Parsed::Head {
+        req: Request {
+            method,
+            path: path.to_string(),
+            query: query.to_string(),
+            authorization,
+            body: Bytes::new(),
+        },
+        head_len,
+        body_len,
+    }
+}
+
+/// Read more bytes into `buf`, until `deadline`. Ok(false): end of stream.
+async fn read_more(
+    stream: &SharedStream,
+    buf: &mut BytesMut,
+    deadline: Instant,
+) -> std::io::Result<bool> {
+    let len = buf.len();
+    buf.resize(len + 4096, 0);
+    let wait = deadline.saturating_duration_since(Instant::now());
+    let r = futures_lite::future::or(async { Some(stream.read(&mut buf[len..]).await) }, async {
+        glommio::timer::sleep(wait).await;
+        None
+    })
+    .await;
+    match r {
+        None => {
+            buf.truncate(len);
+            Err(std::io::ErrorKind::TimedOut.into())
+        }
+        Some(Ok(n)) => {
+            buf.truncate(len + n);
+            Ok(n > 0)
+        }
+        Some(Err(e)) => {
+            buf.truncate(len);
+            Err(e)
+        }
+    }
+}
+
+/// Serve one HTTP connection: requests in order (pipelined ones too), each
+/// answered by `handler`, until the client closes, asks to, breaks the
+/// protocol, or misses a deadline.
+pub async fn serve_conn<H, F>(stream: glommio::net::TcpStream, limits: HttpLimits, handler: H)
+where
+    H: Fn(Request) -> F,
+    F: std::future::Future<Output = Response>,
+{
+    let _ = stream.set_nodelay(true);
+    let mut stream = SharedStream::new(stream);
+    let mut buf = BytesMut::with_capacity(1024);
+    let mut out = BytesMut::with_capacity(1024);
+    loop {
+        // Head: wait up to idle_timeout for its first byte, then head_timeout.
+        let mut deadline = Instant::now() + limits.idle_timeout;
+        let mut started = !buf.is_empty();
+        if started {
+            deadline = Instant::now() + limits.head_timeout;
+        }
+        let (mut req, head_len, body_len) = loop {
+            match parse_head(&buf, limits.max_body) {
+                Parsed::Head {
+                    req,
+                    head_len,
+                    body_len,
+                } => break (req, head_len, body_len),
+                Parsed::Reject(resp) => {
+                    resp.closing().encode(&mut out);
+                    let _ = stream.write_all(&out).await;
+                    return;
+                }
+                Parsed::Partial => match read_more(&stream, &mut buf, deadline).await {
+                    Ok(true) => {
+                        if !started {
+                            started = true;
+                            deadline = Instant::now() + limits.head_timeout;
+                        }
+                    }
+                    Ok(false) => return,
+                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut && started => {
+                        Response::error(408, "request head not received in time")
+                            .closing()
+                            .encode(&mut out);
+                        let _ = stream.write_all(&out).await;
+                        return;
+                    }
+                    Err(_) => return,
+                },
+            }
+        };
+        let deadline = Instant::now() + limits.body_timeout;
+        while buf.len() < head_len + body_len {
+            match read_more(&stream, &mut buf, deadline).await {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    Response::error(408, "request body not received in time")
+                        .closing()
+                        .encode(&mut out);
+                    let _ = stream.write_all(&out).await;
+                    return;
+                }
+                Err(_) => return,
+            }
+        }
+        let mut frame = buf.split_to(head_len + body_len);
+        req.body = frame.split_off(head_len).freeze();
+        let resp = handler(req).await;
+        let close = resp.close;
+        out.clear();
+        resp.encode(&mut out);
+        if stream.write_all(&out).await.is_err() || close {
+            return;
+        }
+        if buf.capacity() > 64 * 1024 && buf.is_empty() {
+            buf = BytesMut::with_capacity(1024);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(raw: &str) -> Parsed {
+        parse_head(raw.as_bytes(), 100)
+    }
+
+    #[test]
+    fn parses_a_post_with_query_and_auth() {
+        let Parsed::Head { req, head_len, body_len } =
+            head("POST /v1/push?players=1,2&msg=7 HTTP/1.1\r\nAuthorization: Bearer x\r\nContent-Length: 5\r\n\r\nhello")
+        else {
+            panic!("expected a head")
+        };
+        assert_eq!(
+            (req.method.as_str(), req.path.as_str()),
+            ("POST", "/v1/push")
+        );
+        assert_eq!(req.param("players"), Some("1,2"));
+        assert_eq!(req.param("msg"), Some("7"));
+        assert_eq!(req.param("nope"), None);
+        assert_eq!(req.authorization.as_deref(), Some("Bearer x"));
+        assert_eq!(body_len, 5);
+        assert_eq!(head_len, 87);
+    }
+
+    fn status(p: Parsed) -> u16 {
+        match p {
+            Parsed::Reject(r) => r.status,
+            other => panic!("expected a rejection, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_heads_get_their_status() {
+        assert!(matches!(head("GET /healthz HTTP/1.1\r\n"), Parsed::Partial));
+        assert_eq!(status(head("POST /v1/push HTTP/1.1\r\n\r\n")), 411);
+        assert_eq!(
+            status(head(
+                "POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+            )),
+            411
+        );
+        assert_eq!(
+            status(head("POST /x HTTP/1.1\r\nContent-Length: 101\r\n\r\n")),
+            413
+        );
+        assert_eq!(
+            status(head("POST /x HTTP/1.1\r\nContent-Length: -1\r\n\r\n")),
+            400
+        );
+        assert_eq!(
+            status(head(
+                "POST /x HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n"
+            )),
+            400
+        );
+        assert_eq!(status(head("GARBAGE\r\n\r\n")), 400);
+        let many: String = (0..40).map(|i| format!("X-{i}: y\r\n")).collect();
+        assert_eq!(status(head(&format!("GET / HTTP/1.1\r\n{many}\r\n"))), 431);
+        let big = format!("GET / HTTP/1.1\r\nX: {}\r\n", "a".repeat(MAX_HEAD));
+        assert_eq!(status(head(&big)), 431);
+    }
+
+    #[test]
+    fn json_strings_are_escaped() {
+        assert_eq!(json_string("a\"b\\c\n"), "\"a\\\"b\\\\c\\u000a\"");
+    }
+}
