@@ -50,6 +50,9 @@ pub struct Config {
     /// How long a player without a connection is kept for resume.
     #[serde(with = "humantime_serde")]
     pub player_linger: Duration,
+    /// How long a reconnect token stays valid after it is issued.
+    #[serde(with = "humantime_serde")]
+    pub token_lifetime: Duration,
     /// Per-player outbox bounds.
     pub outbox: OutboxLimits,
     /// Per-session queued-output byte limit; beyond it KICK SLOW_CONSUMER.
@@ -204,9 +207,15 @@ fn parse_addr(key: &str, value: &str) -> Result<SocketAddr, ConfigError> {
     })
 }
 
+/// Longest accepted duration of any key: a year. Beyond it a deadline
+/// computed from it could overflow the clock.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 fn positive(key: &str, d: Duration) -> Result<(), ConfigError> {
     if d.is_zero() {
         Err(invalid(key, "must be greater than 0"))
+    } else if d > MAX_DURATION {
+        Err(invalid(key, format!("must be at most 365 days, got {d:?}")))
     } else {
         Ok(())
     }
@@ -268,6 +277,7 @@ impl Config {
         positive("http.body_timeout", self.http.body_timeout)?;
         positive("http.idle_timeout", self.http.idle_timeout)?;
         positive("player_linger", self.player_linger)?;
+        positive("token_lifetime", self.token_lifetime)?;
         if self.outbox.max_frames == 0 {
             return Err(invalid("outbox.max_frames", "must be greater than 0"));
         }
@@ -914,6 +924,15 @@ mod tests {
         assert_eq!(e, "config key `outbox.max_frames`: must be greater than 0");
         let e = invalid_of(|c| c.outbox.max_bytes = 0);
         assert_eq!(e, "config key `outbox.max_bytes`: must be greater than 0");
+    }
+
+    #[test]
+    fn durations_have_an_upper_bound() {
+        let e = invalid_of(|c| c.backend.request_timeout = Duration::from_secs(400 * 24 * 3600));
+        assert!(
+            e.starts_with("config key `backend.request_timeout`: must be at most 365 days"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -245,14 +245,16 @@ async fn run_shard(
     // Idle sessions: a coarse sweep rather than a timer per session.
     let idle = {
         let ctx = ctx.clone();
-        let period =
-            (cfg.session_idle / 4).clamp(Duration::from_millis(10), Duration::from_secs(1));
+        let period = (cfg.session_idle.min(cfg.player_linger) / 4)
+            .clamp(Duration::from_millis(10), Duration::from_secs(1));
         glommio::spawn_local(async move {
             while !ctx.stop.is_stopped() {
                 futures_lite::future::or(glommio::timer::sleep(period), ctx.stop.stopped()).await;
-                if let Some(cutoff) = Instant::now().checked_sub(ctx.cfg.session_idle) {
+                let now = Instant::now();
+                if let Some(cutoff) = now.checked_sub(ctx.cfg.session_idle) {
                     ctx.kick_idle(cutoff);
                 }
+                ctx.end_lingering(now);
             }
         })
     };
@@ -299,18 +301,18 @@ async fn run_shard(
         let peer = stream
             .peer_addr()
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-        if ctx.connections.fetch_add(1, Ordering::AcqRel) >= cfg.max_connections {
-            ctx.connections.fetch_sub(1, Ordering::AcqRel);
+        let Some(slot) = crate::net::Slot::take(&ctx.connections, cfg.max_connections) else {
             ctx.stats
                 .refused_max_connections
                 .set(ctx.stats.refused_max_connections.get() + 1);
             tracing::debug!(shard = id, %peer, "refused: max_connections");
             drop(stream);
             continue;
-        }
+        };
         ctx.stats.accepted.set(ctx.stats.accepted.get() + 1);
         glommio::spawn_local(crate::session::conn::serve(
             ctx.clone(),
+            slot,
             stream,
             peer,
             BytesMut::new(),
@@ -367,15 +369,14 @@ async fn run_http(ctx: Rc<ShardCtx>, listener: glommio::net::TcpListener, open: 
                 continue;
             }
         };
-        if open.fetch_add(1, Ordering::AcqRel) >= h.max_connections {
-            open.fetch_sub(1, Ordering::AcqRel);
+        let Some(slot) = crate::net::Slot::take(&open, h.max_connections) else {
             tracing::debug!(
                 shard = ctx.id,
                 "http connection refused: http.max_connections"
             );
             continue;
-        }
-        let (ctx2, open2) = (ctx.clone(), open.clone());
+        };
+        let ctx2 = ctx.clone();
         glommio::spawn_local(async move {
             let stop = ctx2.stop.clone();
             let handler = |req| crate::http::api::handle(ctx2.clone(), req);
@@ -384,7 +385,7 @@ async fn run_http(ctx: Rc<ShardCtx>, listener: glommio::net::TcpListener, open: 
                 stop.stopped(),
             )
             .await;
-            open2.fetch_sub(1, Ordering::AcqRel);
+            drop(slot);
         })
         .detach();
     }

@@ -13,6 +13,8 @@ use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::pin::Pin;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 /// Listen backlog of the client and HTTP ports: deep enough for a login storm.
@@ -99,6 +101,9 @@ pub struct Outbound {
     wake: Notify,
     /// Woken each time the writer finishes a batch.
     drained: Notify,
+    /// Bytes ever queued, and ever written: offsets into the stream.
+    pushed_total: Cell<u64>,
+    written_total: Cell<u64>,
 }
 
 impl Outbound {
@@ -108,8 +113,22 @@ impl Outbound {
 
     /// Encode into the queue with `f`, then wake the writer.
     pub fn push(&self, f: impl FnOnce(&mut BytesMut)) {
-        f(&mut self.buf.borrow_mut());
+        let mut buf = self.buf.borrow_mut();
+        let before = buf.len();
+        f(&mut buf);
+        let added = buf.len().saturating_sub(before) as u64;
+        self.pushed_total.set(self.pushed_total.get() + added);
         self.wake.notify();
+    }
+
+    /// Stream offset just past everything queued so far.
+    pub fn pushed_total(&self) -> u64 {
+        self.pushed_total.get()
+    }
+
+    /// Stream offset just past everything written so far.
+    pub fn written_total(&self) -> u64 {
+        self.written_total.get()
     }
 
     /// Bytes queued or being written.
@@ -129,7 +148,10 @@ impl Outbound {
 
     /// Drop what is queued and not yet taken by the writer (a dead peer).
     pub fn discard(&self) {
-        self.buf.borrow_mut().clear();
+        let mut buf = self.buf.borrow_mut();
+        self.pushed_total
+            .set(self.pushed_total.get() - buf.len() as u64);
+        buf.clear();
     }
 
     /// Resolves when nothing is queued or being written.
@@ -157,6 +179,10 @@ impl Outbound {
                 Some(batch) => {
                     let r = sink.write_all(&batch).await;
                     self.in_write.set(0);
+                    if r.is_ok() {
+                        self.written_total
+                            .set(self.written_total.get() + batch.len() as u64);
+                    }
                     self.drained.notify();
                     if let Err(e) = r {
                         break Err(e);
@@ -179,5 +205,45 @@ impl Outbound {
         self.closing.set(true);
         self.drained.notify();
         result
+    }
+}
+
+/// One place under a process-wide cap (client or HTTP connections), given
+/// back when dropped, wherever the connection ends: closed, refused, or
+/// lost in a hand-off.
+#[derive(Debug)]
+pub struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    /// Take a place if fewer than `max` are taken.
+    pub fn take(counter: &Arc<AtomicUsize>, max: usize) -> Option<Slot> {
+        if counter.fetch_add(1, Ordering::AcqRel) >= max {
+            counter.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Slot(counter.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_capped_and_given_back() {
+        let c = Arc::new(AtomicUsize::new(0));
+        let a = Slot::take(&c, 2).expect("first");
+        let b = Slot::take(&c, 2).expect("second");
+        assert!(Slot::take(&c, 2).is_none());
+        drop(a);
+        let _c2 = Slot::take(&c, 2).expect("after a drop");
+        drop(b);
+        assert_eq!(c.load(Ordering::Acquire), 1);
     }
 }

@@ -2,11 +2,15 @@
 //! table, backend pool) and the handlers that change them. Every handler runs
 //! on the shard's own thread, never awaits, and touches only this shard's
 //! state; other shards are reached by [`ShardMsg`] over the mesh.
+//!
+//! Borrow discipline: `sessions` and `players` are separate `RefCell`s; a
+//! handler may hold both at once but never calls another handler while it
+//! holds either.
 
 use crate::backend::{Answer, AnswerSink, BackendPool, Pending};
 use crate::config::Config;
 use crate::net::Outbound;
-use crate::player::{Player, TOKEN_LEN};
+use crate::player::{token_player, Player, ResumeError, SECRET_LEN};
 use crate::protocol::{encode, session_body, Code, Decoder, Frame, Header, Kind, Link};
 use crate::router::Router;
 use crate::session::{Decision, Session, SessionId};
@@ -16,17 +20,17 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Instant;
 
 /// Messages between shards.
 pub enum ShardMsg {
-    /// A logged-in connection moving to its player's home shard.
+    /// A connection moving to its player's home shard.
     Handoff(Box<Handoff>),
 }
 
-/// The login answer that completes a hand-off on the home shard.
+/// The login answer that completes a login on the home shard.
 #[derive(Debug, Clone)]
 pub struct LoginReply {
     pub req_id: u32,
@@ -35,30 +39,49 @@ pub struct LoginReply {
     pub body: Bytes,
 }
 
-/// A connection in transit: its socket, the bytes read past the login
-/// frame, and the login to complete.
+/// Why a session goes to a player's home shard.
+#[derive(Debug, Clone)]
+pub enum Arrival {
+    /// The backend accepted a login for `player`.
+    Login { player: u64, reply: LoginReply },
+    /// The client asked to resume `player` from seq `last` with `token`.
+    Resume {
+        player: u64,
+        token: Bytes,
+        last: u64,
+    },
+}
+
+impl Arrival {
+    pub fn player(&self) -> u64 {
+        match self {
+            Arrival::Login { player, .. } | Arrival::Resume { player, .. } => *player,
+        }
+    }
+}
+
+/// A connection in transit: its socket, the bytes read past the frame that
+/// sent it, and what to do on arrival.
 pub struct Handoff {
     pub fd: OwnedFd,
+    /// The connection's place under `max_connections`, moving with it.
+    pub slot: crate::net::Slot,
     pub peer: SocketAddr,
     pub leftover: BytesMut,
-    pub player: u64,
-    pub reply: LoginReply,
+    pub arrival: Arrival,
 }
 
 /// What the read loop of a session must do next, decided by the shard.
 pub enum Control {
     /// Go on reading.
     Continue,
-    /// Stop reading and wait (a login waits for other requests to finish).
+    /// Stop reading and wait (a login or resume waits for the session's
+    /// other requests to finish).
     Pause,
     /// Close the connection after the queued output.
     Close,
-    /// Move the connection to `home` for `player`.
-    Handoff {
-        home: usize,
-        player: u64,
-        reply: LoginReply,
-    },
+    /// Move the connection to shard `home`.
+    Handoff { home: usize, arrival: Arrival },
 }
 
 /// A session as the shard's table holds it.
@@ -70,8 +93,12 @@ pub struct SessionEntry {
     pub peer: SocketAddr,
     /// Requests of this session at a backend, login excluded.
     inflight: u32,
-    /// A login accepted, waiting for `inflight` to reach 0.
-    bind: Option<(u64, LoginReply)>,
+    /// A login or resume waiting for `inflight` to reach 0.
+    arrival: Option<Arrival>,
+    /// Stream offset where the last outbox replay ends: replayed bytes not
+    /// yet written do not count against `write_queue_bytes` (they are
+    /// bounded by the outbox limits already).
+    replay_end: u64,
     last_rx: Instant,
 }
 
@@ -84,14 +111,23 @@ pub struct Stats {
     pub handoffs_in: Cell<u64>,
     pub logins_ok: Cell<u64>,
     pub logins_rejected: Cell<u64>,
+    pub resumes_ok: Cell<u64>,
+    pub resumes_rejected: Cell<u64>,
+    pub resumes_gap: Cell<u64>,
     pub requests: Cell<u64>,
     pub responses: Cell<u64>,
     pub protocol_errors: Cell<u64>,
     pub kicks: Cell<u64>,
+    pub evictions: Cell<u64>,
+    pub players_expired: Cell<u64>,
 }
 
 fn bump(c: &Cell<u64>) {
-    c.set(c.get() + 1);
+    add(c, 1);
+}
+
+fn add(c: &Cell<u64>, n: u64) {
+    c.set(c.get() + n);
 }
 
 /// Everything one shard owns.
@@ -151,6 +187,8 @@ impl ShardCtx {
         }
     }
 
+    // ----- the session table -------------------------------------------
+
     /// Register a new session on this shard.
     pub fn add_session(
         &self,
@@ -169,7 +207,8 @@ impl ShardCtx {
                 ctl,
                 peer,
                 inflight: 0,
-                bind: None,
+                arrival: None,
+                replay_end: 0,
                 last_rx: Instant::now(),
             },
         );
@@ -177,18 +216,28 @@ impl ShardCtx {
     }
 
     /// Forget a session whose connection is gone (or moved). Its player, if
-    /// bound to it, stays without a session.
+    /// bound to it, stays without a session and starts to linger.
     pub fn remove_session(&self, sid: SessionId) {
         let Some(entry) = self.sessions.borrow_mut().remove(&sid) else {
             return;
         };
         if let Some(p) = entry.session.player() {
-            if let Some(player) = self.players.borrow_mut().get_mut(&p) {
-                if player.session == Some(sid) {
-                    player.session = None;
-                }
-            }
+            self.detach(p, sid);
         }
+    }
+
+    fn detach(&self, player: u64, sid: SessionId) {
+        if let Some(p) = self.players.borrow_mut().get_mut(&player) {
+            p.detach(sid, Instant::now());
+        }
+    }
+
+    /// Whether `sid` is closing (or gone).
+    pub fn is_closing(&self, sid: SessionId) -> bool {
+        self.sessions
+            .borrow()
+            .get(&sid)
+            .is_none_or(|e| e.session.is_closing())
     }
 
     pub fn session_count(&self) -> usize {
@@ -208,58 +257,102 @@ impl ShardCtx {
 
     /// What the read loop of `sid` must do now.
     pub fn control(&self, sid: SessionId) -> Control {
-        let mut sessions = self.sessions.borrow_mut();
-        let Some(e) = sessions.get_mut(&sid) else {
-            return Control::Close;
-        };
-        if e.session.is_closing() {
-            return Control::Close;
-        }
-        match &e.bind {
-            None => Control::Continue,
-            Some(_) if e.inflight > 0 => Control::Pause,
-            Some(_) => {
-                let Some((player, reply)) = e.bind.take() else {
-                    return Control::Continue;
-                };
-                let home = shards::home_shard(player, self.count);
-                if home == self.id {
-                    drop(sessions);
-                    self.bind_player(sid, player, reply);
-                    Control::Continue
-                } else {
-                    Control::Handoff {
-                        home,
-                        player,
-                        reply,
-                    }
-                }
+        let arrival = {
+            let mut sessions = self.sessions.borrow_mut();
+            let Some(e) = sessions.get_mut(&sid) else {
+                return Control::Close;
+            };
+            if e.session.is_closing() {
+                return Control::Close;
             }
+            match &e.arrival {
+                None => return Control::Continue,
+                Some(_) if e.inflight > 0 => return Control::Pause,
+                Some(_) => match e.arrival.take() {
+                    Some(a) => a,
+                    None => return Control::Continue,
+                },
+            }
+        };
+        let home = shards::home_shard(arrival.player(), self.count);
+        if home == self.id {
+            self.arrive(sid, arrival);
+            Control::Continue
+        } else {
+            Control::Handoff { home, arrival }
         }
     }
 
-    /// Queue one frame to a session's client. `sequenced` frames to an
-    /// authenticated player take the player's next seq.
-    fn send_client(&self, sid: SessionId, mut h: Header, body: &[u8], sequenced: bool) {
-        let sessions = self.sessions.borrow();
-        let Some(e) = sessions.get(&sid) else { return };
-        if e.out.is_closing() {
-            return;
+    /// A session on the player's home shard completes its login or resume.
+    pub fn arrive(&self, sid: SessionId, arrival: Arrival) {
+        match arrival {
+            Arrival::Login { player, reply } => self.login(sid, player, reply),
+            Arrival::Resume {
+                player,
+                token,
+                last,
+            } => self.resume(sid, player, &token, last),
         }
-        if sequenced {
-            if let Some(p) = e.session.player() {
-                if let Some(player) = self.players.borrow_mut().get_mut(&p) {
-                    h.seq = player.take_seq();
-                }
+    }
+
+    /// A connection handed over by another shard, registered here as `sid`.
+    pub fn accept_handoff(&self, sid: SessionId, arrival: Arrival) {
+        bump(&self.stats.handoffs_in);
+        if let Some(e) = self.sessions.borrow_mut().get_mut(&sid) {
+            e.session = match &arrival {
+                Arrival::Login { player, .. } => Session::binding(*player),
+                Arrival::Resume { .. } => Session::resuming(),
+            };
+        }
+        self.arrive(sid, arrival);
+    }
+
+    // ----- output --------------------------------------------------------
+
+    /// Queue encoded bytes to a session; kicks it if its queue passes the
+    /// limit (the frames stay in the player's outbox).
+    fn queue(&self, sid: SessionId, f: impl FnOnce(&mut BytesMut)) {
+        let over = {
+            let sessions = self.sessions.borrow();
+            let Some(e) = sessions.get(&sid) else { return };
+            if e.out.is_closing() {
+                return;
             }
-        }
-        e.out.push(|out| encode(out, &h, body));
-        if e.out.queued() > self.cfg.write_queue_bytes {
-            drop(sessions);
+            e.out.push(f);
+            let replay_unsent = e.replay_end.saturating_sub(e.out.written_total()) as usize;
+            e.out.queued().saturating_sub(replay_unsent) > self.cfg.write_queue_bytes
+        };
+        if over {
             self.kick(sid, Code::SlowConsumer);
         }
     }
 
+    /// An unsequenced frame (seq as given) to a session.
+    fn send_plain(&self, sid: SessionId, h: Header, body: &[u8]) {
+        self.queue(sid, |out| encode(out, &h, body));
+    }
+
+    /// A sequenced frame to `player`: it takes the next seq and waits in
+    /// the outbox until acknowledged; if the player has a session it is
+    /// queued there too. Returns false if this shard does not hold the player.
+    pub fn deliver(&self, player: u64, h: Header, body: &[u8]) -> bool {
+        let (frame, session) = {
+            let mut players = self.players.borrow_mut();
+            let Some(p) = players.get_mut(&player) else {
+                return false;
+            };
+            let (frame, evicted) = p.sequence(h, body);
+            add(&self.stats.evictions, evicted as u64);
+            (frame, p.session)
+        };
+        if let Some(sid) = session {
+            self.queue(sid, |out| out.extend_from_slice(&frame));
+        }
+        true
+    }
+
+    /// A RESPONSE to a request of session `sid`: sequenced when the session
+    /// is bound to a player, seq 0 before login.
     fn respond(&self, sid: SessionId, req_id: u32, msg_id: u32, code: u16, body: &[u8]) {
         bump(&self.stats.responses);
         let h = Header {
@@ -270,40 +363,70 @@ impl ShardCtx {
             req_id,
             seq: 0,
         };
-        self.send_client(sid, h, body, true);
+        let player = self
+            .sessions
+            .borrow()
+            .get(&sid)
+            .and_then(|e| e.session.player());
+        match player {
+            Some(p) if self.deliver(p, h, body) => {}
+            _ => self.send_plain(sid, h, body),
+        }
     }
 
-    /// Send `KICK code` and close the session after its queued output
-    /// (for a slow consumer, instead of it).
-    pub fn kick(&self, sid: SessionId, code: Code) {
-        let mut sessions = self.sessions.borrow_mut();
-        let Some(e) = sessions.get_mut(&sid) else {
-            return;
-        };
-        if !e.session.close() {
-            return;
-        }
-        bump(&self.stats.kicks);
-        tracing::info!(session = sid, peer = %e.peer, reason = code.name(), "kick");
-        if code == Code::SlowConsumer {
-            e.out.discard();
-        }
-        let mut h = Header::new(Kind::Kick);
+    fn send_error(&self, sid: SessionId, code: Code) {
+        let mut h = Header::new(Kind::Error);
         h.code = code.into();
-        e.out.push(|out| encode(out, &h, &[]));
-        e.out.close();
-        e.ctl.notify();
+        self.send_plain(sid, h, &[]);
+    }
+
+    // ----- closing -------------------------------------------------------
+
+    /// Send `KICK code` and close the session after its queued output (for
+    /// a slow consumer, instead of it: its frames stay in the outbox).
+    pub fn kick(&self, sid: SessionId, code: Code) {
+        let player = {
+            let mut sessions = self.sessions.borrow_mut();
+            let Some(e) = sessions.get_mut(&sid) else {
+                return;
+            };
+            let player = e.session.player();
+            if !e.session.close() {
+                return;
+            }
+            bump(&self.stats.kicks);
+            tracing::info!(session = sid, peer = %e.peer, ?player, reason = code.name(), "kick");
+            if code == Code::SlowConsumer {
+                e.out.discard();
+            }
+            let mut h = Header::new(Kind::Kick);
+            h.code = code.into();
+            e.out.push(|out| encode(out, &h, &[]));
+            e.out.close();
+            e.ctl.notify();
+            player
+        };
+        if let Some(p) = player {
+            self.detach(p, sid);
+        }
     }
 
     /// Close without a KICK (BYE, end of stream, read error).
     pub fn close(&self, sid: SessionId) {
-        let mut sessions = self.sessions.borrow_mut();
-        let Some(e) = sessions.get_mut(&sid) else {
-            return;
+        let player = {
+            let mut sessions = self.sessions.borrow_mut();
+            let Some(e) = sessions.get_mut(&sid) else {
+                return;
+            };
+            let player = e.session.player();
+            e.session.close();
+            e.out.close();
+            e.ctl.notify();
+            player
         };
-        e.session.close();
-        e.out.close();
-        e.ctl.notify();
+        if let Some(p) = player {
+            self.detach(p, sid);
+        }
     }
 
     /// A frame that broke the protocol arrived on `sid`.
@@ -313,55 +436,97 @@ impl ShardCtx {
         self.kick(sid, Code::ProtocolError);
     }
 
+    // ----- client frames -------------------------------------------------
+
     /// One frame from a client.
     pub fn on_client_frame(&self, sid: SessionId, frame: Frame) {
         let h = frame.header;
         match h.kind {
             Kind::Request => self.on_request(sid, &h, frame.body),
-            Kind::Ping | Kind::Ack => {
-                let player = self
-                    .sessions
-                    .borrow()
-                    .get(&sid)
-                    .and_then(|e| e.session.player());
-                let mut last = 0;
-                if let Some(p) = player {
-                    let mut players = self.players.borrow_mut();
-                    if let Some(pl) = players.get_mut(&p) {
-                        if let Err(e) = pl.ack(h.seq) {
-                            drop(players);
-                            return self.protocol_error(sid, &e);
-                        }
-                        last = pl.last_seq();
-                    }
-                }
-                if h.kind == Kind::Ping {
-                    let mut pong = Header::new(Kind::Pong);
-                    pong.seq = last;
-                    self.send_client(sid, pong, &[], false);
-                }
-            }
-            Kind::Resume => {
-                // No token issued by this gateway can be resumed yet.
-                let mut e = Header::new(Kind::Error);
-                e.code = Code::ResumeRejected.into();
-                self.send_client(sid, e, &[], false);
-            }
-            Kind::Bye => {
-                let player = self
-                    .sessions
-                    .borrow()
-                    .get(&sid)
-                    .and_then(|e| e.session.player());
-                if let Some(p) = player {
-                    self.players.borrow_mut().remove(&p);
-                    tracing::info!(session = sid, player = p, "bye: player ended");
-                }
-                self.close(sid);
-            }
+            Kind::Ping | Kind::Ack => self.on_ack(sid, &h),
+            Kind::Resume => self.on_resume(sid, &h, frame.body),
+            Kind::Bye => self.on_bye(sid),
             // The client-link decoder admits no other kind.
             _ => self.protocol_error(sid, &format_args!("kind {} from a client", h.kind.name())),
         }
+    }
+
+    fn on_ack(&self, sid: SessionId, h: &Header) {
+        let player = self
+            .sessions
+            .borrow()
+            .get(&sid)
+            .and_then(|e| e.session.player());
+        let mut last = 0;
+        if let Some(p) = player {
+            let acked = self
+                .players
+                .borrow_mut()
+                .get_mut(&p)
+                .map(|pl| (pl.ack(h.seq), pl.last_seq()));
+            match acked {
+                Some((Err(e), _)) => return self.protocol_error(sid, &e),
+                Some((Ok(()), l)) => last = l,
+                None => {}
+            }
+        }
+        if h.kind == Kind::Ping {
+            let mut pong = Header::new(Kind::Pong);
+            pong.seq = last;
+            self.send_plain(sid, pong, &[]);
+        }
+    }
+
+    fn on_bye(&self, sid: SessionId) {
+        let player = self
+            .sessions
+            .borrow()
+            .get(&sid)
+            .and_then(|e| e.session.player());
+        self.close(sid);
+        if let Some(p) = player {
+            self.players.borrow_mut().remove(&p);
+            tracing::info!(session = sid, player = p, "bye: player ended");
+        }
+    }
+
+    fn on_resume(&self, sid: SessionId, h: &Header, token: Bytes) {
+        let refused = {
+            let mut sessions = self.sessions.borrow_mut();
+            let Some(e) = sessions.get_mut(&sid) else {
+                return;
+            };
+            match e.session.on_resume() {
+                Decision::Forward { .. } => match token_player(&token) {
+                    Some(player) => {
+                        e.arrival = Some(Arrival::Resume {
+                            player,
+                            token,
+                            last: h.seq,
+                        });
+                        e.ctl.notify();
+                        None
+                    }
+                    None => {
+                        e.session.resume_failed();
+                        Some(Code::ResumeRejected)
+                    }
+                },
+                Decision::Reply(code) => Some(code),
+                Decision::Ignore => None,
+            }
+        };
+        if let Some(code) = refused {
+            self.reject_resume(sid, code);
+        }
+    }
+
+    fn reject_resume(&self, sid: SessionId, code: Code) {
+        match code {
+            Code::ResumeGap => bump(&self.stats.resumes_gap),
+            _ => bump(&self.stats.resumes_rejected),
+        }
+        self.send_error(sid, code);
     }
 
     fn on_request(&self, sid: SessionId, h: &Header, body: Bytes) {
@@ -387,20 +552,19 @@ impl ShardCtx {
                     login,
                     ticket: 0,
                 };
-                match self.backends.send(route, h, &body, pending) {
-                    Ok(()) => {
-                        if !login {
-                            if let Some(e) = self.sessions.borrow_mut().get_mut(&sid) {
-                                e.inflight += 1;
-                            }
-                        }
-                    }
+                let sent = self.backends.send(route, h, &body, pending);
+                let mut sessions = self.sessions.borrow_mut();
+                let Some(e) = sessions.get_mut(&sid) else {
+                    return;
+                };
+                match sent {
+                    Ok(()) if !login => e.inflight += 1,
+                    Ok(()) => {}
                     Err(code) => {
                         if login {
-                            if let Some(e) = self.sessions.borrow_mut().get_mut(&sid) {
-                                e.session.on_login_result(None);
-                            }
+                            e.session.on_login_result(None);
                         }
+                        drop(sessions);
                         self.respond(sid, h.req_id, h.msg_id, code.into(), &[]);
                     }
                 }
@@ -408,54 +572,126 @@ impl ShardCtx {
         }
     }
 
-    /// Bind session `sid` (on this, the player's home shard) to `player`:
-    /// an older session of the player is kicked (`REPLACED`); the new one
-    /// gets `SESSION`, then the login `RESPONSE` with the next seq.
-    pub fn bind_player(&self, sid: SessionId, player: u64, reply: LoginReply) {
-        let token = new_token();
-        let (old, resume_point, gap) = {
-            let mut players = self.players.borrow_mut();
-            let p = players
-                .entry(player)
-                .or_insert_with(|| Player::new(player, token));
-            p.token = token;
-            // Nothing unacknowledged is retained for replay yet, so every
-            // frame after the last ack is lost to this session: say so.
-            let gap = p.last_seq() > p.acked();
-            (p.session.replace(sid), p.last_seq(), gap)
-        };
+    // ----- login and resume on the home shard ---------------------------
+
+    /// Bind `sid` to `player`, which this shard now holds: an older session
+    /// of the player is kicked (`REPLACED`) and the new one is queued
+    /// `frames_before` (SESSION and any replay). Returns false if `sid` is gone.
+    fn attach(
+        &self,
+        sid: SessionId,
+        player: u64,
+        old: Option<SessionId>,
+        frames_before: BytesMut,
+    ) -> bool {
         if let Some(old) = old.filter(|&o| o != sid) {
             self.kick(old, Code::Replaced);
         }
-        {
+        let bound = {
             let mut sessions = self.sessions.borrow_mut();
-            let Some(e) = sessions.get_mut(&sid) else {
-                return;
-            };
-            e.session.bind(player);
-            tracing::info!(session = sid, player, peer = %e.peer, shard = self.id, "login");
+            match sessions.get_mut(&sid) {
+                Some(e) if !e.session.is_closing() => {
+                    e.session.bind(player);
+                    tracing::info!(session = sid, player, peer = %e.peer, shard = self.id, "bound");
+                    true
+                }
+                _ => false,
+            }
+        };
+        if !bound {
+            self.detach(player, sid);
+            return false;
         }
-        bump(&self.stats.logins_ok);
+        let mut sessions = self.sessions.borrow_mut();
+        if let Some(e) = sessions.get_mut(&sid) {
+            e.out.push(|out| out.extend_from_slice(&frames_before));
+            e.replay_end = e.out.pushed_total();
+        }
+        true
+    }
+
+    fn session_frame(player: u64, token: &[u8], resume_point: u64, gap: bool, out: &mut BytesMut) {
         let mut h = Header::new(Kind::Session);
         h.seq = resume_point;
         if gap {
             h.code = Code::GAP.into();
         }
-        let mut body = BytesMut::with_capacity(8 + TOKEN_LEN);
-        session_body(&mut body, player, &token);
-        self.send_client(sid, h, &body, false);
+        let mut body = BytesMut::with_capacity(8 + token.len());
+        session_body(&mut body, player, token);
+        encode(out, &h, &body);
+    }
+
+    /// A login accepted by the backend, on the player's home shard:
+    /// `SESSION` (R = last ack, or `GAP`), every retained unacknowledged
+    /// frame, then the login `RESPONSE` with the next seq.
+    fn login(&self, sid: SessionId, player: u64, reply: LoginReply) {
+        let now = Instant::now();
+        let (old, frames) = {
+            let mut players = self.players.borrow_mut();
+            let o = self.cfg.outbox;
+            let p = players
+                .entry(player)
+                .or_insert_with(|| Player::new(player, o.max_frames, o.max_bytes, now));
+            let old = p.attach(sid);
+            let token = p.issue_token(new_secret(), now, self.cfg.token_lifetime);
+            let (r, gap) = p.login_point();
+            let mut frames = BytesMut::new();
+            Self::session_frame(player, &token, r, gap, &mut frames);
+            for f in p.outbox.after(r) {
+                frames.extend_from_slice(f);
+            }
+            (old, frames)
+        };
+        if !self.attach(sid, player, old, frames) {
+            return;
+        }
+        bump(&self.stats.logins_ok);
         self.respond(sid, reply.req_id, reply.msg_id, reply.code, &reply.body);
     }
 
-    /// A connection handed over by another shard, now registered here as `sid`.
-    pub fn accept_handoff(&self, sid: SessionId, player: u64, reply: LoginReply) {
-        bump(&self.stats.handoffs_in);
-        if let Some(e) = self.sessions.borrow_mut().get_mut(&sid) {
-            // Its login was accepted on the shard it came from.
-            e.session = Session::binding(player);
+    /// A RESUME on the player's home shard: `SESSION` (R = L) with a new
+    /// token, then exactly the frames after L; or `ERROR`, leaving the
+    /// session logged out and open.
+    fn resume(&self, sid: SessionId, player: u64, token: &[u8], last: u64) {
+        let now = Instant::now();
+        let outcome = {
+            let mut players = self.players.borrow_mut();
+            match players.get_mut(&player) {
+                None => Err(ResumeError::Rejected),
+                Some(p) => p.resume(token, last, now).map(|()| {
+                    let old = p.attach(sid);
+                    let token = p.issue_token(new_secret(), now, self.cfg.token_lifetime);
+                    let mut frames = BytesMut::new();
+                    Self::session_frame(player, &token, last, false, &mut frames);
+                    for f in p.outbox.after(last) {
+                        frames.extend_from_slice(f);
+                    }
+                    (old, frames)
+                }),
+            }
+        };
+        match outcome {
+            Ok((old, frames)) => {
+                if self.attach(sid, player, old, frames) {
+                    bump(&self.stats.resumes_ok);
+                    tracing::info!(session = sid, player, from = last, "resumed");
+                }
+            }
+            Err(e) => {
+                if let Some(en) = self.sessions.borrow_mut().get_mut(&sid) {
+                    en.session.resume_failed();
+                }
+                tracing::debug!(session = sid, player, error = %e, "resume refused");
+                match e {
+                    ResumeError::Rejected => self.reject_resume(sid, Code::ResumeRejected),
+                    ResumeError::Gap(_) => self.reject_resume(sid, Code::ResumeGap),
+                    ResumeError::Beyond { .. } => self.protocol_error(sid, &e),
+                }
+            }
         }
-        self.bind_player(sid, player, reply);
     }
+
+    // ----- timers ----------------------------------------------------------
 
     /// Close every session idle since before `cutoff`.
     pub fn kick_idle(&self, cutoff: Instant) {
@@ -471,6 +707,27 @@ impl ShardCtx {
         }
     }
 
+    /// End every player without a session for `player_linger`.
+    pub fn end_lingering(&self, now: Instant) {
+        let linger = self.cfg.player_linger;
+        let mut players = self.players.borrow_mut();
+        let before = players.len();
+        players.retain(|id, p| {
+            let keep = !p.expired(now, linger);
+            if !keep {
+                tracing::info!(player = id, "player ended: linger expired");
+            }
+            keep
+        });
+        let ended = before - players.len();
+        if ended > 0 {
+            add(&self.stats.players_expired, ended as u64);
+            if players.capacity() > 64 && players.len() < players.capacity() / 4 {
+                players.shrink_to_fit();
+            }
+        }
+    }
+
     /// Kick every session (the gateway is stopping).
     pub fn kick_all(&self, code: Code) {
         let all: Vec<SessionId> = self.sessions.borrow().keys().copied().collect();
@@ -478,74 +735,116 @@ impl ShardCtx {
             self.kick(sid, code);
         }
     }
+
+    /// A copy of a player's state, for the admin API and tests.
+    pub fn player_info(&self, player: u64) -> Option<PlayerInfo> {
+        let players = self.players.borrow();
+        let p = players.get(&player)?;
+        Some(PlayerInfo {
+            player,
+            online: p.session.is_some(),
+            seq: p.last_seq(),
+            acked: p.acked(),
+            outbox: p.outbox.len(),
+            outbox_bytes: p.outbox.bytes(),
+            evictions: p.outbox.evictions(),
+            shard: self.id,
+        })
+    }
+}
+
+/// What the admin API shows of a player.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlayerInfo {
+    pub player: u64,
+    pub online: bool,
+    pub seq: u64,
+    pub acked: u64,
+    pub outbox: usize,
+    pub outbox_bytes: usize,
+    pub evictions: u64,
+    pub shard: usize,
 }
 
 impl AnswerSink for ShardCtx {
     fn on_answer(&self, p: Pending, a: Answer) {
         if p.login {
-            let accepted = (a.code == 0 && a.player != 0).then_some(a.player);
-            if a.code == 0 && a.player == 0 {
-                tracing::warn!(
-                    session = p.session,
-                    "login accepted by backend without a player id: refused"
-                );
+            return self.on_login_answer(p, a);
+        }
+        if let Some(e) = self.sessions.borrow_mut().get_mut(&p.session) {
+            e.inflight = e.inflight.saturating_sub(1);
+            if e.inflight == 0 && e.arrival.is_some() {
+                e.ctl.notify();
             }
-            let binding = {
-                let mut sessions = self.sessions.borrow_mut();
-                let Some(e) = sessions.get_mut(&p.session) else {
-                    return;
-                };
-                let binding = e.session.on_login_result(accepted);
-                if binding {
-                    let reply = LoginReply {
+        }
+        let h = Header {
+            kind: Kind::Response,
+            flags: 0,
+            code: a.code,
+            msg_id: a.msg_id,
+            req_id: p.req_id,
+            seq: 0,
+        };
+        if p.player != 0 {
+            // A request of a logged-in player: the answer belongs to the
+            // player, whichever session it has now (or none: outbox).
+            bump(&self.stats.responses);
+            self.deliver(p.player, h, &a.body);
+        } else {
+            self.respond(p.session, p.req_id, a.msg_id, a.code, &a.body);
+        }
+    }
+}
+
+impl ShardCtx {
+    fn on_login_answer(&self, p: Pending, a: Answer) {
+        let accepted = (a.code == 0 && a.player != 0).then_some(a.player);
+        if a.code == 0 && a.player == 0 {
+            tracing::warn!(
+                session = p.session,
+                "login accepted by backend without a player id: refused"
+            );
+        }
+        let binding = {
+            let mut sessions = self.sessions.borrow_mut();
+            let Some(e) = sessions.get_mut(&p.session) else {
+                return;
+            };
+            let binding = e.session.on_login_result(accepted);
+            if binding {
+                e.arrival = Some(Arrival::Login {
+                    player: a.player,
+                    reply: LoginReply {
                         req_id: p.req_id,
                         msg_id: a.msg_id,
                         code: a.code,
                         body: a.body.clone(),
-                    };
-                    e.bind = Some((a.player, reply));
-                    e.ctl.notify();
-                }
-                binding
-            };
-            if !binding {
-                bump(&self.stats.logins_rejected);
-                let code = if accepted.is_none() && a.code == 0 {
-                    Code::BackendUnavailable.into()
-                } else {
-                    a.code
-                };
-                self.respond(p.session, p.req_id, a.msg_id, code, &a.body);
-            }
-            return;
-        }
-        if let Some(e) = self.sessions.borrow_mut().get_mut(&p.session) {
-            e.inflight = e.inflight.saturating_sub(1);
-            if e.inflight == 0 && e.bind.is_some() {
+                    },
+                });
                 e.ctl.notify();
             }
+            binding
+        };
+        if !binding {
+            bump(&self.stats.logins_rejected);
+            let code = if accepted.is_none() && a.code == 0 {
+                Code::BackendUnavailable.into()
+            } else {
+                a.code
+            };
+            self.respond(p.session, p.req_id, a.msg_id, code, &a.body);
         }
-        self.respond(p.session, p.req_id, a.msg_id, a.code, &a.body);
     }
 }
 
-/// A fresh reconnect token: 128 bits from the OS CSPRNG.
-pub fn new_token() -> [u8; TOKEN_LEN] {
-    let mut t = [0u8; TOKEN_LEN];
-    if getrandom::getrandom(&mut t).is_err() {
-        // The OS refused randomness: fall back to a hash of time and
-        // address space, still unique per call. Logged: it should not happen.
-        tracing::error!("getrandom failed; token from a weaker source");
-        let x = shards::splitmix64(
-            Instant::now().elapsed().as_nanos() as u64 ^ (&t as *const _ as u64),
-        );
-        t[..8].copy_from_slice(&x.to_be_bytes());
-        t[8..].copy_from_slice(&shards::splitmix64(x).to_be_bytes());
+/// A fresh token secret: 128 bits from the OS CSPRNG.
+pub fn new_secret() -> [u8; SECRET_LEN] {
+    let mut t = [0u8; SECRET_LEN];
+    if let Err(e) = getrandom::getrandom(&mut t) {
+        // Without randomness a token could be guessed: better to stop
+        // than to hand out weak tokens.
+        tracing::error!("the OS random source failed: {e}");
+        std::process::abort();
     }
     t
-}
-
-/// Count a connection closing.
-pub fn release_connection(counter: &AtomicUsize) {
-    counter.fetch_sub(1, Ordering::AcqRel);
 }

@@ -24,7 +24,7 @@ fn login_then_requests_get_seq_1_2_3_without_gap() {
     let mut c = h.client();
     let li = c.login_demo(42).expect("login");
     assert_eq!(li.player, 42);
-    assert_eq!(li.token.len(), 16);
+    assert_eq!(li.token.len(), 24);
     assert_eq!((li.resume_point, li.gap), (0, false));
     assert_eq!(li.response.header.code, 0);
     assert_eq!(li.response.header.seq, 1);
@@ -303,10 +303,14 @@ fn a_new_login_replaces_the_old_session() {
     let li = new.login_demo(555).expect("second login");
     assert_eq!(old.expect_kick().expect("kick"), code(Code::Replaced));
     assert!(old.is_closed());
-    // The seq goes on where the player was; the two unacknowledged frames
-    // are not retained (no outbox yet), which SESSION reports as a GAP.
-    assert_eq!((li.resume_point, li.gap), (2, true));
+    // Nothing was acknowledged: R = 0, and seq 1 and 2 are replayed before
+    // the login response, which takes the next seq.
+    assert_eq!((li.resume_point, li.gap), (0, false));
     assert_eq!(li.response.header.seq, 3);
+    let replayed: Vec<u64> = (0..2)
+        .map(|_| new.recv().expect("replay").header.seq)
+        .collect();
+    assert_eq!(replayed, vec![1, 2]);
     assert_eq!(new.request(ECHO, b"b").expect("echo").header.seq, 4);
 }
 

@@ -292,6 +292,9 @@ pub async fn run_connection<S: AnswerSink>(
             Some(Ok(s)) => s,
             Some(Err(e)) => {
                 tracing::warn!(backend = %conn.addr, error = %e, "backend connect failed");
+                // What was queued while connecting is answered now; it
+                // must never reach the backend later.
+                *conn.out.borrow_mut() = Rc::new(Outbound::new());
                 fail_all(&*sink, pool_stats, &conn);
                 conn.state.set(ConnState::Down);
                 backoff = sleep_backoff(backoff, reconnect, &mut jitter_state, &stop).await;

@@ -30,6 +30,10 @@ pub enum ClientError {
     Unexpected(Box<Frame>),
     #[error("login rejected with code {0:#06x}")]
     LoginRejected(u16),
+    #[error("resume refused with code {0:#06x}")]
+    ResumeRefused(u16),
+    #[error("kicked with code {0:#06x}")]
+    Kicked(u16),
 }
 
 /// The outcome of a successful login.
@@ -41,7 +45,7 @@ pub struct LoggedIn {
     pub resume_point: u64,
     /// `SESSION` came with code `GAP`: frames before R were lost.
     pub gap: bool,
-    /// The login `RESPONSE`.
+    /// The login `RESPONSE` (for a resume: the `SESSION` frame).
     pub response: Frame,
 }
 
@@ -68,10 +72,21 @@ impl Client {
             decoder: Decoder::new(Link::GatewayToClient, crate::protocol::DEFAULT_MAX_FRAME),
             buf: BytesMut::with_capacity(4096),
             queued: VecDeque::new(),
-            next_req_id: 1,
+            next_req_id: first_req_id(),
             last_seq: 0,
             timeout: Duration::from_secs(10),
         })
+    }
+
+    /// Set the req_id of the next request (keep counting across reconnects:
+    /// replayed frames carry earlier req_ids).
+    pub fn set_next_req_id(&mut self, id: u32) {
+        self.next_req_id = id.max(1);
+    }
+
+    /// The req_id the next request will carry.
+    pub fn next_req_id(&self) -> u32 {
+        self.next_req_id
     }
 
     /// The raw socket, for tests that write bytes of their own.
@@ -155,6 +170,35 @@ impl Client {
             resume_point: first.header.seq,
             gap: first.header.code == u16::from(Code::GAP),
             response,
+        })
+    }
+
+    /// Resume with `token` from `last` (the highest seq received in order).
+    /// On success `SESSION` carried R = `last` and a new token (the old one
+    /// no longer works); the missed frames follow and arrive through
+    /// [`Client::recv`] in order. An `ERROR` (`RESUME_REJECTED`,
+    /// `RESUME_GAP`) leaves the connection open for a login.
+    pub fn resume(&mut self, token: &[u8], last: u64) -> Result<LoggedIn, ClientError> {
+        let mut h = Header::new(Kind::Resume);
+        h.seq = last;
+        self.send(&h, token)?;
+        let f =
+            self.wait_for(|f| matches!(f.header.kind, Kind::Session | Kind::Error | Kind::Kick))?;
+        match f.header.kind {
+            Kind::Error => return Err(ClientError::ResumeRefused(f.header.code)),
+            Kind::Kick => return Err(ClientError::Kicked(f.header.code)),
+            _ => {}
+        }
+        let (player, token) = parse_session_body(&f.body)
+            .ok_or_else(|| ClientError::Unexpected(Box::new(f.clone())))?;
+        let token = token.to_vec();
+        self.last_seq = f.header.seq;
+        Ok(LoggedIn {
+            player,
+            token,
+            resume_point: f.header.seq,
+            gap: f.header.code == u16::from(Code::GAP),
+            response: f,
         })
     }
 
@@ -250,6 +294,15 @@ impl Client {
         self.last_seq = f.header.seq;
         Ok(())
     }
+}
+
+/// A random first req_id: replayed frames carry the req_ids of earlier
+/// connections, so a new connection must not count from 1 again (a real
+/// client keeps its counter across reconnects; this one starts at random).
+fn first_req_id() -> u32 {
+    let mut b = [0u8; 4];
+    let _ = getrandom::getrandom(&mut b);
+    u32::from_be_bytes(b).max(1)
 }
 
 /// The name of a gateway code, or the number for an application code.

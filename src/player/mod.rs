@@ -1,24 +1,44 @@
 //! A player as its home shard holds it: the sequence counter, the highest
-//! acknowledged seq, the reconnect token and the session currently bound.
+//! acknowledged seq, the outbox of unacknowledged frames, the reconnect
+//! token, the session bound now and since when it has none (linger).
 //!
-//! Plain data driven by calls; the shard's player table owns every `Player`.
+//! Plain data driven by calls with `now` passed in; the shard's player
+//! table owns every `Player`.
 
+pub mod outbox;
+
+pub use outbox::Outbox;
+
+use crate::protocol::{encode, frame_len, Header};
 use crate::session::SessionId;
+use bytes::{Bytes, BytesMut};
+use std::time::{Duration, Instant};
+use subtle::ConstantTimeEq;
 
-/// Length of a reconnect token in bytes (128 bits).
-pub const TOKEN_LEN: usize = 16;
+/// Bytes of the secret part of a reconnect token (128 bits).
+pub const SECRET_LEN: usize = 16;
+/// Bytes of a reconnect token: the player id (u64, big-endian) that names
+/// the player, then the secret.
+pub const TOKEN_LEN: usize = 8 + SECRET_LEN;
 
-#[derive(Debug, Clone)]
-pub struct Player {
-    pub id: u64,
-    /// Last seq assigned to a frame for this player (0: none yet).
-    seq: u64,
-    /// Highest seq the client acknowledged.
-    acked: u64,
-    /// The session bound to the player now, if any.
-    pub session: Option<SessionId>,
-    /// The current reconnect token.
-    pub token: [u8; TOKEN_LEN],
+/// The player named by a token, if it has a token's shape.
+pub fn token_player(token: &[u8]) -> Option<u64> {
+    if token.len() != TOKEN_LEN {
+        return None;
+    }
+    let (id, _) = token.split_first_chunk::<8>()?;
+    Some(u64::from_be_bytes(*id)).filter(|&p| p != 0)
+}
+
+/// Why a resume cannot be served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ResumeError {
+    #[error("invalid or expired token")]
+    Rejected,
+    #[error("frames after seq {0} were evicted")]
+    Gap(u64),
+    #[error("resume from seq {last_client} beyond the last seq sent ({last_sent})")]
+    Beyond { last_client: u64, last_sent: u64 },
 }
 
 /// An acknowledgement beyond the last seq sent: the client is lying or broken.
@@ -29,21 +49,34 @@ pub struct AckBeyond {
     pub last: u64,
 }
 
+#[derive(Debug, Clone)]
+pub struct Player {
+    pub id: u64,
+    /// Last seq assigned (0: none yet).
+    seq: u64,
+    /// Highest seq the client acknowledged.
+    acked: u64,
+    pub outbox: Outbox,
+    /// The session bound to the player now, if any.
+    pub session: Option<SessionId>,
+    /// When the player lost its last session (None while it has one).
+    pub detached_since: Option<Instant>,
+    secret: [u8; SECRET_LEN],
+    token_expires: Instant,
+}
+
 impl Player {
-    pub fn new(id: u64, token: [u8; TOKEN_LEN]) -> Player {
+    pub fn new(id: u64, max_frames: usize, max_bytes: usize, now: Instant) -> Player {
         Player {
             id,
             seq: 0,
             acked: 0,
+            outbox: Outbox::new(max_frames, max_bytes),
             session: None,
-            token,
+            detached_since: Some(now),
+            secret: [0; SECRET_LEN],
+            token_expires: now,
         }
-    }
-
-    /// Take the next seq for a frame to this player: 1, 2, 3 ...
-    pub fn take_seq(&mut self) -> u64 {
-        self.seq += 1;
-        self.seq
     }
 
     /// Last seq assigned (what PONG reports).
@@ -51,13 +84,26 @@ impl Player {
         self.seq
     }
 
-    /// Highest acknowledged seq (the resume point of a fresh login).
+    /// Highest acknowledged seq.
     pub fn acked(&self) -> u64 {
         self.acked
     }
 
-    /// Record that the client holds every seq <= `seq`. Stale acks are
-    /// ignored; an ack of a seq never sent is an error.
+    /// Give `h` the next seq, encode the frame and keep it in the outbox.
+    /// Returns the encoded frame (to queue to the session, if any) and
+    /// how many old frames the outbox evicted for it.
+    pub fn sequence(&mut self, mut h: Header, body: &[u8]) -> (Bytes, usize) {
+        self.seq += 1;
+        h.seq = self.seq;
+        let mut buf = BytesMut::with_capacity(frame_len(body.len()));
+        encode(&mut buf, &h, body);
+        let frame = buf.freeze();
+        let evicted = self.outbox.push(self.seq, frame.clone());
+        (frame, evicted)
+    }
+
+    /// Record that the client holds every seq <= `seq`; frees the outbox.
+    /// Stale acks are ignored; an ack of a seq never sent is an error.
     pub fn ack(&mut self, seq: u64) -> Result<(), AckBeyond> {
         if seq > self.seq {
             return Err(AckBeyond {
@@ -65,27 +111,183 @@ impl Player {
                 last: self.seq,
             });
         }
-        self.acked = self.acked.max(seq);
+        if seq > self.acked {
+            self.acked = seq;
+            self.outbox.ack(seq);
+        }
         Ok(())
+    }
+
+    /// A fresh token (single use: the previous one stops working).
+    pub fn issue_token(
+        &mut self,
+        secret: [u8; SECRET_LEN],
+        now: Instant,
+        lifetime: Duration,
+    ) -> [u8; TOKEN_LEN] {
+        self.secret = secret;
+        self.token_expires = now + lifetime;
+        let mut t = [0u8; TOKEN_LEN];
+        t[..8].copy_from_slice(&self.id.to_be_bytes());
+        t[8..].copy_from_slice(&secret);
+        t
+    }
+
+    /// The current token and when it expires (for snapshots).
+    pub fn token(&self) -> ([u8; SECRET_LEN], Instant) {
+        (self.secret, self.token_expires)
+    }
+
+    /// Whether `token` is this player's current, unexpired token. The
+    /// secret is compared in constant time.
+    pub fn token_valid(&self, token: &[u8], now: Instant) -> bool {
+        let Some((id, secret)) = token.split_first_chunk::<8>() else {
+            return false;
+        };
+        let id_ok = u64::from_be_bytes(*id) == self.id;
+        let secret_ok: bool = secret.ct_eq(&self.secret).into();
+        id_ok & secret_ok & (secret.len() == SECRET_LEN) & (now < self.token_expires)
+    }
+
+    /// Check a resume from `last` (the client's highest seq) with `token`;
+    /// on success the client's ack is recorded and the outbox holds
+    /// exactly the frames to replay (`last + 1 ..`).
+    pub fn resume(&mut self, token: &[u8], last: u64, now: Instant) -> Result<(), ResumeError> {
+        if !self.token_valid(token, now) {
+            return Err(ResumeError::Rejected);
+        }
+        if last > self.seq {
+            return Err(ResumeError::Beyond {
+                last_client: last,
+                last_sent: self.seq,
+            });
+        }
+        if !self.outbox.holds_after(last, self.seq) {
+            return Err(ResumeError::Gap(last));
+        }
+        // last <= seq was checked: the ack cannot fail.
+        let _ = self.ack(last);
+        Ok(())
+    }
+
+    /// The resume point of a fresh login: R and whether frames were lost.
+    /// R is the last acknowledged seq, or the seq before the oldest
+    /// retained frame when frames after the ack were evicted.
+    pub fn login_point(&self) -> (u64, bool) {
+        let evicted = self.outbox.evicted_through();
+        if evicted > self.acked {
+            (evicted, true)
+        } else {
+            (self.acked, false)
+        }
+    }
+
+    /// Bind a session (clears the linger clock).
+    pub fn attach(&mut self, sid: SessionId) -> Option<SessionId> {
+        self.detached_since = None;
+        self.session.replace(sid)
+    }
+
+    /// The session `sid` is gone; if it was the bound one, linger from `now`.
+    pub fn detach(&mut self, sid: SessionId, now: Instant) {
+        if self.session == Some(sid) {
+            self.session = None;
+            self.detached_since = Some(now);
+        }
+    }
+
+    /// Whether the player has lingered without a session past `linger`.
+    pub fn expired(&self, now: Instant, linger: Duration) -> bool {
+        self.detached_since
+            .is_some_and(|t| now.saturating_duration_since(t) >= linger)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::Kind;
+
+    fn player() -> (Player, Instant) {
+        let now = Instant::now();
+        (Player::new(7, 4, 1 << 20, now), now)
+    }
+
+    fn push(p: &mut Player, n: usize) {
+        for _ in 0..n {
+            p.sequence(Header::new(Kind::Push), b"x");
+        }
+    }
 
     #[test]
-    fn seqs_are_gap_free_and_acks_monotonic() {
-        let mut p = Player::new(7, [0; TOKEN_LEN]);
-        assert_eq!(
-            (1..=5).map(|_| p.take_seq()).collect::<Vec<_>>(),
-            vec![1, 2, 3, 4, 5]
-        );
-        assert_eq!(p.last_seq(), 5);
-        assert_eq!(p.ack(3), Ok(()));
+    fn seqs_are_gap_free_and_acks_free_the_outbox() {
+        let (mut p, _) = player();
+        push(&mut p, 3);
+        assert_eq!((p.last_seq(), p.outbox.len()), (3, 3));
         assert_eq!(p.ack(2), Ok(()));
-        assert_eq!(p.acked(), 3);
-        assert_eq!(p.ack(6), Err(AckBeyond { acked: 6, last: 5 }));
-        assert_eq!(p.acked(), 3);
+        assert_eq!(p.ack(1), Ok(()));
+        assert_eq!((p.acked(), p.outbox.len()), (2, 1));
+        assert_eq!(p.ack(4), Err(AckBeyond { acked: 4, last: 3 }));
+    }
+
+    #[test]
+    fn tokens_are_single_use_and_expire() {
+        let (mut p, now) = player();
+        let life = Duration::from_secs(10);
+        let t1 = p.issue_token([1; SECRET_LEN], now, life);
+        assert_eq!(token_player(&t1), Some(7));
+        assert!(p.token_valid(&t1, now));
+        assert!(!p.token_valid(&t1, now + life), "expired");
+        let t2 = p.issue_token([2; SECRET_LEN], now, life);
+        assert!(!p.token_valid(&t1, now), "the old token stops working");
+        assert!(p.token_valid(&t2, now));
+        let mut forged = t2;
+        forged[TOKEN_LEN - 1] ^= 1;
+        assert!(!p.token_valid(&forged, now));
+        let mut other = t2;
+        other[7] = 8;
+        assert!(!p.token_valid(&other, now), "names another player");
+        assert!(!p.token_valid(&t2[..TOKEN_LEN - 1], now));
+        assert_eq!(token_player(&t2[..3]), None);
+    }
+
+    #[test]
+    fn resume_rules() {
+        let (mut p, now) = player();
+        let t = p.issue_token([3; SECRET_LEN], now, Duration::from_secs(60));
+        push(&mut p, 3);
+        assert_eq!(
+            p.resume(&t, 4, now),
+            Err(ResumeError::Beyond {
+                last_client: 4,
+                last_sent: 3
+            })
+        );
+        assert_eq!(
+            p.resume(&[0; TOKEN_LEN], 1, now),
+            Err(ResumeError::Rejected)
+        );
+        assert_eq!(p.resume(&t, 1, now), Ok(()));
+        assert_eq!(p.outbox.after(1).count(), 2);
+        // Outbox of 4 frames: push 4 more, seq 2..3 evicted.
+        push(&mut p, 4);
+        assert_eq!(p.outbox.first_seq(), Some(4));
+        assert_eq!(p.resume(&t, 1, now), Err(ResumeError::Gap(1)));
+        assert_eq!(p.login_point(), (3, true));
+        assert_eq!(p.resume(&t, 3, now), Ok(()));
+        assert_eq!(p.login_point(), (3, false));
+    }
+
+    #[test]
+    fn linger_clock() {
+        let (mut p, now) = player();
+        assert!(p.expired(now + Duration::from_secs(5), Duration::from_secs(5)));
+        assert_eq!(p.attach(11), None);
+        assert!(!p.expired(now + Duration::from_secs(99), Duration::from_secs(5)));
+        p.detach(12, now);
+        assert_eq!(p.session, Some(11), "another session's end changes nothing");
+        p.detach(11, now);
+        assert!(!p.expired(now + Duration::from_secs(4), Duration::from_secs(5)));
+        assert!(p.expired(now + Duration::from_secs(5), Duration::from_secs(5)));
     }
 }

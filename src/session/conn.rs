@@ -3,9 +3,10 @@
 //! output in batches, and the hand-off of a logged-in connection to its
 //! player's home shard (the fd moves with the bytes already read).
 
+use crate::net::Slot;
 use crate::net::{Outbound, SharedStream};
 use crate::session::SessionId;
-use crate::shard::{release_connection, Control, Handoff, LoginReply, ShardCtx, ShardMsg};
+use crate::shard::{Arrival, Control, Handoff, ShardCtx, ShardMsg};
 use bytes::BytesMut;
 use glommio::net::TcpStream;
 use std::net::SocketAddr;
@@ -23,21 +24,18 @@ const CLOSE_FLUSH: Duration = Duration::from_secs(2);
 /// How a read loop ended.
 enum End {
     Close,
-    Handoff {
-        home: usize,
-        player: u64,
-        reply: LoginReply,
-    },
+    Handoff { home: usize, arrival: Arrival },
 }
 
 /// Serve one client connection on this shard until it closes or moves.
 /// `arrived` is set for a connection handed over by another shard.
 pub async fn serve(
     ctx: Rc<ShardCtx>,
+    slot: Slot,
     stream: TcpStream,
     peer: SocketAddr,
     mut buf: BytesMut,
-    arrived: Option<(u64, LoginReply)>,
+    arrived: Option<Arrival>,
 ) {
     let _ = stream.set_nodelay(true);
     let stream = SharedStream::new(stream);
@@ -48,8 +46,8 @@ pub async fn serve(
         let (out, stream) = (out.clone(), stream.clone());
         glommio::spawn_local(async move { out.run_writer(stream).await })
     };
-    match &arrived {
-        Some((player, reply)) => ctx.accept_handoff(sid, *player, reply.clone()),
+    match arrived {
+        Some(arrival) => ctx.accept_handoff(sid, arrival),
         None => tracing::debug!(session = sid, %peer, shard = ctx.id, "accept"),
     }
     let end = read_loop(&ctx, sid, &stream, &mut buf, &ctl).await;
@@ -65,14 +63,10 @@ pub async fn serve(
                 let _ = shutdown_write(&stream);
             }
             ctx.remove_session(sid);
-            release_connection(&ctx.connections);
+            drop(slot);
             tracing::debug!(session = sid, %peer, "closed");
         }
-        End::Handoff {
-            home,
-            player,
-            reply,
-        } => {
+        End::Handoff { home, arrival } => {
             // Everything already queued goes out from here first.
             out.close();
             let flushed = futures_lite::future::or(async { writer.await.is_ok() }, async {
@@ -80,26 +74,30 @@ pub async fn serve(
                 false
             })
             .await;
+            // A kick while the output flushed (idle, shutdown) wins: close.
+            let kicked = ctx.is_closing(sid);
             ctx.remove_session(sid);
-            let fd = if flushed { dup_fd(&stream) } else { None };
+            let fd = if flushed && !kicked {
+                dup_fd(&stream)
+            } else {
+                None
+            };
             drop(stream);
             let Some(fd) = fd else {
-                tracing::info!(session = sid, %peer, "hand-off abandoned: output not flushed");
-                release_connection(&ctx.connections);
+                tracing::info!(session = sid, %peer, kicked, "hand-off abandoned");
                 return;
             };
             ctx.stats.handoffs_out.set(ctx.stats.handoffs_out.get() + 1);
             let msg = ShardMsg::Handoff(Box::new(Handoff {
                 fd,
+                slot,
                 peer,
                 leftover: buf,
-                player,
-                reply,
+                arrival,
             }));
-            if ctx.mesh.send(home, msg).is_err() {
-                // The home shard is gone (stopping): the fd closes with the message.
-                release_connection(&ctx.connections);
-            }
+            // If the home shard is gone (stopping), the message is dropped
+            // and with it the fd and the slot.
+            let _ = ctx.mesh.send(home, msg);
         }
     }
 }
@@ -128,13 +126,13 @@ pub fn adopt(ctx: Rc<ShardCtx>, h: Handoff) {
     use std::os::fd::IntoRawFd;
     // SAFETY: the fd is a connected TCP socket whose ownership the message carried.
     let stream = unsafe { TcpStream::from_raw_fd(h.fd.into_raw_fd()) };
-    let player = h.player;
     glommio::spawn_local(serve(
         ctx,
+        h.slot,
         stream,
         h.peer,
         h.leftover,
-        Some((player, h.reply)),
+        Some(h.arrival),
     ))
     .detach();
 }
@@ -152,17 +150,7 @@ async fn read_loop(
         match ctx.control(sid) {
             Control::Continue => {}
             Control::Close => return End::Close,
-            Control::Handoff {
-                home,
-                player,
-                reply,
-            } => {
-                return End::Handoff {
-                    home,
-                    player,
-                    reply,
-                }
-            }
+            Control::Handoff { home, arrival } => return End::Handoff { home, arrival },
             Control::Pause => {
                 ctl.notified().await;
                 continue;

@@ -22,6 +22,8 @@ pub enum State {
     /// The backend accepted the login; the session waits for its other
     /// requests to finish, then is bound to the player on its home shard.
     Binding { player: u64 },
+    /// A RESUME is being served (on the player's home shard).
+    Resuming,
     /// Bound to a player.
     Authenticated { player: u64 },
     /// Going away: no new work.
@@ -91,7 +93,7 @@ impl Session {
                     self.state = State::Authenticating;
                     Decision::Forward { login: true }
                 }
-                State::Authenticating | State::Binding { .. } => {
+                State::Authenticating | State::Binding { .. } | State::Resuming => {
                     Decision::Reply(Code::LoginInProgress)
                 }
                 State::Authenticated { .. } => Decision::Reply(Code::AlreadyAuthenticated),
@@ -119,6 +121,33 @@ impl Session {
                 self.state = State::Connected;
                 false
             }
+        }
+    }
+
+    /// A RESUME arrived. `Forward` = serve it (the session is now
+    /// resuming); `Reply` = answer `ERROR` with the code; `Ignore` = closing.
+    pub fn on_resume(&mut self) -> Decision {
+        match self.state {
+            State::Connected => {
+                self.state = State::Resuming;
+                Decision::Forward { login: false }
+            }
+            State::Closing => Decision::Ignore,
+            _ => Decision::Reply(Code::ResumeRejected),
+        }
+    }
+
+    /// A session that arrives from another shard to resume.
+    pub fn resuming() -> Session {
+        Session {
+            state: State::Resuming,
+        }
+    }
+
+    /// The resume failed: back to logged out (the client may log in).
+    pub fn resume_failed(&mut self) {
+        if self.state == State::Resuming {
+            self.state = State::Connected;
         }
     }
 
@@ -210,6 +239,30 @@ mod tests {
         assert_eq!(s.on_request(Some(&game)), Decision::Ignore);
         s.bind(42);
         assert!(s.is_closing());
+    }
+
+    #[test]
+    fn resume_only_from_a_logged_out_session() {
+        let mut s = Session::new();
+        assert_eq!(s.on_resume(), Decision::Forward { login: false });
+        assert_eq!(s.state(), State::Resuming);
+        assert_eq!(s.on_resume(), Decision::Reply(Code::ResumeRejected));
+        assert_eq!(
+            s.on_request(Some(&route(false, true))),
+            Decision::Reply(Code::LoginInProgress)
+        );
+        s.resume_failed();
+        assert_eq!(s.state(), State::Connected);
+        s.bind(3);
+        assert_eq!(s.on_resume(), Decision::Reply(Code::ResumeRejected));
+        let mut t = Session::new();
+        assert_eq!(
+            t.on_request(Some(&route(false, true))),
+            Decision::Forward { login: true }
+        );
+        assert_eq!(t.on_resume(), Decision::Reply(Code::ResumeRejected));
+        t.close();
+        assert_eq!(t.on_resume(), Decision::Ignore);
     }
 
     #[test]
