@@ -272,6 +272,9 @@ async fn run_shard(
                     .await;
                 match msg {
                     Some(ShardMsg::Handoff(h)) => crate::session::conn::adopt(ctx.clone(), *h),
+                    Some(ShardMsg::PlayerInfo { player, reply }) => {
+                        let _ = reply.try_send(ctx.player_info(player));
+                    }
                     None => break,
                 }
             }

@@ -28,6 +28,11 @@ use std::time::Instant;
 pub enum ShardMsg {
     /// A connection moving to its player's home shard.
     Handoff(Box<Handoff>),
+    /// Ask the home shard of `player` for its state.
+    PlayerInfo {
+        player: u64,
+        reply: flume::Sender<Option<PlayerInfo>>,
+    },
 }
 
 /// The login answer that completes a login on the home shard.

@@ -96,3 +96,58 @@ impl Drop for Harness {
         }
     }
 }
+
+/// One HTTP request with `Connection: close`; returns (status, body).
+pub fn http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect http");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).expect("write head");
+    s.write_all(body).expect("write body");
+    let mut raw = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&raw).to_string();
+        if let Some(end) = text.find("\r\n\r\n") {
+            let len: Option<usize> = text[..end]
+                .lines()
+                .find_map(|l| l.strip_prefix("Content-Length: "))
+                .and_then(|v| v.trim().parse().ok());
+            if let Some(len) = len {
+                if raw.len() >= end + 4 + len {
+                    let status = text
+                        .split_whitespace()
+                        .nth(1)
+                        .and_then(|s| s.parse().ok())
+                        .expect("status");
+                    return (status, text[end + 4..end + 4 + len].to_string());
+                }
+            }
+        }
+        match s.read(&mut chunk) {
+            Ok(0) | Err(_) => panic!("http connection closed early: {text:?}"),
+            Ok(n) => raw.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+impl Harness {
+    pub fn http_addr(&self) -> SocketAddr {
+        self.gateway.as_ref().map(|g| g.http_addr).expect("running")
+    }
+
+    /// The player's state from `GET /v1/players/{id}`, or None on 404.
+    pub fn player(&self, id: u64) -> Option<serde_json::Value> {
+        let (status, body) = http(self.http_addr(), "GET", &format!("/v1/players/{id}"), b"");
+        match status {
+            200 => Some(serde_json::from_str(&body).expect("json")),
+            404 => None,
+            other => panic!("GET /v1/players/{id}: {other} {body}"),
+        }
+    }
+}
