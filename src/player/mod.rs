@@ -290,4 +290,71 @@ mod tests {
         assert!(!p.expired(now + Duration::from_secs(4), Duration::from_secs(5)));
         assert!(p.expired(now + Duration::from_secs(5), Duration::from_secs(5)));
     }
+
+    mod model {
+        use super::*;
+        use proptest::prelude::*;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            Send(usize),
+            Ack(u64),
+            Resume(u64),
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                4 => (0usize..300).prop_map(Op::Send),
+                2 => (0u64..60).prop_map(Op::Ack),
+                1 => (0u64..60).prop_map(Op::Resume),
+            ]
+        }
+
+        proptest! {
+            /// Whatever happens, the outbox holds consecutive seqs within its
+            /// bounds, and a resume that succeeds replays exactly last+1..=seq.
+            #[test]
+            fn outbox_and_resume_invariants(ops in proptest::collection::vec(op(), 1..200),
+                                            max_frames in 1usize..20, max_bytes in 24usize..2000) {
+                let now = Instant::now();
+                let mut p = Player::new(9, max_frames, max_bytes, now);
+                let token = p.issue_token([5; SECRET_LEN], now, Duration::from_secs(60));
+                for op in ops {
+                    match op {
+                        Op::Send(n) => { p.sequence(Header::new(Kind::Push), &vec![1u8; n]); }
+                        Op::Ack(s) => {
+                            let r = p.ack(s);
+                            prop_assert_eq!(r.is_ok(), s <= p.last_seq());
+                        }
+                        Op::Resume(l) => {
+                            let before = p.clone();
+                            match p.resume(&token, l, now) {
+                                Ok(()) => {
+                                    let seqs: Vec<u64> = p.outbox.iter().map(|(s, _)| s).collect();
+                                    let want: Vec<u64> = (l + 1..=p.last_seq()).collect();
+                                    prop_assert_eq!(seqs, want);
+                                }
+                                Err(ResumeError::Beyond { .. }) => prop_assert!(l > before.last_seq()),
+                                Err(ResumeError::Gap(_)) => {
+                                    prop_assert!(before.outbox.evicted_through() > l || l < before.acked()
+                                        || before.outbox.first_seq().is_some_and(|f| f > l + 1));
+                                }
+                                Err(ResumeError::Rejected) => prop_assert!(false, "valid token refused"),
+                            }
+                        }
+                    }
+                    let seqs: Vec<u64> = p.outbox.iter().map(|(s, _)| s).collect();
+                    prop_assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "consecutive");
+                    prop_assert!(p.outbox.len() <= max_frames);
+                    prop_assert!(p.outbox.bytes() <= max_bytes);
+                    prop_assert_eq!(p.outbox.bytes(), p.outbox.iter().map(|(_, f)| f.len()).sum::<usize>());
+                    if let Some(last) = seqs.last() { prop_assert_eq!(*last, p.last_seq()); }
+                    prop_assert!(seqs.first().is_none_or(|f| *f > p.acked()));
+                    let (r, gap) = p.login_point();
+                    prop_assert!(seqs.first().is_none_or(|f| *f == r + 1) || seqs.is_empty());
+                    prop_assert_eq!(gap, p.outbox.evicted_through() > p.acked());
+                }
+            }
+        }
+    }
 }
