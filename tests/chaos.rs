@@ -227,7 +227,7 @@ impl PlayerRun {
         }
         let mut answered: HashMap<u32, u64> = HashMap::new();
         for (seq, (req_id, body)) in &self.stream {
-            if *seq == 1 || self.sent.get(req_id).is_none() {
+            if *seq == 1 || !self.sent.contains_key(req_id) {
                 continue; // login responses
             }
             if let Some(first) = answered.insert(*req_id, *seq) {
