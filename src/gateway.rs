@@ -191,8 +191,9 @@ async fn run_shard(
         mesh,
         stop.clone(),
         connections,
+        http_conns,
     ));
-    let http_task = glommio::spawn_local(run_http(ctx.clone(), http_listener, http_conns));
+    let http_task = glommio::spawn_local(run_http(ctx.clone(), http_listener));
 
     // Backend connections.
     let mut backend_tasks = Vec::new();
@@ -275,6 +276,34 @@ async fn run_shard(
                     Some(ShardMsg::PlayerInfo { player, reply }) => {
                         let _ = reply.try_send(ctx.player_info(player));
                     }
+                    Some(ShardMsg::Push {
+                        players,
+                        msg_id,
+                        body,
+                        reply,
+                    }) => {
+                        let _ = reply.try_send(ctx.push(&players, msg_id, &body));
+                    }
+                    Some(ShardMsg::Broadcast {
+                        msg_id,
+                        body,
+                        reply,
+                    }) => {
+                        let _ = reply.try_send(ctx.broadcast(msg_id, &body));
+                    }
+                    Some(ShardMsg::Kick { player, reply }) => {
+                        let _ = reply.try_send(ctx.admin_kick(player));
+                    }
+                    Some(ShardMsg::ListPlayers {
+                        after,
+                        limit,
+                        reply,
+                    }) => {
+                        let _ = reply.try_send(ctx.list_players(after, limit));
+                    }
+                    Some(ShardMsg::Metrics { reply }) => {
+                        let _ = reply.try_send(ctx.snapshot());
+                    }
                     None => break,
                 }
             }
@@ -349,7 +378,8 @@ async fn run_shard(
 
 /// Accept HTTP connections on this shard until stopped; at most
 /// `http.max_connections` open in the whole gateway.
-async fn run_http(ctx: Rc<ShardCtx>, listener: glommio::net::TcpListener, open: Arc<AtomicUsize>) {
+async fn run_http(ctx: Rc<ShardCtx>, listener: glommio::net::TcpListener) {
+    let open = ctx.http_connections.clone();
     let h = ctx.cfg.http;
     let limits = crate::http::HttpLimits {
         head_timeout: h.head_timeout,

@@ -25,6 +25,7 @@ pub mod demo;
 pub mod gateway;
 pub mod http;
 pub mod limits;
+pub mod metrics;
 pub mod net;
 pub mod player;
 pub mod protocol;

@@ -33,6 +33,53 @@ pub enum ShardMsg {
         player: u64,
         reply: flume::Sender<Option<PlayerInfo>>,
     },
+    /// One PUSH to each of `players` (all homed on the receiving shard).
+    Push {
+        players: Vec<u64>,
+        msg_id: u32,
+        body: Bytes,
+        reply: flume::Sender<PushCounts>,
+    },
+    /// One PUSH to every player the receiving shard holds.
+    Broadcast {
+        msg_id: u32,
+        body: Bytes,
+        reply: flume::Sender<PushCounts>,
+    },
+    /// `KICK ADMIN` to the session of `player`.
+    Kick {
+        player: u64,
+        reply: flume::Sender<bool>,
+    },
+    /// Up to `limit` players with id > `after`, ascending.
+    ListPlayers {
+        after: u64,
+        limit: usize,
+        reply: flume::Sender<Vec<PlayerInfo>>,
+    },
+    /// The shard's metrics now.
+    Metrics {
+        reply: flume::Sender<crate::metrics::Snapshot>,
+    },
+}
+
+/// What a push did, player by player (PROTOCOL.md section 5).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PushCounts {
+    /// Players with a live session: the frame is queued to it.
+    pub delivered: u64,
+    /// Players held without a session: the frame waits in the outbox.
+    pub cached: u64,
+    /// Players not held here: dropped.
+    pub offline: u64,
+}
+
+impl PushCounts {
+    pub fn add(&mut self, o: PushCounts) {
+        self.delivered += o.delivered;
+        self.cached += o.cached;
+        self.offline += o.offline;
+    }
 }
 
 /// The login answer that completes a login on the home shard.
@@ -151,7 +198,10 @@ pub struct ShardCtx {
     /// Open client connections of the whole gateway (once per connect and
     /// close, never per frame).
     pub connections: Arc<AtomicUsize>,
+    /// Open HTTP connections of the whole gateway.
+    pub http_connections: Arc<AtomicUsize>,
     pub stats: Stats,
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl ShardCtx {
@@ -162,6 +212,7 @@ impl ShardCtx {
         mesh: shards::Mesh<ShardMsg>,
         stop: shards::StopToken,
         connections: Arc<AtomicUsize>,
+        http_connections: Arc<AtomicUsize>,
     ) -> ShardCtx {
         let router = Router::new(&cfg);
         let services = router
@@ -187,7 +238,9 @@ impl ShardCtx {
             players: RefCell::new(HashMap::new()),
             next_session: Cell::new(1),
             connections,
+            http_connections,
             stats: Stats::default(),
+            metrics: Default::default(),
             cfg,
         }
     }
@@ -360,6 +413,7 @@ impl ShardCtx {
     /// is bound to a player, seq 0 before login.
     fn respond(&self, sid: SessionId, req_id: u32, msg_id: u32, code: u16, body: &[u8]) {
         bump(&self.stats.responses);
+        self.metrics.response(self.router.slot(msg_id), code);
         let h = Header {
             kind: Kind::Response,
             flags: 0,
@@ -400,6 +454,7 @@ impl ShardCtx {
                 return;
             }
             bump(&self.stats.kicks);
+            self.metrics.kick(code.into());
             tracing::info!(session = sid, peer = %e.peer, ?player, reason = code.name(), "kick");
             if code == Code::SlowConsumer {
                 e.out.discard();
@@ -536,6 +591,7 @@ impl ShardCtx {
 
     fn on_request(&self, sid: SessionId, h: &Header, body: Bytes) {
         bump(&self.stats.requests);
+        self.metrics.request(self.router.slot(h.msg_id));
         let route = self.router.lookup(h.msg_id);
         let (decision, player) = {
             let mut sessions = self.sessions.borrow_mut();
@@ -549,14 +605,7 @@ impl ShardCtx {
             Decision::Reply(code) => self.respond(sid, h.req_id, h.msg_id, code.into(), &[]),
             Decision::Forward { login } => {
                 let Some(route) = route else { return };
-                let pending = Pending {
-                    session: sid,
-                    player,
-                    req_id: h.req_id,
-                    msg_id: h.msg_id,
-                    login,
-                    ticket: 0,
-                };
+                let pending = Pending::new(sid, player, h.req_id, h.msg_id, login);
                 let sent = self.backends.send(route, h, &body, pending);
                 let mut sessions = self.sessions.borrow_mut();
                 let Some(e) = sessions.get_mut(&sid) else {
@@ -741,6 +790,176 @@ impl ShardCtx {
         }
     }
 
+    // ----- push and admin --------------------------------------------------
+
+    /// One PUSH to each of `players` (homed here). Every counted frame has
+    /// its seq when this returns.
+    pub fn push(&self, players: &[u64], msg_id: u32, body: &[u8]) -> PushCounts {
+        let mut counts = PushCounts::default();
+        let mut h = Header::new(Kind::Push);
+        h.msg_id = msg_id;
+        for &player in players {
+            let online = self
+                .players
+                .borrow()
+                .get(&player)
+                .map(|p| p.session.is_some());
+            match online {
+                None => counts.offline += 1,
+                Some(online) => {
+                    self.deliver(player, h, body);
+                    if online {
+                        counts.delivered += 1;
+                    } else {
+                        counts.cached += 1;
+                    }
+                }
+            }
+        }
+        self.metrics
+            .pushes(counts.delivered, counts.cached, counts.offline);
+        counts
+    }
+
+    /// One PUSH to every player held here.
+    pub fn broadcast(&self, msg_id: u32, body: &[u8]) -> PushCounts {
+        let mut ids: Vec<u64> = self.players.borrow().keys().copied().collect();
+        ids.sort_unstable();
+        self.push(&ids, msg_id, body)
+    }
+
+    /// `KICK ADMIN` to the player's session; false if it has none here.
+    pub fn admin_kick(&self, player: u64) -> bool {
+        let session = self.players.borrow().get(&player).and_then(|p| p.session);
+        match session {
+            Some(sid) => {
+                self.kick(sid, Code::Admin);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Up to `limit` players with id > `after`, ascending.
+    pub fn list_players(&self, after: u64, limit: usize) -> Vec<PlayerInfo> {
+        let mut ids: Vec<u64> = self
+            .players
+            .borrow()
+            .keys()
+            .copied()
+            .filter(|&id| id > after)
+            .collect();
+        ids.sort_unstable();
+        ids.truncate(limit);
+        ids.into_iter()
+            .filter_map(|id| self.player_info(id))
+            .collect()
+    }
+
+    /// The shard's metrics now.
+    pub fn snapshot(&self) -> crate::metrics::Snapshot {
+        use crate::session::State;
+        let mut s = crate::metrics::Snapshot {
+            shard: self.id,
+            ..Default::default()
+        };
+        for e in self.sessions.borrow().values() {
+            let i = match e.session.state() {
+                State::Connected => 0,
+                State::Authenticating => 1,
+                State::Binding { .. } => 2,
+                State::Resuming => 3,
+                State::Authenticated { .. } => 4,
+                State::Closing => 5,
+            };
+            s.sessions[i] += 1;
+        }
+        for p in self.players.borrow().values() {
+            if p.session.is_some() {
+                s.players_online += 1;
+            } else {
+                s.players_lingering += 1;
+            }
+            s.outbox_frames += p.outbox.len() as u64;
+            s.outbox_bytes += p.outbox.bytes() as u64;
+        }
+        let st = &self.stats;
+        let b = &self.backends;
+        s.counters = vec![
+            (
+                "accepted",
+                "Client connections accepted.",
+                st.accepted.get(),
+            ),
+            (
+                "refused_max_connections",
+                "Client connections refused by max_connections.",
+                st.refused_max_connections.get(),
+            ),
+            (
+                "handoffs_out",
+                "Connections handed to another shard.",
+                st.handoffs_out.get(),
+            ),
+            (
+                "handoffs_in",
+                "Connections received from another shard.",
+                st.handoffs_in.get(),
+            ),
+            ("logins_ok", "Logins accepted.", st.logins_ok.get()),
+            (
+                "logins_rejected",
+                "Logins rejected (by the backend or for lack of one).",
+                st.logins_rejected.get(),
+            ),
+            ("resumes_ok", "Resumes served.", st.resumes_ok.get()),
+            (
+                "resumes_rejected",
+                "Resumes refused: RESUME_REJECTED.",
+                st.resumes_rejected.get(),
+            ),
+            (
+                "resumes_gap",
+                "Resumes refused: RESUME_GAP.",
+                st.resumes_gap.get(),
+            ),
+            (
+                "protocol_errors",
+                "Connections closed for a protocol error.",
+                st.protocol_errors.get(),
+            ),
+            (
+                "evictions",
+                "Unacknowledged frames evicted from outboxes.",
+                st.evictions.get(),
+            ),
+            (
+                "players_expired",
+                "Players ended after player_linger without a session.",
+                st.players_expired.get(),
+            ),
+            (
+                "backend_unknown_answers",
+                "Backend answers to no pending request (dropped).",
+                b.unknown_answers.get(),
+            ),
+            (
+                "backend_timeouts",
+                "Requests answered TIMEOUT.",
+                b.timeouts.get(),
+            ),
+            (
+                "backend_failed_by_disconnect",
+                "Requests failed because their backend connection died.",
+                b.failed_by_disconnect.get(),
+            ),
+        ];
+        self.metrics.fill(&mut s);
+        s.mesh_backlog = self.mesh.stats().backlog;
+        (s.backends_up, s.backends_down) = b.health();
+        s
+    }
+
     /// A copy of a player's state, for the admin API and tests.
     pub fn player_info(&self, player: u64) -> Option<PlayerInfo> {
         let players = self.players.borrow();
@@ -773,6 +992,9 @@ pub struct PlayerInfo {
 
 impl AnswerSink for ShardCtx {
     fn on_answer(&self, p: Pending, a: Answer) {
+        if a.from_backend {
+            self.metrics.backend_latency(p.elapsed());
+        }
         if p.login {
             return self.on_login_answer(p, a);
         }
@@ -794,9 +1016,10 @@ impl AnswerSink for ShardCtx {
             // A request of a logged-in player: the answer belongs to the
             // player, whichever session it has now (or none: outbox).
             bump(&self.stats.responses);
+            self.metrics.response(self.router.slot(p.msg_id), a.code);
             self.deliver(p.player, h, &a.body);
         } else {
-            self.respond(p.session, p.req_id, a.msg_id, a.code, &a.body);
+            self.respond(p.session, p.req_id, p.msg_id, a.code, &a.body);
         }
     }
 }

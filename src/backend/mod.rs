@@ -33,11 +33,35 @@ pub struct Pending {
     pub login: bool,
     /// Unique per shard; tells a deadline entry from a reused req_id.
     pub(crate) ticket: u64,
+    /// When it was sent to the backend (for the latency histogram).
+    pub(crate) sent_at: Instant,
+}
+
+impl Pending {
+    /// A pending request for `session`; the pool fills in the rest.
+    pub fn new(session: SessionId, player: u64, req_id: u32, msg_id: u32, login: bool) -> Pending {
+        Pending {
+            session,
+            player,
+            req_id,
+            msg_id,
+            login,
+            ticket: 0,
+            sent_at: Instant::now(),
+        }
+    }
+
+    /// Time since it was sent.
+    pub fn elapsed(&self) -> Duration {
+        self.sent_at.elapsed()
+    }
 }
 
 /// What a backend (or the gateway on its behalf) answered.
 #[derive(Debug, Clone)]
 pub struct Answer {
+    /// From the backend itself (false: the gateway answered for it).
+    pub from_backend: bool,
     pub code: u16,
     pub msg_id: u32,
     pub player: u64,
@@ -48,6 +72,7 @@ impl Answer {
     /// A gateway error answer for `p`.
     pub fn error(p: &Pending, code: Code) -> Answer {
         Answer {
+            from_backend: false,
             code: code.into(),
             msg_id: p.msg_id,
             player: 0,
@@ -164,6 +189,19 @@ impl BackendPool {
     }
 
     /// Every (service, instance, connection), for starting their tasks.
+    /// (up, down) connection counts.
+    pub fn health(&self) -> (u64, u64) {
+        let mut up = 0;
+        let mut down = 0;
+        for c in self.services.iter().flatten() {
+            match c.state() {
+                ConnState::Up => up += 1,
+                _ => down += 1,
+            }
+        }
+        (up, down)
+    }
+
     pub fn connections(&self) -> Vec<(usize, usize, Rc<BackendConn>)> {
         self.services
             .iter()
@@ -197,6 +235,7 @@ impl BackendPool {
         let ticket = self.next_ticket.get();
         self.next_ticket.set(ticket + 1);
         pending.ticket = ticket;
+        pending.sent_at = Instant::now();
         conn.pending.borrow_mut().insert(req_id, pending);
         let h = Header {
             kind: Kind::Request,
@@ -377,6 +416,7 @@ async fn read_answers<S: AnswerSink>(
                     Some(p) => sink.on_answer(
                         p,
                         Answer {
+                            from_backend: true,
                             code: frame.header.code,
                             msg_id: frame.header.msg_id,
                             player: frame.header.seq,

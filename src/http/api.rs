@@ -1,58 +1,283 @@
-//! The endpoints of the push and admin API (PROTOCOL.md section 5).
+//! The endpoints of the push and admin API (PROTOCOL.md section 5, and the
+//! additions in docs/PROTOCOL.md).
+//!
+//! A request lands on any shard. What concerns players is split by home
+//! shard and sent over the mesh; the handler awaits the answers holding no
+//! shard state, so a shard is never blocked by another.
 
 use super::{Request, Response};
-use crate::shard::{PlayerInfo, ShardCtx, ShardMsg};
+use crate::metrics::Snapshot;
+use crate::shard::{PlayerInfo, PushCounts, ShardCtx, ShardMsg};
+use bytes::Bytes;
 use std::rc::Rc;
 use std::time::Duration;
+use subtle::ConstantTimeEq;
 
 /// How long a request waits for another shard's answer.
-const SHARD_REPLY: Duration = Duration::from_secs(5);
+const SHARD_REPLY: Duration = Duration::from_secs(10);
+/// Most players one listing page returns.
+pub const MAX_PAGE: usize = 1000;
 
-/// Answer one request on shard `ctx`.
+/// Answer one request on shard `ctx`, and count it.
 pub async fn handle(ctx: Rc<ShardCtx>, req: Request) -> Response {
-    let path = req.path.as_str();
-    if path == "/healthz" {
-        return match req.method.as_str() {
+    let resp = route(&ctx, req).await;
+    ctx.metrics.http(resp.status);
+    resp
+}
+
+async fn route(ctx: &ShardCtx, req: Request) -> Response {
+    if let Some(token) = &ctx.cfg.push_token {
+        let want = format!("Bearer {token}");
+        let got = req.authorization.as_deref().unwrap_or("");
+        let ok: bool = got.as_bytes().ct_eq(want.as_bytes()).into();
+        if !ok {
+            return Response::error(401, "missing or wrong Authorization: Bearer token");
+        }
+    }
+    let method = req.method.as_str();
+    match req.path.as_str() {
+        "/healthz" => match method {
             "GET" => Response::json(200, "{\"status\":\"ok\"}".into()),
             _ => Response::error(405, "use GET"),
-        };
+        },
+        "/metrics" => match method {
+            "GET" => metrics(ctx).await,
+            _ => Response::error(405, "use GET"),
+        },
+        "/v1/push" => match method {
+            "POST" => push(ctx, &req).await,
+            _ => Response::error(405, "use POST"),
+        },
+        "/v1/broadcast" => match method {
+            "POST" => broadcast(ctx, &req).await,
+            _ => Response::error(405, "use POST"),
+        },
+        "/v1/kick" => match method {
+            "POST" => kick(ctx, &req).await,
+            _ => Response::error(405, "use POST"),
+        },
+        "/v1/players" => match method {
+            "GET" => list_players(ctx, &req).await,
+            _ => Response::error(405, "use GET"),
+        },
+        path => match path.strip_prefix("/v1/players/") {
+            Some(id) if method == "GET" => match parse_player(id) {
+                Some(player) => match player_info(ctx, player).await {
+                    Ok(Some(info)) => Response::json(200, player_json(&info)),
+                    Ok(None) => Response::error(404, "no such player on this gateway"),
+                    Err(resp) => resp,
+                },
+                None => Response::error(400, "player id must be a positive integer"),
+            },
+            Some(_) => Response::error(405, "use GET"),
+            None => Response::error(404, "no such endpoint"),
+        },
     }
-    if let Some(id) = path.strip_prefix("/v1/players/") {
-        if req.method != "GET" {
-            return Response::error(405, "use GET");
+}
+
+fn parse_player(s: &str) -> Option<u64> {
+    s.parse::<u64>().ok().filter(|&p| p > 0)
+}
+
+fn parse_msg(req: &Request) -> Result<u32, Response> {
+    match req.param("msg") {
+        None | Some("") => Err(Response::error(400, "missing msg")),
+        Some(m) => m
+            .parse::<u32>()
+            .map_err(|_| Response::error(400, "msg must be an integer 0..=4294967295")),
+    }
+}
+
+/// Send `msg` to shard `to` and await its reply; `local` serves this shard.
+async fn ask<T: Send + 'static>(
+    ctx: &ShardCtx,
+    to: usize,
+    local: impl FnOnce() -> T,
+    msg: impl FnOnce(flume::Sender<T>) -> ShardMsg,
+) -> Result<T, Response> {
+    if to == ctx.id {
+        return Ok(local());
+    }
+    let (tx, rx) = flume::bounded(1);
+    if ctx.mesh.send(to, msg(tx)).is_err() {
+        return Err(Response::error(503, "a shard is stopping"));
+    }
+    futures_lite::future::or(async { rx.recv_async().await.ok() }, async {
+        glommio::timer::sleep(SHARD_REPLY).await;
+        None
+    })
+    .await
+    .ok_or_else(|| Response::error(503, "a shard did not answer in time"))
+}
+
+/// Ask every shard (this one locally); answers in shard order.
+async fn ask_all<T: Send + 'static>(
+    ctx: &ShardCtx,
+    local: impl Fn() -> T,
+    msg: impl Fn(flume::Sender<T>) -> ShardMsg,
+) -> Result<Vec<T>, Response> {
+    // Send to every peer first, then collect: the shards work in parallel.
+    let mut waiting = Vec::with_capacity(ctx.count);
+    for to in 0..ctx.count {
+        if to == ctx.id {
+            waiting.push(None);
+            continue;
         }
-        let Some(player) = id.parse::<u64>().ok().filter(|&p| p > 0) else {
-            return Response::error(400, "player id must be a positive integer");
-        };
-        return match player_info(&ctx, player).await {
-            Ok(Some(info)) => Response::json(200, player_json(&info)),
-            Ok(None) => Response::error(404, "no such player on this gateway"),
-            Err(resp) => resp,
-        };
+        let (tx, rx) = flume::bounded(1);
+        if ctx.mesh.send(to, msg(tx)).is_err() {
+            return Err(Response::error(503, "a shard is stopping"));
+        }
+        waiting.push(Some(rx));
     }
-    Response::error(404, "no such endpoint")
+    let mut out = Vec::with_capacity(ctx.count);
+    for w in waiting {
+        match w {
+            None => out.push(local()),
+            Some(rx) => {
+                let got = futures_lite::future::or(async { rx.recv_async().await.ok() }, async {
+                    glommio::timer::sleep(SHARD_REPLY).await;
+                    None
+                })
+                .await;
+                out.push(
+                    got.ok_or_else(|| Response::error(503, "a shard did not answer in time"))?,
+                );
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn counts_json(c: &PushCounts) -> String {
+    format!(
+        "{{\"delivered\":{},\"cached\":{},\"offline\":{}}}",
+        c.delivered, c.cached, c.offline
+    )
+}
+
+/// `POST /v1/push?players=1,2,3&msg=2001`
+async fn push(ctx: &ShardCtx, req: &Request) -> Response {
+    let msg_id = match parse_msg(req) {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
+    let Some(list) = req.param("players").filter(|l| !l.is_empty()) else {
+        return Response::error(400, "missing players");
+    };
+    let mut by_shard: Vec<Vec<u64>> = vec![Vec::new(); ctx.count];
+    let mut seen = std::collections::HashSet::new();
+    for item in list.split(',') {
+        let Some(player) = parse_player(item) else {
+            return Response::error(
+                400,
+                &format!("bad player id {item:?}: positive integers, comma-separated"),
+            );
+        };
+        if seen.insert(player) {
+            by_shard[shards::home_shard(player, ctx.count)].push(player);
+        }
+    }
+    // Everything is validated: from here on, frames get their seqs.
+    let body = req.body.clone();
+    let mut waiting = Vec::new();
+    let mut total = PushCounts::default();
+    for (to, players) in by_shard.into_iter().enumerate() {
+        if players.is_empty() {
+            continue;
+        }
+        if to == ctx.id {
+            total.add(ctx.push(&players, msg_id, &body));
+            continue;
+        }
+        let (tx, rx) = flume::bounded(1);
+        let m = ShardMsg::Push {
+            players,
+            msg_id,
+            body: body.clone(),
+            reply: tx,
+        };
+        if ctx.mesh.send(to, m).is_err() {
+            return Response::error(503, "a shard is stopping");
+        }
+        waiting.push(rx);
+    }
+    for rx in waiting {
+        let got = futures_lite::future::or(async { rx.recv_async().await.ok() }, async {
+            glommio::timer::sleep(SHARD_REPLY).await;
+            None
+        })
+        .await;
+        match got {
+            Some(c) => total.add(c),
+            None => {
+                return Response::error(
+                    503,
+                    "a shard did not answer in time; some players may have the push",
+                )
+            }
+        }
+    }
+    Response::json(200, counts_json(&total))
+}
+
+/// `POST /v1/broadcast?msg=2001`
+async fn broadcast(ctx: &ShardCtx, req: &Request) -> Response {
+    let msg_id = match parse_msg(req) {
+        Ok(m) => m,
+        Err(r) => return r,
+    };
+    let body: Bytes = req.body.clone();
+    let counts = ask_all(
+        ctx,
+        || ctx.broadcast(msg_id, &body),
+        |reply| ShardMsg::Broadcast {
+            msg_id,
+            body: body.clone(),
+            reply,
+        },
+    )
+    .await;
+    match counts {
+        Ok(all) => {
+            let mut total = PushCounts::default();
+            for c in all {
+                total.add(c);
+            }
+            Response::json(200, counts_json(&total))
+        }
+        Err(r) => r,
+    }
+}
+
+/// `POST /v1/kick?player=42`
+async fn kick(ctx: &ShardCtx, req: &Request) -> Response {
+    let Some(player) = req.param("player").and_then(parse_player) else {
+        return Response::error(400, "player must be a positive integer");
+    };
+    let home = shards::home_shard(player, ctx.count);
+    match ask(
+        ctx,
+        home,
+        || ctx.admin_kick(player),
+        |reply| ShardMsg::Kick { player, reply },
+    )
+    .await
+    {
+        Ok(kicked) => Response::json(200, format!("{{\"kicked\":{kicked}}}")),
+        Err(r) => r,
+    }
 }
 
 /// Ask the player's home shard (this one or another) for its state.
 async fn player_info(ctx: &ShardCtx, player: u64) -> Result<Option<PlayerInfo>, Response> {
     let home = shards::home_shard(player, ctx.count);
-    if home == ctx.id {
-        return Ok(ctx.player_info(player));
-    }
-    let (tx, rx) = flume::bounded(1);
-    if ctx
-        .mesh
-        .send(home, ShardMsg::PlayerInfo { player, reply: tx })
-        .is_err()
-    {
-        return Err(Response::error(503, "the player's shard is stopping"));
-    }
-    let answer = futures_lite::future::or(async { rx.recv_async().await.ok() }, async {
-        glommio::timer::sleep(SHARD_REPLY).await;
-        None
-    })
-    .await;
-    answer.ok_or_else(|| Response::error(503, "the player's shard did not answer"))
+    ask(
+        ctx,
+        home,
+        || ctx.player_info(player),
+        |reply| ShardMsg::PlayerInfo { player, reply },
+    )
+    .await
 }
 
 fn player_json(p: &PlayerInfo) -> String {
@@ -60,4 +285,69 @@ fn player_json(p: &PlayerInfo) -> String {
         "{{\"player\":{},\"online\":{},\"seq\":{},\"acked\":{},\"outbox\":{},\"outbox_bytes\":{},\"evictions\":{},\"shard\":{}}}",
         p.player, p.online, p.seq, p.acked, p.outbox, p.outbox_bytes, p.evictions, p.shard
     )
+}
+
+/// `GET /v1/players?after=0&limit=100`: one page of the players held, by id.
+async fn list_players(ctx: &ShardCtx, req: &Request) -> Response {
+    let after = match req.param("after") {
+        None | Some("") => 0,
+        Some(a) => match a.parse::<u64>() {
+            Ok(a) => a,
+            Err(_) => return Response::error(400, "after must be a player id"),
+        },
+    };
+    let limit = match req.param("limit") {
+        None | Some("") => 100,
+        Some(l) => match l.parse::<usize>() {
+            Ok(l) if (1..=MAX_PAGE).contains(&l) => l,
+            _ => return Response::error(400, &format!("limit must be 1..={MAX_PAGE}")),
+        },
+    };
+    let pages = ask_all(
+        ctx,
+        || ctx.list_players(after, limit),
+        |reply| ShardMsg::ListPlayers {
+            after,
+            limit,
+            reply,
+        },
+    )
+    .await;
+    let mut all: Vec<PlayerInfo> = match pages {
+        Ok(p) => p.into_iter().flatten().collect(),
+        Err(r) => return r,
+    };
+    all.sort_unstable_by_key(|p| p.player);
+    let more = all.len() > limit;
+    all.truncate(limit);
+    let next = match (more, all.last()) {
+        (true, Some(p)) => p.player.to_string(),
+        _ => "null".into(),
+    };
+    let items: Vec<String> = all.iter().map(player_json).collect();
+    Response::json(
+        200,
+        format!("{{\"players\":[{}],\"next\":{next}}}", items.join(",")),
+    )
+}
+
+/// `GET /metrics`: every shard's snapshot, rendered here.
+async fn metrics(ctx: &ShardCtx) -> Response {
+    let snaps: Vec<Snapshot> =
+        match ask_all(ctx, || ctx.snapshot(), |reply| ShardMsg::Metrics { reply }).await {
+            Ok(s) => s,
+            Err(r) => return r,
+        };
+    let routes = ctx.router.slot_labels();
+    let text = crate::metrics::render(
+        &snaps,
+        &crate::metrics::Context {
+            routes: &routes,
+            connections: ctx.connections.load(std::sync::atomic::Ordering::Acquire) as u64,
+            http_connections: ctx
+                .http_connections
+                .load(std::sync::atomic::Ordering::Acquire) as u64,
+        },
+    );
+    Response::text(200, text)
 }

@@ -58,6 +58,32 @@ impl Router {
         (msg_id <= r.last).then_some(r)
     }
 
+    /// The metrics slot of `msg_id`: 0 when no route serves it, else the
+    /// route's index + 1.
+    pub fn slot(&self, msg_id: u32) -> usize {
+        let i = self.routes.partition_point(|r| r.first <= msg_id);
+        match i
+            .checked_sub(1)
+            .and_then(|j| self.routes.get(j).map(|r| (j, r)))
+        {
+            Some((j, r)) if msg_id <= r.last => j + 1,
+            _ => 0,
+        }
+    }
+
+    /// Metrics label of every slot: "none", then "first-last" per route.
+    pub fn slot_labels(&self) -> Vec<String> {
+        std::iter::once("none".to_string())
+            .chain(self.routes.iter().map(|r| {
+                if r.first == r.last {
+                    r.first.to_string()
+                } else {
+                    format!("{}-{}", r.first, r.last)
+                }
+            }))
+            .collect()
+    }
+
     /// Service names; a route's `service` indexes this.
     pub fn services(&self) -> &[String] {
         &self.services
@@ -133,6 +159,11 @@ mod tests {
         assert_eq!(r.lookup(200).map(|x| x.first), Some(200));
         assert!(r.lookup(201).is_none());
         assert!(r.lookup(u32::MAX).is_none());
+        assert_eq!(
+            (r.slot(0), r.slot(1), r.slot(150), r.slot(200), r.slot(201)),
+            (0, 1, 3, 4, 0)
+        );
+        assert_eq!(r.slot_labels(), vec!["none", "1", "2", "100-199", "200"]);
     }
 
     #[test]
