@@ -147,6 +147,8 @@ pub struct SessionEntry {
     inflight: u32,
     /// A login or resume waiting for `inflight` to reach 0.
     arrival: Option<Arrival>,
+    /// Why the session is closing, for the log line of its end.
+    close_reason: &'static str,
     /// Stream offset where the last outbox replay ends: replayed bytes not
     /// yet written do not count against `write_queue_bytes` (they are
     /// bounded by the outbox limits already).
@@ -267,6 +269,7 @@ impl ShardCtx {
                 inflight: 0,
                 arrival: None,
                 replay_end: 0,
+                close_reason: "",
                 last_rx: Instant::now(),
             },
         );
@@ -274,14 +277,17 @@ impl ShardCtx {
     }
 
     /// Forget a session whose connection is gone (or moved). Its player, if
-    /// bound to it, stays without a session and starts to linger.
-    pub fn remove_session(&self, sid: SessionId) {
+    /// bound to it, stays without a session and starts to linger. Returns
+    /// the player it was bound to and why it closed.
+    pub fn remove_session(&self, sid: SessionId) -> (Option<u64>, &'static str) {
         let Some(entry) = self.sessions.borrow_mut().remove(&sid) else {
-            return;
+            return (None, "");
         };
-        if let Some(p) = entry.session.player() {
+        let player = entry.session.player();
+        if let Some(p) = player {
             self.detach(p, sid);
         }
+        (player, entry.close_reason)
     }
 
     fn detach(&self, player: u64, sid: SessionId) {
@@ -455,6 +461,7 @@ impl ShardCtx {
             }
             bump(&self.stats.kicks);
             self.metrics.kick(code.into());
+            e.close_reason = code.name();
             tracing::info!(session = sid, peer = %e.peer, ?player, reason = code.name(), "kick");
             if code == Code::SlowConsumer {
                 e.out.discard();
@@ -472,14 +479,16 @@ impl ShardCtx {
     }
 
     /// Close without a KICK (BYE, end of stream, read error).
-    pub fn close(&self, sid: SessionId) {
+    pub fn close(&self, sid: SessionId, reason: &'static str) {
         let player = {
             let mut sessions = self.sessions.borrow_mut();
             let Some(e) = sessions.get_mut(&sid) else {
                 return;
             };
             let player = e.session.player();
-            e.session.close();
+            if e.session.close() {
+                e.close_reason = reason;
+            }
             e.out.close();
             e.ctl.notify();
             player
@@ -543,7 +552,7 @@ impl ShardCtx {
             .borrow()
             .get(&sid)
             .and_then(|e| e.session.player());
-        self.close(sid);
+        self.close(sid, "BYE");
         if let Some(p) = player {
             self.players.borrow_mut().remove(&p);
             tracing::info!(session = sid, player = p, "bye: player ended");
@@ -646,7 +655,6 @@ impl ShardCtx {
             match sessions.get_mut(&sid) {
                 Some(e) if !e.session.is_closing() => {
                     e.session.bind(player);
-                    tracing::info!(session = sid, player, peer = %e.peer, shard = self.id, "bound");
                     true
                 }
                 _ => false,
@@ -699,6 +707,7 @@ impl ShardCtx {
         if !self.attach(sid, player, old, frames) {
             return;
         }
+        tracing::info!(session = sid, player, shard = self.id, replaced = ?old, "login");
         bump(&self.stats.logins_ok);
         self.respond(sid, reply.req_id, reply.msg_id, reply.code, &reply.body);
     }
@@ -728,7 +737,7 @@ impl ShardCtx {
             Ok((old, frames)) => {
                 if self.attach(sid, player, old, frames) {
                     bump(&self.stats.resumes_ok);
-                    tracing::info!(session = sid, player, from = last, "resumed");
+                    tracing::info!(session = sid, player, from = last, replaced = ?old, "resume");
                 }
             }
             Err(e) => {

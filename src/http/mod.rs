@@ -42,6 +42,9 @@ pub struct Request {
     pub query: String,
     /// The `Authorization` header, if any.
     pub authorization: Option<String>,
+    /// The client asked to close after this request (`Connection: close`,
+    /// or HTTP/1.0 without `keep-alive`).
+    pub close: bool,
     pub body: Bytes,
 }
 
@@ -191,6 +194,7 @@ pub fn parse_head(buf: &[u8], max_body: usize) -> Parsed {
     let mut content_length = None;
     let mut authorization = None;
     let mut chunked = false;
+    let mut connection = None;
     for h in req.headers.iter() {
         if h.name.eq_ignore_ascii_case("content-length") {
             let v = std::str::from_utf8(h.value)
@@ -207,8 +211,19 @@ pub fn parse_head(buf: &[u8], max_body: usize) -> Parsed {
                 .map(|s| s.trim().to_string());
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
             chunked = true;
+        } else if h.name.eq_ignore_ascii_case("connection") {
+            let v = std::str::from_utf8(h.value).unwrap_or("");
+            for token in v.split(',').map(str::trim) {
+                if token.eq_ignore_ascii_case("close") {
+                    connection = Some(true);
+                } else if token.eq_ignore_ascii_case("keep-alive") {
+                    connection = Some(false);
+                }
+            }
         }
     }
+    // HTTP/1.0 closes unless asked to keep alive; 1.1 keeps alive unless asked.
+    let close = connection.unwrap_or(req.version == Some(0));
     if chunked {
         return Parsed::Reject(Response::error(
             411,
@@ -231,6 +246,7 @@ pub fn parse_head(buf: &[u8], max_body: usize) -> Parsed {
             path: path.to_string(),
             query: query.to_string(),
             authorization,
+            close,
             body: Bytes::new(),
         },
         head_len,
@@ -347,7 +363,9 @@ where
         }
         let mut frame = buf.split_to(head_len + body_len);
         req.body = frame.split_off(head_len).freeze();
-        let resp = handler(req).await;
+        let asked_close = req.close;
+        let mut resp = handler(req).await;
+        resp.close |= asked_close;
         let close = resp.close;
         out.clear();
         resp.encode(&mut out);
@@ -384,6 +402,7 @@ mod tests {
         assert_eq!(req.param("msg"), Some("7"));
         assert_eq!(req.param("nope"), None);
         assert_eq!(req.authorization.as_deref(), Some("Bearer x"));
+        assert!(!req.close);
         assert_eq!(body_len, 5);
         assert_eq!(head_len, 88);
     }
@@ -393,6 +412,18 @@ mod tests {
             Parsed::Reject(r) => r.status,
             other => panic!("expected a rejection, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn connection_close_and_http_1_0() {
+        let close = |raw: &str| match head(raw) {
+            Parsed::Head { req, .. } => req.close,
+            other => panic!("{other:?}"),
+        };
+        assert!(close("GET / HTTP/1.1\r\nConnection: close\r\n\r\n"));
+        assert!(!close("GET / HTTP/1.1\r\n\r\n"));
+        assert!(close("GET / HTTP/1.0\r\n\r\n"));
+        assert!(!close("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"));
     }
 
     #[test]

@@ -48,7 +48,7 @@ pub async fn serve(
     };
     match arrived {
         Some(arrival) => ctx.accept_handoff(sid, arrival),
-        None => tracing::debug!(session = sid, %peer, shard = ctx.id, "accept"),
+        None => tracing::info!(session = sid, %peer, shard = ctx.id, "accept"),
     }
     let end = read_loop(&ctx, sid, &stream, &mut buf, &ctl).await;
     match end {
@@ -62,9 +62,9 @@ pub async fn serve(
             if flushed {
                 let _ = shutdown_write(&stream);
             }
-            ctx.remove_session(sid);
+            let (player, reason) = ctx.remove_session(sid);
             drop(slot);
-            tracing::debug!(session = sid, %peer, "closed");
+            tracing::info!(session = sid, %peer, ?player, reason, "close");
         }
         End::Handoff { home, arrival } => {
             // Everything already queued goes out from here first.
@@ -183,7 +183,7 @@ async fn read_loop(
             None => buf.truncate(len),
             Some(Ok(0)) => {
                 buf.truncate(len);
-                ctx.close(sid);
+                ctx.close(sid, "peer closed");
                 return End::Close;
             }
             Some(Ok(n)) => {
@@ -198,7 +198,7 @@ async fn read_loop(
             Some(Err(e)) => {
                 buf.truncate(len);
                 tracing::debug!(session = sid, error = %e, "read error");
-                ctx.close(sid);
+                ctx.close(sid, "read error");
                 return End::Close;
             }
         }
