@@ -3,6 +3,9 @@
 //! that sequenced frames arrive 1, 2, 3 ... with no gap.
 //!
 //! Tests use it; game client programmers can read it as the contract in code.
+//! [`asynch`] is the same client on glommio, for the load tester.
+
+pub mod asynch;
 
 use crate::protocol::{
     encode, parse_session_body, Code, DecodeError, Decoder, Frame, Header, Kind, Link,
@@ -278,28 +281,33 @@ impl Client {
         }
     }
 
-    /// Sequenced frames (RESPONSE, PUSH with seq > 0) must be last_seq + 1.
     fn check_seq(&mut self, f: &Frame) -> Result<(), ClientError> {
-        let sequenced = matches!(f.header.kind, Kind::Response | Kind::Push) && f.header.seq > 0;
-        if !sequenced {
-            return Ok(());
-        }
-        let expected = self.last_seq + 1;
-        if f.header.seq != expected {
-            return Err(ClientError::SeqGap {
-                expected,
-                got: f.header.seq,
-            });
-        }
-        self.last_seq = f.header.seq;
-        Ok(())
+        check_seq(&mut self.last_seq, f)
     }
+}
+
+/// The client's side of the seq contract: a sequenced frame (RESPONSE or
+/// PUSH with seq > 0) must be `last + 1`; then it becomes `last`.
+pub fn check_seq(last: &mut u64, f: &Frame) -> Result<(), ClientError> {
+    let sequenced = matches!(f.header.kind, Kind::Response | Kind::Push) && f.header.seq > 0;
+    if !sequenced {
+        return Ok(());
+    }
+    let expected = *last + 1;
+    if f.header.seq != expected {
+        return Err(ClientError::SeqGap {
+            expected,
+            got: f.header.seq,
+        });
+    }
+    *last = f.header.seq;
+    Ok(())
 }
 
 /// A random first req_id: replayed frames carry the req_ids of earlier
 /// connections, so a new connection must not count from 1 again (a real
 /// client keeps its counter across reconnects; this one starts at random).
-fn first_req_id() -> u32 {
+pub fn first_req_id() -> u32 {
     let mut b = [0u8; 4];
     let _ = getrandom::getrandom(&mut b);
     u32::from_be_bytes(b).max(1)

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Reproduce docs/PERFORMANCE.md: the gateway, the demo backend, HAProxy and
+# the load tester as separate processes on this machine, each comparison
+# in one run. Results (JSON, SVG, summaries) go to docs/perf/.
+#
+#   scripts/bench.sh [all|steady|idle|push|churn|login]    (default: all)
+#
+# Needs: haproxy and linux-perf (apt-get install haproxy linux-perf).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+what=${1:-all}
+out=docs/perf
+mkdir -p "$out"
+SESSIONS=${SESSIONS:-1000}
+SECS=${SECS:-10}
+ulimit -n "$(ulimit -Hn)"
+
+cargo build --release -p slg-gateway -p slg-loadtest >/dev/null 2>&1
+GW=target/release/slg-gateway
+LT=target/release/slg-loadtest
+
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+# The demo backend in its own process.
+$GW demo-backend --listen 127.0.0.1:7100 >/dev/null 2>&1 & pids+=($!)
+# The gateway: the shipped config with the demo backend out of process.
+cfg=$(mktemp --suffix=.ron)
+sed 's|demo_backend: Some("127.0.0.1:7100"),|demo_backend: None,|' config/gateway.ron > "$cfg"
+$GW --config "$cfg" >/dev/null 2>&1 & gw=$!; pids+=($gw)
+# HAProxy in TCP mode, relaying to the same demo backend.
+hcfg=$(mktemp --suffix=.cfg)
+cat > "$hcfg" <<HAP
+global
+    maxconn 40000
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 120s
+    timeout server 120s
+frontend fe
+    bind 127.0.0.1:7200
+    default_backend be
+backend be
+    server demo 127.0.0.1:7100
+HAP
+haproxy -f "$hcfg" -db >/dev/null 2>&1 & hap=$!; pids+=($hap)
+sleep 1
+
+# syscalls of process $1 while the command after it runs
+syscalls() { local pid=$1; shift; perf stat -x, -e raw_syscalls:sys_enter -p "$pid" -o /tmp/slg-perf.txt -- "$@";
+             grep raw_syscalls /tmp/slg-perf.txt | cut -d, -f1; }
+
+steady() {
+    local rate=$1 tag=$2
+    echo "== steady $tag: $SESSIONS sessions, 100-byte bodies, ${SECS}s each, rate/session=$rate"
+    $LT steady --target direct --addr 127.0.0.1:7100 --sessions "$SESSIONS" --duration "$SECS" --rate "$rate" \
+        --quiet --json "$out/steady-$tag-direct.json" --svg "$out/steady-$tag-direct.svg" | tee "$out/steady-$tag-direct.txt"
+    n=$(syscalls "$hap" $LT steady --target direct --addr 127.0.0.1:7200 --sessions "$SESSIONS" --duration "$SECS" \
+        --rate "$rate" --watch-pid "$hap" --quiet --json "$out/steady-$tag-haproxy.json" --svg "$out/steady-$tag-haproxy.svg" \
+        | tee "$out/steady-$tag-haproxy.txt" >&2)
+    echo "haproxy syscalls: $n" | tee -a "$out/steady-$tag-haproxy.txt"
+    n=$(syscalls "$gw" $LT steady --target gateway --addr 127.0.0.1:7000 --sessions "$SESSIONS" --duration "$SECS" \
+        --rate "$rate" --gateway-pid "$gw" --quiet --json "$out/steady-$tag-gateway.json" --svg "$out/steady-$tag-gateway.svg" \
+        | tee "$out/steady-$tag-gateway.txt" >&2)
+    echo "gateway syscalls: $n" | tee -a "$out/steady-$tag-gateway.txt"
+}
+
+if [[ $what == all || $what == steady ]]; then
+    steady 0 max
+    # Half of the gateway's maximum, spread over the sessions.
+    max=$(python3 -c "import json;print(json.load(open('$out/steady-max-gateway.json'))['throughput'])")
+    half=$(python3 -c "print(round($max/2/$SESSIONS, 3))")
+    steady "$half" half
+fi
+if [[ $what == all || $what == idle ]]; then
+    echo "== idle: 10000 sessions"
+    $LT idle --sessions 10000 --duration 5 --gateway-pid "$gw" --quiet --json "$out/idle.json" | tee "$out/idle.txt"
+fi
+if [[ $what == all || $what == push ]]; then
+    echo "== push-fanout: 10000 sessions, 20 broadcasts"
+    $LT push-fanout --sessions 10000 --pushes 20 --push-interval-ms 250 --gateway-pid "$gw" --player-base 3000000 \
+        --quiet --json "$out/push.json" --svg "$out/push.svg" | tee "$out/push.txt"
+fi
+if [[ $what == all || $what == churn ]]; then
+    echo "== churn: 200 sessions, 60 s"
+    $LT churn --sessions 200 --duration 60 --player-base 4000000 --gateway-pid "$gw" --quiet \
+        --json "$out/churn.json" --svg "$out/churn.svg" | tee "$out/churn.txt"
+fi
+if [[ $what == all || $what == login ]]; then
+    echo "== login-storm: 5000 logins"
+    $LT login-storm --sessions 5000 --player-base 5000000 --gateway-pid "$gw" --quiet \
+        --json "$out/login.json" | tee "$out/login.txt"
+fi
