@@ -613,10 +613,13 @@ mod tests {
     fn embedded_default_parses_and_validates() {
         let c = Config::embedded_default();
         c.validate().unwrap();
-        assert_eq!(c.listen_addr().unwrap(), "127.0.0.1:7000".parse().unwrap());
+        assert_eq!(
+            c.listen_addr().unwrap(),
+            "127.0.0.1:7000".parse::<SocketAddr>().unwrap()
+        );
         assert_eq!(
             c.http_listen_addr().unwrap(),
-            "127.0.0.1:7001".parse().unwrap()
+            "127.0.0.1:7001".parse::<SocketAddr>().unwrap()
         );
         assert_eq!(c.shards, None);
         assert!(c.shard_count() >= 1);
@@ -834,7 +837,10 @@ mod tests {
         );
         let mut c = Config::embedded_default();
         c.listen = "[::1]:9000".into();
-        assert_eq!(c.listen_addr().unwrap(), "[::1]:9000".parse().unwrap());
+        assert_eq!(
+            c.listen_addr().unwrap(),
+            "[::1]:9000".parse::<SocketAddr>().unwrap()
+        );
     }
 
     #[test]

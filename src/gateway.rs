@@ -413,8 +413,9 @@ async fn run_http(ctx: Rc<ShardCtx>, listener: glommio::net::TcpListener) {
         glommio::spawn_local(async move {
             let stop = ctx2.stop.clone();
             let handler = |req| crate::http::api::handle(ctx2.clone(), req);
+            let count = |status| ctx2.metrics.http(status);
             futures_lite::future::or(
-                crate::http::serve_conn(stream, limits, handler),
+                crate::http::serve_conn(stream, limits, handler, count),
                 stop.stopped(),
             )
             .await;

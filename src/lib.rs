@@ -32,3 +32,4 @@ pub mod protocol;
 pub mod router;
 pub mod session;
 pub mod shard;
+pub mod snapshot;

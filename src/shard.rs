@@ -96,11 +96,13 @@ pub struct LoginReply {
 pub enum Arrival {
     /// The backend accepted a login for `player`.
     Login { player: u64, reply: LoginReply },
-    /// The client asked to resume `player` from seq `last` with `token`.
+    /// The client asked to resume `player` from seq `last` with `token`;
+    /// `failures` resumes already failed on this connection.
     Resume {
         player: u64,
         token: Bytes,
         last: u64,
+        failures: u8,
     },
 }
 
@@ -147,6 +149,8 @@ pub struct SessionEntry {
     inflight: u32,
     /// A login or resume waiting for `inflight` to reach 0.
     arrival: Option<Arrival>,
+    /// Resumes refused on this connection (it moves with a hand-off).
+    resume_failures: u8,
     /// Why the session is closing, for the log line of its end.
     close_reason: &'static str,
     /// Stream offset where the last outbox replay ends: replayed bytes not
@@ -176,6 +180,9 @@ pub struct Stats {
     pub players_expired: Cell<u64>,
 }
 
+/// Refused resumes one connection may make before it is closed.
+pub const MAX_RESUME_FAILURES: u8 = 8;
+
 fn bump(c: &Cell<u64>) {
     add(c, 1);
 }
@@ -197,6 +204,8 @@ pub struct ShardCtx {
     sessions: RefCell<HashMap<SessionId, SessionEntry>>,
     players: RefCell<HashMap<u64, Player>>,
     next_session: Cell<u64>,
+    /// Source of player lives (see `Player::life`).
+    next_life: Cell<u64>,
     /// Open client connections of the whole gateway (once per connect and
     /// close, never per frame).
     pub connections: Arc<AtomicUsize>,
@@ -239,12 +248,19 @@ impl ShardCtx {
             sessions: RefCell::new(HashMap::new()),
             players: RefCell::new(HashMap::new()),
             next_session: Cell::new(1),
+            next_life: Cell::new(1),
             connections,
             http_connections,
             stats: Stats::default(),
             metrics: Default::default(),
             cfg,
         }
+    }
+
+    fn new_life(&self) -> u64 {
+        let l = self.next_life.get();
+        self.next_life.set(l + 1);
+        l
     }
 
     // ----- the session table -------------------------------------------
@@ -269,6 +285,7 @@ impl ShardCtx {
                 inflight: 0,
                 arrival: None,
                 replay_end: 0,
+                resume_failures: 0,
                 close_reason: "",
                 last_rx: Instant::now(),
             },
@@ -355,6 +372,7 @@ impl ShardCtx {
                 player,
                 token,
                 last,
+                ..
             } => self.resume(sid, player, &token, last),
         }
     }
@@ -365,7 +383,10 @@ impl ShardCtx {
         if let Some(e) = self.sessions.borrow_mut().get_mut(&sid) {
             e.session = match &arrival {
                 Arrival::Login { player, .. } => Session::binding(*player),
-                Arrival::Resume { .. } => Session::resuming(),
+                Arrival::Resume { failures, .. } => {
+                    e.resume_failures = *failures;
+                    Session::resuming()
+                }
             };
         }
         self.arrive(sid, arrival);
@@ -572,6 +593,7 @@ impl ShardCtx {
                             player,
                             token,
                             last: h.seq,
+                            failures: e.resume_failures,
                         });
                         e.ctl.notify();
                         None
@@ -596,6 +618,18 @@ impl ShardCtx {
             _ => bump(&self.stats.resumes_rejected),
         }
         self.send_error(sid, code);
+        let failures = self.sessions.borrow_mut().get_mut(&sid).map_or(0, |e| {
+            e.resume_failures = e.resume_failures.saturating_add(1);
+            e.resume_failures
+        });
+        // Each refused resume may have moved the connection between
+        // shards: a client that keeps guessing is cut off.
+        if failures >= MAX_RESUME_FAILURES {
+            self.protocol_error(
+                sid,
+                &format_args!("{failures} resumes refused on one connection"),
+            );
+        }
     }
 
     fn on_request(&self, sid: SessionId, h: &Header, body: Bytes) {
@@ -614,7 +648,8 @@ impl ShardCtx {
             Decision::Reply(code) => self.respond(sid, h.req_id, h.msg_id, code.into(), &[]),
             Decision::Forward { login } => {
                 let Some(route) = route else { return };
-                let pending = Pending::new(sid, player, h.req_id, h.msg_id, login);
+                let mut pending = Pending::new(sid, player, h.req_id, h.msg_id, login);
+                pending.life = self.players.borrow().get(&player).map_or(0, |p| p.life);
                 let sent = self.backends.send(route, h, &body, pending);
                 let mut sessions = self.sessions.borrow_mut();
                 let Some(e) = sessions.get_mut(&sid) else {
@@ -691,9 +726,11 @@ impl ShardCtx {
         let (old, frames) = {
             let mut players = self.players.borrow_mut();
             let o = self.cfg.outbox;
-            let p = players
-                .entry(player)
-                .or_insert_with(|| Player::new(player, o.max_frames, o.max_bytes, now));
+            let p = players.entry(player).or_insert_with(|| {
+                let mut p = Player::new(player, o.max_frames, o.max_bytes, now);
+                p.life = self.new_life();
+                p
+            });
             let old = p.attach(sid);
             let token = p.issue_token(new_secret(), now, self.cfg.token_lifetime);
             let (r, gap) = p.login_point();
@@ -1023,7 +1060,21 @@ impl AnswerSink for ShardCtx {
         };
         if p.player != 0 {
             // A request of a logged-in player: the answer belongs to the
-            // player, whichever session it has now (or none: outbox).
+            // player, whichever session it has now (or none: outbox); but
+            // not to a later life of the same id (after BYE or linger).
+            let same_life = self
+                .players
+                .borrow()
+                .get(&p.player)
+                .is_some_and(|pl| pl.life == p.life);
+            if !same_life {
+                tracing::debug!(
+                    player = p.player,
+                    req_id = p.req_id,
+                    "answer for an ended player dropped"
+                );
+                return;
+            }
             bump(&self.stats.responses);
             self.metrics.response(self.router.slot(p.msg_id), a.code);
             self.deliver(p.player, h, &a.body);

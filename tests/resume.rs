@@ -322,6 +322,18 @@ fn a_slow_consumer_is_kicked_and_resumes_with_nothing_lost() {
         }
     }
     let last = a.last_seq;
+    // Let the backend finish the requests the gateway had already read, so
+    // their answers are in the outbox (and replayed) rather than arriving
+    // live in a burst behind the replay.
+    let mut seq = 0;
+    loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = h.player(120).expect("player")["seq"].as_u64().expect("seq");
+        if now == seq {
+            break;
+        }
+        seq = now;
+    }
     let info = h.player(120).expect("player lingers");
     assert_eq!(
         info["online"],
@@ -377,4 +389,42 @@ fn a_client_that_never_reads_cannot_grow_memory_past_the_limits() {
         info["evictions"].as_u64().expect("evictions") > 0,
         "the oldest were evicted"
     );
+}
+
+#[test]
+fn an_answer_to_an_earlier_life_never_reaches_the_next_one() {
+    let h = Harness::start(2);
+    let mut a = h.client();
+    a.login_demo(140).expect("login");
+    let old = a.send_request(DELAY, b"300").expect("send");
+    a.send(&Header::new(Kind::Bye), &[]).expect("bye");
+    assert!(a.is_closed());
+    let mut b = h.client();
+    b.set_next_req_id(old); // a client that starts counting afresh
+    let li = b.login_demo(140).expect("a new life");
+    assert_eq!(li.response.header.seq, 1);
+    std::thread::sleep(Duration::from_millis(500));
+    b.timeout = Duration::from_millis(200);
+    match b.recv() {
+        Err(ClientError::Timeout(_)) => {}
+        other => panic!("the old life's answer leaked into the new one: {other:?}"),
+    }
+    assert_eq!(b.request(ECHO, b"x").expect("echo").header.seq, 2);
+}
+
+#[test]
+fn a_connection_that_keeps_guessing_tokens_is_closed() {
+    let h = Harness::start(4);
+    let mut c = h.client();
+    for i in 0..slg_gateway::shard::MAX_RESUME_FAILURES as u64 {
+        // Tokens naming players on every shard: each may move the connection.
+        let mut token = [0u8; 24];
+        token[..8].copy_from_slice(&(1000 + i).to_be_bytes());
+        match c.resume(&token, 0) {
+            Err(ClientError::ResumeRefused(x)) => assert_eq!(x, code(Code::ResumeRejected)),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(c.expect_kick().expect("kick"), code(Code::ProtocolError));
+    assert!(c.is_closed());
 }

@@ -26,6 +26,8 @@ pub struct Pending {
     pub session: SessionId,
     /// The authenticated player the request was sent for (0: none).
     pub player: u64,
+    /// That player's life when it was sent.
+    pub life: u64,
     /// The client's req_id and msg_id, echoed in the answer.
     pub req_id: u32,
     pub msg_id: u32,
@@ -43,6 +45,7 @@ impl Pending {
         Pending {
             session,
             player,
+            life: 0,
             req_id,
             msg_id,
             login,

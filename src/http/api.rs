@@ -18,19 +18,25 @@ const SHARD_REPLY: Duration = Duration::from_secs(10);
 /// Most players one listing page returns.
 pub const MAX_PAGE: usize = 1000;
 
-/// Answer one request on shard `ctx`, and count it.
+/// Answer one request on shard `ctx` (the connection loop counts it).
 pub async fn handle(ctx: Rc<ShardCtx>, req: Request) -> Response {
-    let resp = route(&ctx, req).await;
-    ctx.metrics.http(resp.status);
-    resp
+    route(&ctx, req).await
+}
+
+/// Constant-time equality of an `Authorization` header with the expected
+/// value: the time depends on the lengths only, never on where they differ.
+fn authorized(got: &str, want: &str) -> bool {
+    let mut g = got.as_bytes().to_vec();
+    g.resize(want.len(), 0);
+    let same_len = (got.len() as u64).ct_eq(&(want.len() as u64));
+    (g.ct_eq(want.as_bytes()) & same_len).into()
 }
 
 async fn route(ctx: &ShardCtx, req: Request) -> Response {
     if let Some(token) = &ctx.cfg.push_token {
         let want = format!("Bearer {token}");
         let got = req.authorization.as_deref().unwrap_or("");
-        let ok: bool = got.as_bytes().ct_eq(want.as_bytes()).into();
-        if !ok {
+        if !authorized(got, &want) {
             return Response::error(401, "missing or wrong Authorization: Bearer token");
         }
     }
@@ -350,4 +356,18 @@ async fn metrics(ctx: &ShardCtx) -> Response {
         },
     );
     Response::text(200, text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authorization_compare() {
+        assert!(authorized("Bearer abc", "Bearer abc"));
+        assert!(!authorized("Bearer abd", "Bearer abc"));
+        assert!(!authorized("Bearer ab", "Bearer abc"));
+        assert!(!authorized("Bearer abc\0", "Bearer abc"));
+        assert!(!authorized("", "Bearer abc"));
+    }
 }

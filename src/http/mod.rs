@@ -296,8 +296,14 @@ async fn write_within(stream: &mut SharedStream, out: &[u8], limit: Duration) ->
 /// Serve one HTTP connection: requests in order (pipelined ones too), each
 /// answered by `handler`, until the client closes, asks to, breaks the
 /// protocol, or misses a deadline.
-pub async fn serve_conn<H, F>(stream: glommio::net::TcpStream, limits: HttpLimits, handler: H)
-where
+/// `count` sees the status of every answer, including the rejections
+/// made here before a handler runs (400, 408, 411, 413, 431).
+pub async fn serve_conn<H, F>(
+    stream: glommio::net::TcpStream,
+    limits: HttpLimits,
+    handler: H,
+    count: impl Fn(u16),
+) where
     H: Fn(Request) -> F,
     F: std::future::Future<Output = Response>,
 {
@@ -321,6 +327,7 @@ where
                 } => break (req, head_len, body_len),
                 Parsed::Reject(resp) => {
                     out.clear();
+                    count(resp.status);
                     resp.closing().encode(&mut out);
                     write_within(&mut stream, &out, limits.body_timeout).await;
                     return;
@@ -335,6 +342,7 @@ where
                     Ok(false) => return,
                     Err(e) if e.kind() == std::io::ErrorKind::TimedOut && started => {
                         out.clear();
+                        count(408);
                         Response::error(408, "request head not received in time")
                             .closing()
                             .encode(&mut out);
@@ -352,6 +360,7 @@ where
                 Ok(false) => return,
                 Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
                     out.clear();
+                    count(408);
                     Response::error(408, "request body not received in time")
                         .closing()
                         .encode(&mut out);

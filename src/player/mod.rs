@@ -52,6 +52,9 @@ pub struct AckBeyond {
 #[derive(Debug, Clone)]
 pub struct Player {
     pub id: u64,
+    /// Which life of this player id this is (set by the shard, unique per
+    /// shard): answers to requests of an earlier life are dropped.
+    pub life: u64,
     /// Last seq assigned (0: none yet).
     seq: u64,
     /// Highest seq the client acknowledged.
@@ -69,6 +72,7 @@ impl Player {
     pub fn new(id: u64, max_frames: usize, max_bytes: usize, now: Instant) -> Player {
         Player {
             id,
+            life: 0,
             seq: 0,
             acked: 0,
             outbox: Outbox::new(max_frames, max_bytes),
@@ -196,6 +200,77 @@ impl Player {
         }
     }
 
+    /// The player as a snapshot keeps it. `now` and `now_unix_ms` are the
+    /// same instant on the two clocks.
+    pub fn to_image(&self, now: Instant, now_unix_ms: u64) -> crate::snapshot::PlayerImage {
+        let unix = |t: Instant| -> u64 {
+            if t >= now {
+                now_unix_ms + t.duration_since(now).as_millis() as u64
+            } else {
+                now_unix_ms.saturating_sub(now.duration_since(t).as_millis() as u64)
+            }
+        };
+        crate::snapshot::PlayerImage {
+            id: self.id,
+            seq: self.seq,
+            acked: self.acked,
+            outbox: self
+                .outbox
+                .iter()
+                .map(|(seq, f)| crate::snapshot::FrameImage {
+                    seq,
+                    frame: f.to_vec(),
+                })
+                .collect(),
+            evicted_through: self.outbox.evicted_through(),
+            evictions: self.outbox.evictions(),
+            token_secret: self.secret,
+            token_expires_unix_ms: unix(self.token_expires),
+            // An online player is detached by the snapshot (its session ends).
+            detached_unix_ms: unix(self.detached_since.unwrap_or(now)),
+        }
+    }
+
+    /// A player back from a snapshot, without a session (lingering since it
+    /// lost it). The outbox takes the current bounds.
+    pub fn from_image(
+        img: &crate::snapshot::PlayerImage,
+        max_frames: usize,
+        max_bytes: usize,
+        now: Instant,
+        now_unix_ms: u64,
+    ) -> Player {
+        let instant = |t: u64| -> Instant {
+            if t >= now_unix_ms {
+                now + Duration::from_millis(t - now_unix_ms)
+            } else {
+                now.checked_sub(Duration::from_millis(now_unix_ms - t))
+                    .unwrap_or(now)
+            }
+        };
+        let frames = img
+            .outbox
+            .iter()
+            .map(|f| (f.seq, Bytes::copy_from_slice(&f.frame)));
+        Player {
+            id: img.id,
+            life: 0,
+            seq: img.seq,
+            acked: img.acked,
+            outbox: Outbox::restore(
+                max_frames,
+                max_bytes,
+                img.evicted_through,
+                img.evictions,
+                frames,
+            ),
+            session: None,
+            detached_since: Some(instant(img.detached_unix_ms)),
+            secret: img.token_secret,
+            token_expires: instant(img.token_expires_unix_ms),
+        }
+    }
+
     /// Whether the player has lingered without a session past `linger`.
     pub fn expired(&self, now: Instant, linger: Duration) -> bool {
         self.detached_since
@@ -276,6 +351,32 @@ mod tests {
         assert_eq!(p.login_point(), (3, true));
         assert_eq!(p.resume(&t, 3, now), Ok(()));
         assert_eq!(p.login_point(), (3, false));
+    }
+
+    #[test]
+    fn snapshot_image_round_trip() {
+        let (mut p, now) = player();
+        let t = p.issue_token([4; SECRET_LEN], now, Duration::from_secs(60));
+        push(&mut p, 6); // outbox of 4: 3..=6 kept, 1..=2 evicted
+        p.ack(3).expect("ack");
+        p.attach(5);
+        let img = p.to_image(now, 1_000_000);
+        assert_eq!(
+            (img.seq, img.acked, img.evicted_through, img.outbox.len()),
+            (6, 3, 2, 3)
+        );
+        assert_eq!(img.token_expires_unix_ms, 1_060_000);
+        let q = Player::from_image(&img, 4, 1 << 20, now, 1_000_000);
+        assert_eq!(
+            (q.last_seq(), q.acked(), q.outbox.len(), q.session),
+            (6, 3, 3, None)
+        );
+        assert!(q.token_valid(&t, now));
+        assert!(!q.token_valid(&t, now + Duration::from_secs(61)));
+        assert_eq!(q.login_point(), (3, false));
+        // A smaller outbox on the new gateway evicts on load.
+        let r = Player::from_image(&img, 1, 1 << 20, now, 1_000_000);
+        assert_eq!((r.outbox.len(), r.login_point()), (1, (5, true)));
     }
 
     #[test]

@@ -105,6 +105,24 @@ impl Outbox {
         self.frames.front().map(|(s, _)| *s)
     }
 
+    /// Rebuild from a snapshot: the eviction record, then `frames` pushed
+    /// in order under the current bounds (which may evict more).
+    pub fn restore(
+        max_frames: usize,
+        max_bytes: usize,
+        evicted_through: u64,
+        evictions: u64,
+        frames: impl IntoIterator<Item = (u64, Bytes)>,
+    ) -> Outbox {
+        let mut o = Outbox::new(max_frames, max_bytes);
+        o.evicted_through = evicted_through;
+        o.evictions = evictions;
+        for (seq, f) in frames {
+            o.push(seq, f);
+        }
+        o
+    }
+
     /// Every kept frame with its seq, oldest first (for snapshots).
     pub fn iter(&self) -> impl Iterator<Item = (u64, &Bytes)> {
         self.frames.iter().map(|(s, f)| (*s, f))

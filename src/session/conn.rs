@@ -43,8 +43,15 @@ pub async fn serve(
     let ctl = Rc::new(shards::Notify::new());
     let sid = ctx.add_session(peer, out.clone(), ctl.clone());
     let writer = {
-        let (out, stream) = (out.clone(), stream.clone());
-        glommio::spawn_local(async move { out.run_writer(stream).await })
+        let (out, stream, ctx) = (out.clone(), stream.clone(), ctx.clone());
+        glommio::spawn_local(async move {
+            let r = out.run_writer(stream).await;
+            if r.is_err() {
+                // The peer is gone: stop counting the session as live.
+                ctx.close(sid, "write error");
+            }
+            r
+        })
     };
     match arrived {
         Some(arrival) => ctx.accept_handoff(sid, arrival),
