@@ -33,7 +33,7 @@ $GW --config "$cfg" >/dev/null 2>&1 & gw=$!; pids+=($gw)
 hcfg=$(mktemp --suffix=.cfg)
 cat > "$hcfg" <<HAP
 global
-    maxconn 40000
+    maxconn 9000
 defaults
     mode tcp
     timeout connect 5s
@@ -48,23 +48,29 @@ HAP
 haproxy -f "$hcfg" -db >/dev/null 2>&1 & hap=$!; pids+=($hap)
 sleep 1
 
-# syscalls of process $1 while the command after it runs
-syscalls() { local pid=$1; shift; perf stat -x, -e raw_syscalls:sys_enter -p "$pid" -o /tmp/slg-perf.txt -- "$@";
-             grep raw_syscalls /tmp/slg-perf.txt | cut -d, -f1; }
+# run_counted PID NAME ARGS...: run the load tester with the syscalls of
+# process PID counted by perf; output to $out/NAME.txt, plus syscalls/message.
+run_counted() {
+    local pid=$1 name=$2; shift 2
+    perf stat -x, -e raw_syscalls:sys_enter -p "$pid" -o "$out/$name.perf" -- "$@" > "$out/$name.txt"
+    local n answered
+    n=$(grep raw_syscalls "$out/$name.perf" | cut -d, -f1)
+    answered=$(python3 -c "import json;print(json.load(open('$out/$name.json'))['answered'])")
+    echo "syscalls: $n ($(python3 -c "print(round($n/max($answered,1),2))") per message)" >> "$out/$name.txt"
+    cat "$out/$name.txt"
+}
 
 steady() {
     local rate=$1 tag=$2
     echo "== steady $tag: $SESSIONS sessions, 100-byte bodies, ${SECS}s each, rate/session=$rate"
     $LT steady --target direct --addr 127.0.0.1:7100 --sessions "$SESSIONS" --duration "$SECS" --rate "$rate" \
         --quiet --json "$out/steady-$tag-direct.json" --svg "$out/steady-$tag-direct.svg" | tee "$out/steady-$tag-direct.txt"
-    n=$(syscalls "$hap" $LT steady --target direct --addr 127.0.0.1:7200 --sessions "$SESSIONS" --duration "$SECS" \
-        --rate "$rate" --watch-pid "$hap" --quiet --json "$out/steady-$tag-haproxy.json" --svg "$out/steady-$tag-haproxy.svg" \
-        | tee "$out/steady-$tag-haproxy.txt" >&2)
-    echo "haproxy syscalls: $n" | tee -a "$out/steady-$tag-haproxy.txt"
-    n=$(syscalls "$gw" $LT steady --target gateway --addr 127.0.0.1:7000 --sessions "$SESSIONS" --duration "$SECS" \
-        --rate "$rate" --gateway-pid "$gw" --quiet --json "$out/steady-$tag-gateway.json" --svg "$out/steady-$tag-gateway.svg" \
-        | tee "$out/steady-$tag-gateway.txt" >&2)
-    echo "gateway syscalls: $n" | tee -a "$out/steady-$tag-gateway.txt"
+    run_counted "$hap" "steady-$tag-haproxy" $LT steady --target direct --addr 127.0.0.1:7200 --sessions "$SESSIONS" \
+        --duration "$SECS" --rate "$rate" --watch-pid "$hap" --quiet \
+        --json "$out/steady-$tag-haproxy.json" --svg "$out/steady-$tag-haproxy.svg"
+    run_counted "$gw" "steady-$tag-gateway" $LT steady --target gateway --addr 127.0.0.1:7000 --sessions "$SESSIONS" \
+        --duration "$SECS" --rate "$rate" --gateway-pid "$gw" --quiet \
+        --json "$out/steady-$tag-gateway.json" --svg "$out/steady-$tag-gateway.svg"
 }
 
 if [[ $what == all || $what == steady ]]; then

@@ -69,12 +69,22 @@ pub struct Config {
     /// Limits and deadlines of the HTTP API.
     #[serde(default)]
     pub http: HttpConfig,
+    /// Directory for snapshots of player state at shutdown (None: none).
+    #[serde(default)]
+    pub snapshot_dir: Option<String>,
+    /// How long a drain may take before it is forced.
+    #[serde(with = "humantime_serde", default = "default_drain_timeout")]
+    pub drain_timeout: Duration,
     /// Start the in-process demo backend on this address.
     #[serde(default)]
     pub demo_backend: Option<String>,
     /// tracing filter; `RUST_LOG` overrides it.
     #[serde(default = "default_log")]
     pub log: String,
+}
+
+fn default_drain_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn default_log() -> String {
@@ -278,6 +288,13 @@ impl Config {
         positive("http.idle_timeout", self.http.idle_timeout)?;
         positive("player_linger", self.player_linger)?;
         positive("token_lifetime", self.token_lifetime)?;
+        positive("drain_timeout", self.drain_timeout)?;
+        if self.snapshot_dir.as_deref() == Some("") {
+            return Err(invalid(
+                "snapshot_dir",
+                "must not be empty (use None for no snapshots)",
+            ));
+        }
         if self.outbox.max_frames == 0 {
             return Err(invalid("outbox.max_frames", "must be greater than 0"));
         }

@@ -8,7 +8,8 @@
 
 use crate::backend::{run_connection, AnswerSink};
 use crate::config::{Config, ConfigError};
-use crate::shard::{ShardCtx, ShardMsg};
+use crate::shard::{DrainReport, GatewayEvent, ShardCtx, ShardMsg};
+use crate::snapshot::{Image, LocalDir, PlayerImage, SnapshotStore};
 use bytes::BytesMut;
 use std::net::SocketAddr;
 use std::rc::Rc;
@@ -51,6 +52,90 @@ pub struct Gateway {
     pub http_addr: SocketAddr,
     shards: shards::Shards<ShardMsg, ShardReport>,
     connections: Arc<AtomicUsize>,
+    events: (flume::Sender<GatewayEvent>, flume::Receiver<GatewayEvent>),
+    store: Option<LocalDir>,
+    drain_timeout: Duration,
+    /// Players loaded from a snapshot at start.
+    pub restored: usize,
+}
+
+/// How a drain ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DrainOutcome {
+    /// Every shard finished within `drain_timeout`, nothing forced.
+    pub clean: bool,
+    /// Players in the snapshot written (None: no snapshot_dir, or the
+    /// write failed, in which case `error` says why).
+    pub snapshot_players: Option<usize>,
+    pub error: Option<String>,
+}
+
+/// Per-shard start data.
+struct ShardStart {
+    cfg: Arc<Config>,
+    client_addr: SocketAddr,
+    http_addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    http_conns: Arc<AtomicUsize>,
+    ready: flume::Sender<Result<usize, (usize, String)>>,
+    events: flume::Sender<GatewayEvent>,
+    /// restore[i]: the players homed on shard i, from the snapshot.
+    restore: Arc<Vec<flume::Receiver<Vec<PlayerImage>>>>,
+}
+
+impl Clone for ShardStart {
+    fn clone(&self) -> Self {
+        ShardStart {
+            cfg: self.cfg.clone(),
+            client_addr: self.client_addr,
+            http_addr: self.http_addr,
+            connections: self.connections.clone(),
+            http_conns: self.http_conns.clone(),
+            ready: self.ready.clone(),
+            events: self.events.clone(),
+            restore: self.restore.clone(),
+        }
+    }
+}
+
+/// Load the snapshot in `store`, if any; a damaged one is moved aside.
+/// Either way the file is gone from its place afterwards, so a later crash
+/// never brings back this (then stale) state.
+fn load_snapshot(store: &LocalDir) -> Vec<PlayerImage> {
+    let bytes = match store.load() {
+        Ok(Some(b)) => b,
+        Ok(None) => {
+            tracing::info!(path = %store.path().display(), "no snapshot: fresh start");
+            return Vec::new();
+        }
+        Err(e) => {
+            tracing::error!(path = %store.path().display(), error = %e, "cannot read the snapshot: starting empty");
+            return Vec::new();
+        }
+    };
+    match Image::decode(&bytes) {
+        Ok(img) => {
+            match store.quarantine("loaded") {
+                Ok(to) => {
+                    tracing::info!(players = img.players.len(), moved_to = %to, "snapshot loaded")
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "snapshot loaded but could not be moved aside")
+                }
+            }
+            img.players
+        }
+        Err(e) => {
+            let moved = store.quarantine("corrupt");
+            tracing::error!(
+                path = %store.path().display(),
+                error = %e,
+                moved_to = ?moved.as_ref().ok(),
+                "snapshot unusable: moved aside, starting empty"
+            );
+            Vec::new()
+        }
+    }
 }
 
 impl Gateway {
@@ -79,19 +164,36 @@ impl Gateway {
         };
         let connections = Arc::new(AtomicUsize::new(0));
         let (ready_tx, ready_rx) = flume::unbounded::<Result<usize, (usize, String)>>();
-        let cfg = Arc::new(cfg);
-        let conns = connections.clone();
-        let http_conns = Arc::new(AtomicUsize::new(0));
+        let store = cfg.snapshot_dir.as_ref().map(LocalDir::new);
+        // Players from the snapshot, homed again by hash on this shard count.
+        let n = shards_cfg.shards;
+        let mut homed: Vec<Vec<PlayerImage>> = (0..n).map(|_| Vec::new()).collect();
+        for p in store.as_ref().map(load_snapshot).unwrap_or_default() {
+            homed[shards::home_shard(p.id, n)].push(p);
+        }
+        let restored = homed.iter().map(Vec::len).sum();
+        let restore = homed
+            .into_iter()
+            .map(|v| {
+                let (tx, rx) = flume::bounded(1);
+                let _ = tx.send(v);
+                rx
+            })
+            .collect();
+        let events = flume::unbounded();
+        let drain_timeout = cfg.drain_timeout;
+        let start = ShardStart {
+            cfg: Arc::new(cfg),
+            client_addr,
+            http_addr,
+            connections: connections.clone(),
+            http_conns: Arc::new(AtomicUsize::new(0)),
+            ready: ready_tx,
+            events: events.0.clone(),
+            restore: Arc::new(restore),
+        };
         let shards = shards::start(&shards_cfg, move |shard: shards::Shard<ShardMsg>| {
-            run_shard(
-                shard,
-                cfg,
-                client_addr,
-                http_addr,
-                conns,
-                http_conns,
-                ready_tx,
-            )
+            run_shard(shard, start)
         })?;
         for _ in 0..shards.count() {
             match ready_rx.recv() {
@@ -118,7 +220,118 @@ impl Gateway {
             http_addr,
             shards,
             connections,
+            events,
+            store,
+            drain_timeout,
+            restored,
         })
+    }
+
+    /// Events for the process: drain requests from the HTTP API, and
+    /// whatever is sent with [`event_sender`](Self::event_sender).
+    pub fn events(&self) -> &flume::Receiver<GatewayEvent> {
+        &self.events.1
+    }
+
+    /// Where signal handlers send their events.
+    pub fn event_sender(&self) -> flume::Sender<GatewayEvent> {
+        self.events.0.clone()
+    }
+
+    /// Drain, snapshot and stop: in-flight requests finish, every session
+    /// gets `KICK SHUTDOWN` once flushed, every shard hands over its
+    /// players, the snapshot is written, the shards stop. Waits at most
+    /// `drain_timeout`, then forces; any event on `force` forces at once.
+    pub fn drain(self, force: &flume::Receiver<GatewayEvent>) -> DrainOutcome {
+        let n = self.shards.count();
+        let (tx, rx) = flume::unbounded::<DrainReport>();
+        let send_all = |force: bool| {
+            for i in 0..n {
+                let _ = self.shards.send_blocking(
+                    i,
+                    ShardMsg::Drain {
+                        force,
+                        reply: tx.clone(),
+                    },
+                );
+            }
+        };
+        tracing::info!(timeout = ?self.drain_timeout, "drain started");
+        send_all(false);
+        let deadline = Instant::now() + self.drain_timeout;
+        let mut reports: Vec<Option<DrainReport>> = (0..n).map(|_| None).collect();
+        let mut forced = false;
+        let mut got = 0;
+        while got < n {
+            let wait = if forced {
+                Duration::from_secs(5)
+            } else {
+                deadline.saturating_duration_since(Instant::now())
+            };
+            let event = flume::Selector::new()
+                .recv(&rx, |r| r.ok().map(Ok))
+                .recv(force, |e| e.ok().map(Err))
+                .wait_timeout(wait);
+            match event {
+                Ok(Some(Ok(r))) => {
+                    let i = r.shard;
+                    if i < n && reports[i].is_none() {
+                        reports[i] = Some(r);
+                        got += 1;
+                    }
+                }
+                Ok(Some(Err(_))) | Err(_) if !forced => {
+                    tracing::warn!("drain forced");
+                    forced = true;
+                    send_all(true);
+                }
+                Ok(None) => {}
+                _ => {
+                    tracing::error!(
+                        answered = got,
+                        shards = n,
+                        "shards did not answer the forced drain"
+                    );
+                    break;
+                }
+            }
+        }
+        let clean = !forced && reports.iter().all(|r| r.as_ref().is_some_and(|r| r.clean));
+        let players: Vec<PlayerImage> = reports
+            .into_iter()
+            .flatten()
+            .flat_map(|r| r.players)
+            .collect();
+        let mut outcome = DrainOutcome {
+            clean: clean && got == n,
+            snapshot_players: None,
+            error: None,
+        };
+        if let Some(store) = &self.store {
+            let count = players.len();
+            let image = Image {
+                taken_unix_ms: crate::snapshot::unix_ms_now(),
+                shards: n as u32,
+                players,
+            };
+            match image
+                .encode()
+                .map_err(|e| e.to_string())
+                .and_then(|b| store.save(&b).map_err(|e| e.to_string()))
+            {
+                Ok(()) => {
+                    tracing::info!(players = count, path = %store.path().display(), "snapshot written");
+                    outcome.snapshot_players = Some(count);
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "snapshot NOT written");
+                    outcome.error = Some(e);
+                }
+            }
+        }
+        self.stop();
+        tracing::info!(clean = outcome.clean, "drain finished");
+        outcome
     }
 
     /// Open client connections now.
@@ -153,15 +366,17 @@ impl Gateway {
     }
 }
 
-async fn run_shard(
-    shard: shards::Shard<ShardMsg>,
-    cfg: Arc<Config>,
-    client_addr: SocketAddr,
-    http_addr: SocketAddr,
-    connections: Arc<AtomicUsize>,
-    http_conns: Arc<AtomicUsize>,
-    ready: flume::Sender<Result<usize, (usize, String)>>,
-) -> ShardReport {
+async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardReport {
+    let ShardStart {
+        cfg,
+        client_addr,
+        http_addr,
+        connections,
+        http_conns,
+        ready,
+        events,
+        restore,
+    } = start;
     let (id, count, mesh, inbox, stop, _stop_handle) = shard.into_parts();
     let listener = match crate::net::listen_reuseport(client_addr) {
         Ok(l) => l,
@@ -184,7 +399,7 @@ async fn run_shard(
         }
     };
     let cfg = Rc::new((*cfg).clone());
-    let ctx = Rc::new(ShardCtx::new(
+    let mut ctx = ShardCtx::new(
         id,
         count,
         cfg.clone(),
@@ -192,7 +407,20 @@ async fn run_shard(
         stop.clone(),
         connections,
         http_conns,
-    ));
+    );
+    ctx.events = Some(events);
+    let ctx = Rc::new(ctx);
+    if let Some(images) = restore.get(id).and_then(|rx| rx.try_recv().ok()) {
+        if !images.is_empty() {
+            let (loaded, dropped) = ctx.restore(&images);
+            tracing::info!(
+                shard = id,
+                loaded,
+                dropped_expired = dropped,
+                "players restored"
+            );
+        }
+    }
     let http_task = glommio::spawn_local(run_http(ctx.clone(), http_listener));
 
     // Backend connections.
@@ -304,6 +532,17 @@ async fn run_shard(
                     Some(ShardMsg::Metrics { reply }) => {
                         let _ = reply.try_send(ctx.snapshot());
                     }
+                    Some(ShardMsg::Drain { force, reply }) => {
+                        if force {
+                            ctx.forced.set(true);
+                            ctx.force_wake.notify();
+                        }
+                        if !ctx.draining.get() {
+                            ctx.draining.set(true);
+                            ctx.drain_started.notify();
+                            glommio::spawn_local(drain_shard(ctx.clone(), reply)).detach();
+                        }
+                    }
                     None => break,
                 }
             }
@@ -313,10 +552,10 @@ async fn run_shard(
     let _ = ready.send(Ok(id));
     tracing::debug!(shard = id, "listening on {client_addr}");
 
-    // Accept until stopped.
+    // Accept until stopped or draining.
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            ctx.stop.stopped().await;
+            futures_lite::future::or(ctx.stop.stopped(), ctx.drain_started.notified()).await;
             None
         })
         .await;
@@ -353,6 +592,8 @@ async fn run_shard(
         .detach();
     }
     drop(listener);
+    // A drain stops accepting first; the shard itself ends on the stop.
+    ctx.stop.stopped().await;
 
     // Stopping: tell every client, give the writers a moment, then end.
     ctx.kick_all(crate::protocol::Code::Shutdown);
@@ -423,4 +664,60 @@ async fn run_http(ctx: Rc<ShardCtx>, listener: glommio::net::TcpListener) {
         })
         .detach();
     }
+}
+
+/// How long a session must have sent nothing before a drain kicks it.
+const DRAIN_QUIET: Duration = Duration::from_millis(100);
+
+/// Drain this shard: in-flight requests finish (new ones are answered
+/// `SHUTTING_DOWN`), then each session, once quiet, gets `KICK SHUTDOWN`
+/// after its queued output; then the players go to the coordinator.
+/// Everything is bounded by `drain_timeout`; a force finishes at once.
+async fn drain_shard(ctx: Rc<ShardCtx>, reply: flume::Sender<DrainReport>) {
+    let deadline = Instant::now() + ctx.cfg.drain_timeout;
+    let tick = Duration::from_millis(5);
+    let wait = |ctx: Rc<ShardCtx>| async move {
+        futures_lite::future::or(glommio::timer::sleep(tick), ctx.force_wake.notified()).await;
+    };
+    let mut clean = true;
+    while ctx.in_flight() > 0 {
+        if ctx.forced.get() || Instant::now() >= deadline {
+            clean = false;
+            break;
+        }
+        wait(ctx.clone()).await;
+    }
+    loop {
+        let quiet_since = Instant::now()
+            .checked_sub(DRAIN_QUIET)
+            .unwrap_or_else(Instant::now);
+        if ctx.kick_quiet(quiet_since) == 0 {
+            break;
+        }
+        if ctx.forced.get() || Instant::now() >= deadline {
+            clean = false;
+            ctx.kick_all(crate::protocol::Code::Shutdown);
+            break;
+        }
+        wait(ctx.clone()).await;
+    }
+    // Let the KICKs flush, unless forced.
+    while ctx.session_count() > 0 && !ctx.forced.get() && Instant::now() < deadline {
+        wait(ctx.clone()).await;
+    }
+    if ctx.session_count() > 0 {
+        clean = false;
+    }
+    let players = ctx.images();
+    tracing::info!(
+        shard = ctx.id,
+        players = players.len(),
+        clean,
+        "shard drained"
+    );
+    let _ = reply.send(DrainReport {
+        shard: ctx.id,
+        clean,
+        players,
+    });
 }

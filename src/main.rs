@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use slg_gateway::config::Config;
 use slg_gateway::demo::DemoBackend;
 use slg_gateway::gateway::Gateway;
+use slg_gateway::shard::GatewayEvent;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -50,6 +51,7 @@ fn init_logs(filter: &str) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        .with_writer(std::io::stderr)
         .init();
 }
 
@@ -69,6 +71,28 @@ fn wait_for_signal() {
         }
     }
 }
+
+/// Forward SIGINT and SIGTERM to `events`, from a thread of their own.
+fn forward_signals(events: flume::Sender<GatewayEvent>) -> std::io::Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                if events.send(GatewayEvent::Signal(sig)).is_err() {
+                    break;
+                }
+            }
+        })?;
+    Ok(())
+}
+
+/// Exit status of a drain that was not clean: forced (deadline or a
+/// second signal) or its snapshot could not be written.
+const EXIT_FORCED: u8 = 3;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -144,14 +168,25 @@ fn main() -> ExitCode {
         "gateway listening on {} (clients), {} (http), {} shards",
         gw.client_addr, gw.http_addr, shards
     );
-    wait_for_signal();
-    let reports = gw.stop();
+    if let Err(e) = forward_signals(gw.event_sender()) {
+        eprintln!("cannot install signal handlers: {e}");
+        let _ = gw.stop();
+        return ExitCode::from(1);
+    }
+    // Run until a signal or POST /v1/drain, then drain; another event forces.
+    let events = gw.events().clone();
+    match events.recv() {
+        Ok(e) => tracing::info!(event = ?e, "stopping"),
+        Err(_) => tracing::error!("event channel closed; stopping"),
+    }
+    let outcome = gw.drain(&events);
     if let Some(d) = demo {
         d.stop();
     }
-    let accepted: u64 = reports.iter().map(|r| r.accepted).sum();
-    tracing::info!(accepted, "stopped");
-    ExitCode::SUCCESS
+    match (outcome.clean, &outcome.error) {
+        (true, None) => ExitCode::SUCCESS,
+        _ => ExitCode::from(EXIT_FORCED),
+    }
 }
 
 fn unreachable_config() -> ! {

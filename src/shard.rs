@@ -61,6 +61,30 @@ pub enum ShardMsg {
     Metrics {
         reply: flume::Sender<crate::metrics::Snapshot>,
     },
+    /// Drain (or, with `force`, stop draining and finish now); the shard
+    /// answers once, with its players.
+    Drain {
+        force: bool,
+        reply: flume::Sender<DrainReport>,
+    },
+}
+
+/// What a shard hands the coordinator at the end of a drain.
+#[derive(Debug)]
+pub struct DrainReport {
+    pub shard: usize,
+    /// Everything finished within the deadline, nothing forced.
+    pub clean: bool,
+    pub players: Vec<crate::snapshot::PlayerImage>,
+}
+
+/// Events a shard raises for the process (the coordinator).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GatewayEvent {
+    /// `POST /v1/drain`.
+    DrainRequested,
+    /// A stop signal (SIGTERM, SIGINT).
+    Signal(i32),
 }
 
 /// What a push did, player by player (PROTOCOL.md section 5).
@@ -213,6 +237,15 @@ pub struct ShardCtx {
     pub http_connections: Arc<AtomicUsize>,
     pub stats: Stats,
     pub metrics: crate::metrics::Metrics,
+    /// Set once a drain begins: no new connections, pushes or requests.
+    pub draining: Cell<bool>,
+    /// Woken when a drain begins (the accept loop stops).
+    pub drain_started: shards::Notify,
+    /// Set when the drain must finish at once.
+    pub forced: Cell<bool>,
+    pub force_wake: shards::Notify,
+    /// Where `POST /v1/drain` goes (the process's coordinator).
+    pub events: Option<flume::Sender<GatewayEvent>>,
 }
 
 impl ShardCtx {
@@ -253,6 +286,11 @@ impl ShardCtx {
             http_connections,
             stats: Stats::default(),
             metrics: Default::default(),
+            draining: Cell::new(false),
+            drain_started: shards::Notify::new(),
+            forced: Cell::new(false),
+            force_wake: shards::Notify::new(),
+            events: None,
             cfg,
         }
     }
@@ -581,6 +619,10 @@ impl ShardCtx {
     }
 
     fn on_resume(&self, sid: SessionId, h: &Header, token: Bytes) {
+        if self.draining.get() {
+            // Resume on the gateway that comes next.
+            return self.kick(sid, Code::Shutdown);
+        }
         let refused = {
             let mut sessions = self.sessions.borrow_mut();
             let Some(e) = sessions.get_mut(&sid) else {
@@ -635,6 +677,9 @@ impl ShardCtx {
     fn on_request(&self, sid: SessionId, h: &Header, body: Bytes) {
         bump(&self.stats.requests);
         self.metrics.request(self.router.slot(h.msg_id));
+        if self.draining.get() {
+            return self.respond(sid, h.req_id, h.msg_id, Code::ShuttingDown.into(), &[]);
+        }
         let route = self.router.lookup(h.msg_id);
         let (decision, player) = {
             let mut sessions = self.sessions.borrow_mut();
@@ -1004,6 +1049,65 @@ impl ShardCtx {
         s.mesh_backlog = self.mesh.stats().backlog;
         (s.backends_up, s.backends_down) = b.health();
         s
+    }
+
+    // ----- drain and snapshots ------------------------------------------
+
+    /// Requests of this shard waiting for a backend.
+    pub fn in_flight(&self) -> usize {
+        self.backends.in_flight()
+    }
+
+    /// During a drain: `KICK SHUTDOWN` to every session that has sent
+    /// nothing since `quiet_since` (a client that got `SHUTTING_DOWN` stops
+    /// sending, so a request still on its way is read and answered first).
+    /// Returns the sessions still open.
+    pub fn kick_quiet(&self, quiet_since: Instant) -> usize {
+        let quiet: Vec<SessionId> = self
+            .sessions
+            .borrow()
+            .iter()
+            .filter(|(_, e)| !e.session.is_closing() && e.last_rx <= quiet_since)
+            .map(|(&sid, _)| sid)
+            .collect();
+        for sid in quiet {
+            self.kick(sid, Code::Shutdown);
+        }
+        self.session_count()
+    }
+
+    /// Every player as a snapshot keeps it.
+    pub fn images(&self) -> Vec<crate::snapshot::PlayerImage> {
+        let now = Instant::now();
+        let unix = crate::snapshot::unix_ms_now();
+        let mut v: Vec<_> = self
+            .players
+            .borrow()
+            .values()
+            .map(|p| p.to_image(now, unix))
+            .collect();
+        v.sort_unstable_by_key(|p| p.id);
+        v
+    }
+
+    /// Load players from a snapshot (all homed here). Players whose linger
+    /// ran out while the gateway was down are dropped. Returns (loaded, dropped).
+    pub fn restore(&self, images: &[crate::snapshot::PlayerImage]) -> (usize, usize) {
+        let now = Instant::now();
+        let unix = crate::snapshot::unix_ms_now();
+        let o = self.cfg.outbox;
+        let mut players = self.players.borrow_mut();
+        let mut dropped = 0;
+        for img in images {
+            let mut p = Player::from_image(img, o.max_frames, o.max_bytes, now, unix);
+            if p.expired(now, self.cfg.player_linger) {
+                dropped += 1;
+                continue;
+            }
+            p.life = self.new_life();
+            players.insert(p.id, p);
+        }
+        (players.len(), dropped)
     }
 
     /// A copy of a player's state, for the admin API and tests.

@@ -3,58 +3,14 @@
 //! naming the key).
 
 use slg_gateway::client::Client;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
-const BIN: &str = env!("CARGO_BIN_EXE_slg-gateway");
+mod common;
 
-/// A child process killed (and reaped) on drop.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Read stdout lines until one starts with `prefix`; return the address after it.
-fn address_after(child: &mut Child, prefix: &str) -> SocketAddr {
-    let out = child.stdout.take().expect("stdout");
-    let mut lines = BufReader::new(out).lines();
-    loop {
-        let line = lines
-            .next()
-            .expect("the process printed its address")
-            .expect("utf-8 line");
-        if let Some(rest) = line.strip_prefix(prefix) {
-            let addr = rest.split_whitespace().next().expect("address");
-            // Keep draining stdout so the child never blocks on a full pipe.
-            std::thread::spawn(move || for _ in lines {});
-            return addr.parse().expect("socket address");
-        }
-    }
-}
-
-fn sigterm(child: &Child) {
-    // SAFETY: plain kill(2) on our own child's pid.
-    unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
-    }
-}
-
-fn wait_exit(child: &mut Child, limit: Duration) -> Option<i32> {
-    let deadline = std::time::Instant::now() + limit;
-    while std::time::Instant::now() < deadline {
-        if let Some(status) = child.try_wait().expect("wait") {
-            return status.code();
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    None
-}
+use common::{address_after, sigterm, wait_exit, Proc, BIN};
 
 #[test]
 fn demo_backend_alone_then_a_gateway_in_front_of_it() {

@@ -192,6 +192,11 @@ impl BackendPool {
     }
 
     /// Every (service, instance, connection), for starting their tasks.
+    /// Requests waiting for an answer, on every connection.
+    pub fn in_flight(&self) -> usize {
+        self.services.iter().flatten().map(|c| c.in_flight()).sum()
+    }
+
     /// (up, down) connection counts.
     pub fn health(&self) -> (u64, u64) {
         let mut up = 0;

@@ -7,7 +7,7 @@
 
 use super::{Request, Response};
 use crate::metrics::Snapshot;
-use crate::shard::{PlayerInfo, PushCounts, ShardCtx, ShardMsg};
+use crate::shard::{GatewayEvent, PlayerInfo, PushCounts, ShardCtx, ShardMsg};
 use bytes::Bytes;
 use std::rc::Rc;
 use std::time::Duration;
@@ -43,13 +43,26 @@ async fn route(ctx: &ShardCtx, req: Request) -> Response {
     let method = req.method.as_str();
     match req.path.as_str() {
         "/healthz" => match method {
+            "GET" if ctx.draining.get() => Response::json(503, "{\"status\":\"draining\"}".into()),
             "GET" => Response::json(200, "{\"status\":\"ok\"}".into()),
             _ => Response::error(405, "use GET"),
+        },
+        "/v1/drain" => match method {
+            "POST" => match &ctx.events {
+                Some(events) if events.send(GatewayEvent::DrainRequested).is_ok() => {
+                    Response::json(202, "{\"draining\":true}".into())
+                }
+                _ => Response::error(503, "no coordinator to drain this gateway"),
+            },
+            _ => Response::error(405, "use POST"),
         },
         "/metrics" => match method {
             "GET" => metrics(ctx).await,
             _ => Response::error(405, "use GET"),
         },
+        "/v1/push" | "/v1/broadcast" if ctx.draining.get() => {
+            Response::error(503, "the gateway is draining")
+        }
         "/v1/push" => match method {
             "POST" => push(ctx, &req).await,
             _ => Response::error(405, "use POST"),

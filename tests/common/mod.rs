@@ -6,6 +6,7 @@ use slg_gateway::client::Client;
 use slg_gateway::config::{Config, ServiceConfig};
 use slg_gateway::demo::DemoBackend;
 use slg_gateway::gateway::Gateway;
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -150,4 +151,53 @@ impl Harness {
             other => panic!("GET /v1/players/{id}: {other} {body}"),
         }
     }
+}
+
+/// The gateway binary.
+pub const BIN: &str = env!("CARGO_BIN_EXE_slg-gateway");
+
+/// A child process killed (and reaped) on drop.
+pub struct Proc(pub std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Read stdout lines until one starts with `prefix`; return the address after it.
+pub fn address_after(child: &mut std::process::Child, prefix: &str) -> SocketAddr {
+    let out = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(out).lines();
+    loop {
+        let line = lines
+            .next()
+            .expect("the process printed its address")
+            .expect("utf-8 line");
+        if let Some(rest) = line.strip_prefix(prefix) {
+            let addr = rest.split_whitespace().next().expect("address");
+            // Keep draining stdout so the child never blocks on a full pipe.
+            std::thread::spawn(move || for _ in lines {});
+            return addr.parse().expect("socket address");
+        }
+    }
+}
+
+pub fn sigterm(child: &std::process::Child) {
+    // SAFETY: plain kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(child.id() as i32, libc::SIGTERM);
+    }
+}
+
+pub fn wait_exit(child: &mut std::process::Child, limit: Duration) -> Option<i32> {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status.code();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
 }
