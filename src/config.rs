@@ -69,6 +69,9 @@ pub struct Config {
     /// Limits and deadlines of the HTTP API.
     #[serde(default)]
     pub http: HttpConfig,
+    /// Backpressure: in-flight bounds and the per-session rate limit.
+    #[serde(default)]
+    pub limits: Limits,
     /// Directory for snapshots of player state at shutdown (None: none).
     #[serde(default)]
     pub snapshot_dir: Option<String>,
@@ -97,6 +100,40 @@ fn default_log() -> String {
 pub struct OutboxLimits {
     pub max_frames: usize,
     pub max_bytes: usize,
+}
+
+/// Backpressure and fairness.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Requests of one session waiting for backends; beyond it OVERLOADED.
+    pub session_inflight: u32,
+    /// Requests waiting on one backend connection; beyond it the instance
+    /// is skipped, and OVERLOADED when every instance is that full.
+    pub backend_inflight: usize,
+    /// Bytes queued to one backend connection, likewise.
+    pub backend_queue_bytes: usize,
+    /// Per-session token bucket (requests per second, burst); None: no limit.
+    pub rate: Option<RateLimit>,
+}
+
+/// A token bucket: `per_second` tokens added each second, at most `burst` kept.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    pub per_second: f64,
+    pub burst: f64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            session_inflight: 256,
+            backend_inflight: 65536,
+            backend_queue_bytes: 8 * 1024 * 1024,
+            rate: None,
+        }
+    }
 }
 
 /// Limits and deadlines of the push/admin HTTP listener.
@@ -280,6 +317,30 @@ impl Config {
             return Err(invalid("max_connections", "must be greater than 0"));
         }
         positive("session_idle", self.session_idle)?;
+        let l = &self.limits;
+        if l.session_inflight == 0 {
+            return Err(invalid("limits.session_inflight", "must be greater than 0"));
+        }
+        if l.backend_inflight == 0 {
+            return Err(invalid("limits.backend_inflight", "must be greater than 0"));
+        }
+        if l.backend_queue_bytes < self.max_frame as usize + LEN_PREFIX {
+            return Err(invalid(
+                "limits.backend_queue_bytes",
+                "must be at least max_frame + 4 so that one largest request fits",
+            ));
+        }
+        if let Some(r) = l.rate {
+            if !(r.per_second > 0.0 && r.per_second.is_finite()) {
+                return Err(invalid(
+                    "limits.rate.per_second",
+                    "must be a positive number",
+                ));
+            }
+            if !(r.burst >= 1.0 && r.burst.is_finite()) {
+                return Err(invalid("limits.rate.burst", "must be at least 1"));
+            }
+        }
         if self.http.max_connections == 0 {
             return Err(invalid("http.max_connections", "must be greater than 0"));
         }

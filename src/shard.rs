@@ -175,6 +175,8 @@ pub struct SessionEntry {
     arrival: Option<Arrival>,
     /// Resumes refused on this connection (it moves with a hand-off).
     resume_failures: u8,
+    /// Token bucket of the per-session rate limit: (tokens, last refill).
+    bucket: (f64, Instant),
     /// Why the session is closing, for the log line of its end.
     close_reason: &'static str,
     /// Stream offset where the last outbox replay ends: replayed bytes not
@@ -202,6 +204,8 @@ pub struct Stats {
     pub kicks: Cell<u64>,
     pub evictions: Cell<u64>,
     pub players_expired: Cell<u64>,
+    pub overloaded: Cell<u64>,
+    pub rate_limited: Cell<u64>,
 }
 
 /// Refused resumes one connection may make before it is closed.
@@ -269,7 +273,11 @@ impl ShardCtx {
                     .unwrap_or_default()
             })
             .collect();
-        let backends = BackendPool::new(services, cfg.backend.request_timeout);
+        let backends = BackendPool::new(
+            services,
+            cfg.backend.request_timeout,
+            (cfg.limits.backend_inflight, cfg.limits.backend_queue_bytes),
+        );
         ShardCtx {
             id,
             count,
@@ -324,6 +332,10 @@ impl ShardCtx {
                 arrival: None,
                 replay_end: 0,
                 resume_failures: 0,
+                bucket: (
+                    self.cfg.limits.rate.map_or(0.0, |r| r.burst),
+                    Instant::now(),
+                ),
                 close_reason: "",
                 last_rx: Instant::now(),
             },
@@ -681,12 +693,37 @@ impl ShardCtx {
             return self.respond(sid, h.req_id, h.msg_id, Code::ShuttingDown.into(), &[]);
         }
         let route = self.router.lookup(h.msg_id);
+        let limits = self.cfg.limits;
         let (decision, player) = {
             let mut sessions = self.sessions.borrow_mut();
             let Some(e) = sessions.get_mut(&sid) else {
                 return;
             };
-            (e.session.on_request(route), e.session.player().unwrap_or(0))
+            let mut decision = e.session.on_request(route);
+            if let (Decision::Forward { login }, Some(rate)) = (decision, limits.rate) {
+                let now = Instant::now();
+                let (tokens, last) = e.bucket;
+                let tokens = (tokens
+                    + now.saturating_duration_since(last).as_secs_f64() * rate.per_second)
+                    .min(rate.burst);
+                if tokens < 1.0 {
+                    e.bucket = (tokens, now);
+                    if login {
+                        e.session.on_login_result(None);
+                    }
+                    bump(&self.stats.rate_limited);
+                    decision = Decision::Reply(Code::RateLimited);
+                } else {
+                    e.bucket = (tokens - 1.0, now);
+                }
+            }
+            if let Decision::Forward { login } = decision {
+                if !login && e.inflight >= limits.session_inflight {
+                    bump(&self.stats.overloaded);
+                    decision = Decision::Reply(Code::Overloaded);
+                }
+            }
+            (decision, e.session.player().unwrap_or(0))
         };
         match decision {
             Decision::Ignore => {}
@@ -706,6 +743,9 @@ impl ShardCtx {
                     Err(code) => {
                         if login {
                             e.session.on_login_result(None);
+                        }
+                        if code == Code::Overloaded {
+                            bump(&self.stats.overloaded);
                         }
                         drop(sessions);
                         self.respond(sid, h.req_id, h.msg_id, code.into(), &[]);
@@ -1028,6 +1068,16 @@ impl ShardCtx {
                 "players_expired",
                 "Players ended after player_linger without a session.",
                 st.players_expired.get(),
+            ),
+            (
+                "overloaded",
+                "Requests refused OVERLOADED (session or backend in-flight bounds).",
+                st.overloaded.get(),
+            ),
+            (
+                "rate_limited",
+                "Requests refused RATE_LIMITED by the per-session token bucket.",
+                st.rate_limited.get(),
             ),
             (
                 "backend_unknown_answers",

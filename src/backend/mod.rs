@@ -159,6 +159,8 @@ pub struct BackendPool {
     deadlines: RefCell<VecDeque<Deadline>>,
     deadline_wake: shards::Notify,
     request_timeout: Duration,
+    /// (in-flight requests, queued bytes) one connection may hold.
+    bounds: (usize, usize),
     next_ticket: Cell<u64>,
     /// Answers whose req_id matched nothing (late after a timeout, or bogus).
     pub unknown_answers: Cell<u64>,
@@ -168,7 +170,11 @@ pub struct BackendPool {
 
 impl BackendPool {
     /// `services[s]` lists the instance addresses of router service `s`.
-    pub fn new(services: Vec<Vec<SocketAddr>>, request_timeout: Duration) -> BackendPool {
+    pub fn new(
+        services: Vec<Vec<SocketAddr>>,
+        request_timeout: Duration,
+        bounds: (usize, usize),
+    ) -> BackendPool {
         let cursors = services.iter().map(|_| Cell::new(0)).collect();
         BackendPool {
             services: services
@@ -184,6 +190,7 @@ impl BackendPool {
             deadlines: RefCell::new(VecDeque::new()),
             deadline_wake: shards::Notify::new(),
             request_timeout,
+            bounds,
             next_ticket: Cell::new(1),
             unknown_answers: Cell::new(0),
             timeouts: Cell::new(0),
@@ -234,10 +241,20 @@ impl BackendPool {
             return Err(Code::NoRoute);
         };
         let player = pending.player;
+        let (max_inflight, max_queue) = self.bounds;
+        let has_room =
+            |c: &BackendConn| c.in_flight() < max_inflight && c.out.borrow().queued() < max_queue;
         let i = crate::router::pick(route.balance, player, conns.len(), cursor, |i| {
-            conns[i].state() != ConnState::Down
+            conns[i].state() != ConnState::Down && has_room(&conns[i])
         })
-        .ok_or(Code::BackendUnavailable)?;
+        .ok_or_else(|| {
+            // Reachable instances, all full: the gateway refuses for load.
+            if conns.iter().any(|c| c.state() != ConnState::Down) {
+                Code::Overloaded
+            } else {
+                Code::BackendUnavailable
+            }
+        })?;
         let conn = &conns[i];
         let req_id = conn.alloc_req_id();
         let ticket = self.next_ticket.get();

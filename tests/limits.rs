@@ -1,0 +1,119 @@
+//! Backpressure and fairness: in-flight bounds per session and per backend
+//! connection (OVERLOADED), the per-session token bucket (RATE_LIMITED),
+//! while other clients keep their normal service.
+
+mod common;
+
+use common::Harness;
+use slg_gateway::config::RateLimit;
+use slg_gateway::protocol::{encode, Code, Header, Kind};
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+const ECHO: u32 = 100;
+const DELAY: u32 = 200;
+
+fn burst(c: &mut slg_gateway::client::Client, n: u32, msg: u32, body: &[u8]) -> Vec<u32> {
+    let first = c.next_req_id();
+    let mut buf = bytes::BytesMut::new();
+    for i in 0..n {
+        let mut h = Header::new(Kind::Request);
+        h.msg_id = msg;
+        h.req_id = first + i;
+        encode(&mut buf, &h, body);
+    }
+    c.set_next_req_id(first + n);
+    c.stream().write_all(&buf).expect("write");
+    (first..first + n).collect()
+}
+
+fn codes(c: &mut slg_gateway::client::Client, reqs: &[u32]) -> Vec<u16> {
+    reqs.iter()
+        .map(|&r| c.response_to(r).expect("answer").header.code)
+        .collect()
+}
+
+#[test]
+fn a_flooding_session_gets_overloaded_and_others_carry_on() {
+    let h = Harness::with(2, |c| c.limits.session_inflight = 4);
+    let mut flood = h.client();
+    flood.login_demo(1).expect("login");
+    let mut calm = h.client();
+    calm.login_demo(2).expect("login");
+    let reqs = burst(&mut flood, 20, DELAY, b"300");
+    // The calm client is served at once while the flood waits on the backend.
+    let t = Instant::now();
+    assert_eq!(calm.request(ECHO, b"hi").expect("echo").header.code, 0);
+    assert!(
+        t.elapsed() < Duration::from_millis(250),
+        "calm client delayed {:?}",
+        t.elapsed()
+    );
+    let got = codes(&mut flood, &reqs);
+    let ok = got.iter().filter(|&&c| c == 0).count();
+    let over = got
+        .iter()
+        .filter(|&&c| c == u16::from(Code::Overloaded))
+        .count();
+    assert_eq!((ok, over), (4, 16), "{got:?}");
+    // Once answered, the session may send again.
+    assert_eq!(flood.request(ECHO, b"again").expect("echo").header.code, 0);
+}
+
+#[test]
+fn the_token_bucket_rate_limits_one_session_only() {
+    let h = Harness::with(2, |c| {
+        c.limits.rate = Some(RateLimit {
+            per_second: 5.0,
+            burst: 5.0,
+        })
+    });
+    let mut fast = h.client();
+    fast.login_demo(3).expect("login"); // the login takes one token
+    let reqs = burst(&mut fast, 12, ECHO, b"x");
+    let got = codes(&mut fast, &reqs);
+    let ok = got.iter().filter(|&&c| c == 0).count();
+    let limited = got
+        .iter()
+        .filter(|&&c| c == u16::from(Code::RateLimited))
+        .count();
+    assert!((4..=5).contains(&ok), "about the burst left: {got:?}");
+    assert_eq!(ok + limited, 12);
+    let mut other = h.client();
+    other.login_demo(4).expect("login");
+    assert_eq!(
+        other.request(ECHO, b"y").expect("echo").header.code,
+        0,
+        "another session has its own bucket"
+    );
+    std::thread::sleep(Duration::from_millis(450));
+    assert_eq!(
+        fast.request(ECHO, b"z").expect("echo").header.code,
+        0,
+        "tokens come back"
+    );
+    // Refusals are sequenced responses like any other.
+    assert_eq!(fast.ping().expect("ping"), fast.last_seq);
+}
+
+#[test]
+fn a_full_backend_connection_gives_overloaded() {
+    let h = Harness::with(1, |c| c.limits.backend_inflight = 3);
+    let mut a = h.client();
+    a.login_demo(5).expect("login");
+    let reqs = burst(&mut a, 5, DELAY, b"300");
+    let got = codes(&mut a, &reqs);
+    assert_eq!(got.iter().filter(|&&c| c == 0).count(), 3, "{got:?}");
+    assert_eq!(
+        got.iter()
+            .filter(|&&c| c == u16::from(Code::Overloaded))
+            .count(),
+        2,
+        "{got:?}"
+    );
+    let metrics = common::http(h.http_addr(), "GET", "/metrics", b"").1;
+    assert!(
+        metrics.contains("slg_overloaded_total{shard=\"0\"} 2"),
+        "{metrics}"
+    );
+}
