@@ -72,6 +72,9 @@ pub struct Config {
     /// Backpressure: in-flight bounds and the per-session rate limit.
     #[serde(default)]
     pub limits: Limits,
+    /// An idle shard spins this long before it sleeps in the kernel.
+    #[serde(default, with = "humantime_serde")]
+    pub park_spin: Option<Duration>,
     /// Directory for snapshots of player state at shutdown (None: none).
     #[serde(default)]
     pub snapshot_dir: Option<String>,

@@ -161,6 +161,7 @@ impl Gateway {
             pin: true,
             name: "shard".into(),
             mesh_capacity: 4096,
+            spin_before_park: cfg.park_spin,
         };
         let connections = Arc::new(AtomicUsize::new(0));
         let (ready_tx, ready_rx) = flume::unbounded::<Result<usize, (usize, String)>>();

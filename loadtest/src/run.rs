@@ -65,6 +65,7 @@ pub fn run(opts: Options) -> Result<Report, RunError> {
         pin: false,
         name: "load".into(),
         mesh_capacity: 1,
+        spin_before_park: None,
     };
     let sh = shared.clone();
     let executors = shards::start::<(), Stats, _, _>(&cfg, move |shard| {

@@ -42,6 +42,7 @@ impl DemoBackend {
             pin: false,
             name: "demo-backend".into(),
             mesh_capacity: 1,
+            spin_before_park: None,
         };
         let shards = shards::start(&cfg, move |shard: shards::Shard<()>| async move {
             let listener = match crate::net::listen_reuseport(bound) {
