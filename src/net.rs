@@ -87,6 +87,55 @@ impl AsyncWrite for SharedStream {
     }
 }
 
+/// What [`read_more`] got.
+#[derive(Debug)]
+pub enum ReadMore {
+    /// This many bytes were appended.
+    Data(usize),
+    /// The peer closed its side.
+    Eof,
+    /// `interrupt` resolved first; nothing was read.
+    Interrupted,
+    Err(io::Error),
+}
+
+/// Read up to `want` more bytes onto the end of `buf`, unless `interrupt`
+/// resolves first. Whatever happens, `buf` then holds exactly the bytes
+/// read so far (glommio's reads are readiness-based: an interrupted read
+/// consumes nothing).
+pub async fn read_more(
+    stream: &SharedStream,
+    buf: &mut BytesMut,
+    want: usize,
+    interrupt: impl std::future::Future<Output = ()>,
+) -> ReadMore {
+    let len = buf.len();
+    buf.resize(len + want, 0);
+    let r = futures_lite::future::or(async { Some(stream.read(&mut buf[len..]).await) }, async {
+        interrupt.await;
+        None
+    })
+    .await;
+    match r {
+        None => {
+            buf.truncate(len);
+            ReadMore::Interrupted
+        }
+        Some(Ok(0)) => {
+            buf.truncate(len);
+            ReadMore::Eof
+        }
+        Some(Ok(n)) => {
+            buf.truncate(len + n);
+            ReadMore::Data(n)
+        }
+        Some(Err(e)) => {
+            buf.truncate(len);
+            ReadMore::Err(e)
+        }
+    }
+}
+
 /// A connection's queued output: frames are encoded straight into `buf` by
 /// whoever produces them; the writer task takes everything queued since its
 /// last write and sends it with one write. `queued()` is what counts against

@@ -4,13 +4,12 @@
 
 use slg_gateway::client::Client;
 use std::io::Write;
-use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 mod common;
 
-use common::{address_after, sigterm, wait_exit, Proc, BIN};
+use common::{address_after, config_text, sigterm, wait_exit, Proc, BIN};
 
 #[test]
 fn demo_backend_alone_then_a_gateway_in_front_of_it() {
@@ -79,21 +78,6 @@ fn write_temp(name: &str, text: &str) -> std::path::PathBuf {
     let mut f = std::fs::File::create(&path).expect("create temp file");
     f.write_all(text.as_bytes()).expect("write temp file");
     path
-}
-
-/// The shipped config, with port 0 and the demo service at `backend`.
-fn config_text(backend: SocketAddr) -> String {
-    slg_gateway::config::DEFAULT_RON
-        .replace("\"127.0.0.1:7000\"", "\"127.0.0.1:0\"")
-        .replace("\"127.0.0.1:7001\"", "\"127.0.0.1:0\"")
-        .replace(
-            "demo_backend: Some(\"127.0.0.1:7100\")",
-            "demo_backend: None",
-        )
-        .replace(
-            "instances: [\"127.0.0.1:7100\"]",
-            &format!("instances: [\"{backend}\"]"),
-        )
 }
 
 /// Run the gateway on `text` as its config; expect status 2 and one line on

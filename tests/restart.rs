@@ -29,17 +29,7 @@ fn temp_dir(name: &str) -> PathBuf {
 
 /// The shipped config on port 0, the demo service at `backend`, snapshots in `dir`.
 fn config_text(backend: SocketAddr, dir: &Path, drain: &str) -> String {
-    slg_gateway::config::DEFAULT_RON
-        .replace("\"127.0.0.1:7000\"", "\"127.0.0.1:0\"")
-        .replace("\"127.0.0.1:7001\"", "\"127.0.0.1:0\"")
-        .replace(
-            "demo_backend: Some(\"127.0.0.1:7100\")",
-            "demo_backend: None",
-        )
-        .replace(
-            "instances: [\"127.0.0.1:7100\"]",
-            &format!("instances: [\"{backend}\"]"),
-        )
+    common::config_text(backend)
         .replace(
             "snapshot_dir: None",
             &format!("snapshot_dir: Some({:?})", dir.display().to_string()),

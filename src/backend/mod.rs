@@ -10,7 +10,7 @@
 //! exactly once, by the answer, the deadline or the failure, whichever
 //! comes first).
 
-use crate::net::{Outbound, SharedStream};
+use crate::net::{Outbound, ReadMore, SharedStream};
 use crate::protocol::{encode, Code, Decoder, Header, Kind, Link};
 use crate::session::SessionId;
 use bytes::{Bytes, BytesMut};
@@ -457,23 +457,12 @@ async fn read_answers<S: AnswerSink>(
                 Err(e) => return format!("protocol error from backend: {e}"),
             }
         }
-        let len = buf.len();
         let want = decoder.needed(&buf).max(16 * 1024);
-        buf.resize(len + want, 0);
-        let r =
-            futures_lite::future::or(async { Some(stream.read(&mut buf[len..]).await) }, async {
-                stop.stopped().await;
-                None
-            })
-            .await;
-        match r {
-            None => {
-                buf.truncate(len);
-                return "gateway stopping".into();
-            }
-            Some(Ok(0)) => return "closed by backend".into(),
-            Some(Ok(n)) => buf.truncate(len + n),
-            Some(Err(e)) => return e.to_string(),
+        match crate::net::read_more(stream, &mut buf, want, stop.stopped()).await {
+            ReadMore::Interrupted => return "gateway stopping".into(),
+            ReadMore::Eof => return "closed by backend".into(),
+            ReadMore::Data(_) => {}
+            ReadMore::Err(e) => return e.to_string(),
         }
     }
 }

@@ -143,12 +143,8 @@ impl AsyncClient {
             if self.buf.is_empty() && self.buf.capacity() > 64 * 1024 {
                 self.buf = BytesMut::with_capacity(512);
             }
-            let len = self.buf.len();
             let want = self.decoder.needed(&self.buf).max(4096);
-            self.buf.resize(len + want, 0);
-            let stream = &self.stream;
-            let buf = &mut self.buf[len..];
-            let read = futures_lite::future::or(async { Some(stream.read(buf).await) }, async {
+            let wait = async {
                 match deadline {
                     Some(d) => {
                         glommio::timer::sleep(
@@ -158,23 +154,12 @@ impl AsyncClient {
                     }
                     None => std::future::pending::<()>().await,
                 }
-                None
-            })
-            .await;
-            match read {
-                None => {
-                    self.buf.truncate(len);
-                    return Ok(None);
-                }
-                Some(Ok(0)) => {
-                    self.buf.truncate(len);
-                    return Err(ClientError::Closed);
-                }
-                Some(Ok(n)) => self.buf.truncate(len + n),
-                Some(Err(e)) => {
-                    self.buf.truncate(len);
-                    return Err(e.into());
-                }
+            };
+            match crate::net::read_more(&self.stream, &mut self.buf, want, wait).await {
+                crate::net::ReadMore::Interrupted => return Ok(None),
+                crate::net::ReadMore::Eof => return Err(ClientError::Closed),
+                crate::net::ReadMore::Data(_) => {}
+                crate::net::ReadMore::Err(e) => return Err(e.into()),
             }
         }
     }

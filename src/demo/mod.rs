@@ -148,18 +148,12 @@ async fn serve_conn(stream: glommio::net::TcpStream, stop: shards::StopToken) {
                 }
             }
         }
-        let len = buf.len();
         let want = decoder.needed(&buf).max(16 * 1024);
-        buf.resize(len + want, 0);
-        let r =
-            futures_lite::future::or(async { Some(stream.read(&mut buf[len..]).await) }, async {
-                stop.stopped().await;
-                None
-            })
-            .await;
-        match r {
-            Some(Ok(n)) if n > 0 => buf.truncate(len + n),
-            _ => break,
+        if !matches!(
+            crate::net::read_more(&stream, &mut buf, want, stop.stopped()).await,
+            crate::net::ReadMore::Data(_)
+        ) {
+            break;
         }
     }
     out.discard();

@@ -261,27 +261,12 @@ async fn read_more(
     buf: &mut BytesMut,
     deadline: Instant,
 ) -> std::io::Result<bool> {
-    let len = buf.len();
-    buf.resize(len + 4096, 0);
     let wait = deadline.saturating_duration_since(Instant::now());
-    let r = futures_lite::future::or(async { Some(stream.read(&mut buf[len..]).await) }, async {
-        glommio::timer::sleep(wait).await;
-        None
-    })
-    .await;
-    match r {
-        None => {
-            buf.truncate(len);
-            Err(std::io::ErrorKind::TimedOut.into())
-        }
-        Some(Ok(n)) => {
-            buf.truncate(len + n);
-            Ok(n > 0)
-        }
-        Some(Err(e)) => {
-            buf.truncate(len);
-            Err(e)
-        }
+    match crate::net::read_more(stream, buf, 4096, glommio::timer::sleep(wait)).await {
+        crate::net::ReadMore::Data(_) => Ok(true),
+        crate::net::ReadMore::Eof => Ok(false),
+        crate::net::ReadMore::Interrupted => Err(std::io::ErrorKind::TimedOut.into()),
+        crate::net::ReadMore::Err(e) => Err(e),
     }
 }
 

@@ -4,7 +4,7 @@
 //! player's home shard (the fd moves with the bytes already read).
 
 use crate::net::Slot;
-use crate::net::{Outbound, SharedStream};
+use crate::net::{read_more, Outbound, ReadMore, SharedStream};
 use crate::session::SessionId;
 use crate::shard::{Arrival, Control, Handoff, ShardCtx, ShardMsg};
 use bytes::BytesMut;
@@ -177,24 +177,14 @@ async fn read_loop(
         if buf.is_empty() && buf.capacity() > 2 * READ_MAX {
             *buf = BytesMut::new();
         }
-        let len = buf.len();
         let want = decoder.needed(buf).max(chunk);
-        buf.resize(len + want, 0);
-        let read =
-            futures_lite::future::or(async { Some(stream.read(&mut buf[len..]).await) }, async {
-                ctl.notified().await;
-                None
-            })
-            .await;
-        match read {
-            None => buf.truncate(len),
-            Some(Ok(0)) => {
-                buf.truncate(len);
+        match read_more(stream, buf, want, ctl.notified()).await {
+            ReadMore::Interrupted => {}
+            ReadMore::Eof => {
                 ctx.close(sid, "peer closed");
                 return End::Close;
             }
-            Some(Ok(n)) => {
-                buf.truncate(len + n);
+            ReadMore::Data(n) => {
                 ctx.touch(sid, Instant::now());
                 chunk = if n == want {
                     (chunk * 2).min(READ_MAX)
@@ -202,8 +192,7 @@ async fn read_loop(
                     (chunk / 2).max(READ_MIN)
                 };
             }
-            Some(Err(e)) => {
-                buf.truncate(len);
+            ReadMore::Err(e) => {
                 tracing::debug!(session = sid, error = %e, "read error");
                 ctx.close(sid, "read error");
                 return End::Close;

@@ -201,3 +201,18 @@ pub fn wait_exit(child: &mut std::process::Child, limit: Duration) -> Option<i32
     }
     None
 }
+
+/// The shipped config, with port 0 and the demo service at `backend`.
+pub fn config_text(backend: SocketAddr) -> String {
+    slg_gateway::config::DEFAULT_RON
+        .replace("\"127.0.0.1:7000\"", "\"127.0.0.1:0\"")
+        .replace("\"127.0.0.1:7001\"", "\"127.0.0.1:0\"")
+        .replace(
+            "demo_backend: Some(\"127.0.0.1:7100\")",
+            "demo_backend: None",
+        )
+        .replace(
+            "instances: [\"127.0.0.1:7100\"]",
+            &format!("instances: [\"{backend}\"]"),
+        )
+}
