@@ -179,6 +179,21 @@ pub struct BackendConfig {
     pub reconnect_min: Duration,
     #[serde(with = "humantime_serde")]
     pub reconnect_max: Duration,
+    /// How often each backend connection is sent a PING.
+    #[serde(with = "humantime_serde", default = "default_health_interval")]
+    pub health_interval: Duration,
+    /// A PING unanswered this long takes the instance out of rotation
+    /// until it answers again.
+    #[serde(with = "humantime_serde", default = "default_health_timeout")]
+    pub health_timeout: Duration,
+}
+
+fn default_health_interval() -> Duration {
+    Duration::from_secs(2)
+}
+
+fn default_health_timeout() -> Duration {
+    Duration::from_secs(1)
 }
 
 /// One backend service.
@@ -380,6 +395,8 @@ impl Config {
         positive("backend.connect_timeout", b.connect_timeout)?;
         positive("backend.reconnect_min", b.reconnect_min)?;
         positive("backend.reconnect_max", b.reconnect_max)?;
+        positive("backend.health_interval", b.health_interval)?;
+        positive("backend.health_timeout", b.health_timeout)?;
         if b.reconnect_min > b.reconnect_max {
             return Err(invalid(
                 "backend.reconnect_min",
@@ -723,6 +740,8 @@ mod tests {
                 connect_timeout: Duration::from_secs(1),
                 reconnect_min: Duration::from_millis(100),
                 reconnect_max: Duration::from_secs(5),
+                health_interval: Duration::from_secs(2),
+                health_timeout: Duration::from_secs(1),
             }
         );
         assert_eq!(c.services.len(), 1);

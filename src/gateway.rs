@@ -429,19 +429,9 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
     for (_s, _i, conn) in ctx.backends.connections() {
         let ctx2 = ctx.clone();
         let stop = stop.clone();
-        let b = cfg.backend;
-        let max_frame = cfg.max_frame;
+        let link = crate::backend::LinkSettings::from_config(&cfg);
         backend_tasks.push(glommio::spawn_local(async move {
-            run_connection(
-                ctx2.clone(),
-                &ctx2.backends,
-                conn,
-                max_frame,
-                b.connect_timeout,
-                (b.reconnect_min, b.reconnect_max),
-                stop,
-            )
-            .await
+            run_connection(ctx2.clone(), &ctx2.backends, conn, link, stop).await
         }));
     }
 

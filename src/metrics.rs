@@ -132,6 +132,7 @@ pub struct Snapshot {
     pub pushes: [u64; 3],
     pub mesh_backlog: u64,
     pub backends_up: u64,
+    pub backends_unhealthy: u64,
     pub backends_down: u64,
 }
 
@@ -252,6 +253,11 @@ pub fn render(snaps: &[Snapshot], ctx: &Context) -> String {
             "backend_connections",
             &format!("shard=\"{}\",state=\"up\"", s.shard),
             s.backends_up,
+        );
+        o.line(
+            "backend_connections",
+            &format!("shard=\"{}\",state=\"unhealthy\"", s.shard),
+            s.backends_unhealthy,
         );
         o.line(
             "backend_connections",

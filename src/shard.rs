@@ -1070,6 +1070,16 @@ impl ShardCtx {
                 st.players_expired.get(),
             ),
             (
+                "backend_connects",
+                "Backend connections established (reconnects included).",
+                b.connects.get(),
+            ),
+            (
+                "backend_unhealthy",
+                "Times a backend connection left rotation for missing health checks.",
+                b.unhealthy.get(),
+            ),
+            (
                 "overloaded",
                 "Requests refused OVERLOADED (session or backend in-flight bounds).",
                 st.overloaded.get(),
@@ -1097,7 +1107,7 @@ impl ShardCtx {
         ];
         self.metrics.fill(&mut s);
         s.mesh_backlog = self.mesh.stats().backlog;
-        (s.backends_up, s.backends_down) = b.health();
+        (s.backends_up, s.backends_unhealthy, s.backends_down) = b.health();
         s
     }
 

@@ -99,12 +99,18 @@ pub struct BackendConn {
     out: RefCell<Rc<Outbound>>,
     pending: RefCell<HashMap<u32, Pending>>,
     next_req_id: Cell<u32>,
+    /// Answers its PINGs; an unhealthy connection is out of rotation.
+    healthy: Cell<bool>,
+    /// When the PING now unanswered was sent.
+    ping_sent: Cell<Option<Instant>>,
 }
 
 impl BackendConn {
     fn new(addr: SocketAddr) -> BackendConn {
         BackendConn {
             addr,
+            healthy: Cell::new(true),
+            ping_sent: Cell::new(None),
             state: Cell::new(ConnState::Connecting),
             out: RefCell::new(Rc::new(Outbound::new())),
             pending: RefCell::new(HashMap::new()),
@@ -114,6 +120,11 @@ impl BackendConn {
 
     pub fn state(&self) -> ConnState {
         self.state.get()
+    }
+
+    /// In rotation: not down, and answering its health checks.
+    pub fn usable(&self) -> bool {
+        self.state.get() != ConnState::Down && self.healthy.get()
     }
 
     pub fn in_flight(&self) -> usize {
@@ -164,6 +175,10 @@ pub struct BackendPool {
     next_ticket: Cell<u64>,
     /// Answers whose req_id matched nothing (late after a timeout, or bogus).
     pub unknown_answers: Cell<u64>,
+    /// Times an instance left rotation for missing its health checks.
+    pub unhealthy: Rc<Cell<u64>>,
+    /// Connections (re)established.
+    pub connects: Cell<u64>,
     pub timeouts: Cell<u64>,
     pub failed_by_disconnect: Cell<u64>,
 }
@@ -193,28 +208,34 @@ impl BackendPool {
             bounds,
             next_ticket: Cell::new(1),
             unknown_answers: Cell::new(0),
+            unhealthy: Rc::new(Cell::new(0)),
+            connects: Cell::new(0),
             timeouts: Cell::new(0),
             failed_by_disconnect: Cell::new(0),
         }
     }
 
     /// Every (service, instance, connection), for starting their tasks.
+    fn unhealthy_counter(&self) -> Rc<Cell<u64>> {
+        self.unhealthy.clone()
+    }
+
     /// Requests waiting for an answer, on every connection.
     pub fn in_flight(&self) -> usize {
         self.services.iter().flatten().map(|c| c.in_flight()).sum()
     }
 
-    /// (up, down) connection counts.
-    pub fn health(&self) -> (u64, u64) {
-        let mut up = 0;
-        let mut down = 0;
+    /// (up, unhealthy, down) connection counts.
+    pub fn health(&self) -> (u64, u64, u64) {
+        let (mut up, mut sick, mut down) = (0, 0, 0);
         for c in self.services.iter().flatten() {
-            match c.state() {
-                ConnState::Up => up += 1,
+            match (c.state(), c.healthy.get()) {
+                (ConnState::Up, true) => up += 1,
+                (ConnState::Up, false) => sick += 1,
                 _ => down += 1,
             }
         }
-        (up, down)
+        (up, sick, down)
     }
 
     pub fn connections(&self) -> Vec<(usize, usize, Rc<BackendConn>)> {
@@ -245,11 +266,11 @@ impl BackendPool {
         let has_room =
             |c: &BackendConn| c.in_flight() < max_inflight && c.out.borrow().queued() < max_queue;
         let i = crate::router::pick(route.balance, player, conns.len(), cursor, |i| {
-            conns[i].state() != ConnState::Down && has_room(&conns[i])
+            conns[i].usable() && has_room(&conns[i])
         })
         .ok_or_else(|| {
             // Reachable instances, all full: the gateway refuses for load.
-            if conns.iter().any(|c| c.state() != ConnState::Down) {
+            if conns.iter().any(|c| c.usable()) {
                 Code::Overloaded
             } else {
                 Code::BackendUnavailable
@@ -323,6 +344,29 @@ pub trait AnswerSink {
     fn on_answer(&self, pending: Pending, answer: Answer);
 }
 
+/// How one backend connection is run (from the config).
+#[derive(Debug, Clone, Copy)]
+pub struct LinkSettings {
+    pub max_frame: u32,
+    pub connect_timeout: Duration,
+    /// Backoff (first, largest).
+    pub reconnect: (Duration, Duration),
+    /// Health checks (interval, timeout).
+    pub health: (Duration, Duration),
+}
+
+impl LinkSettings {
+    pub fn from_config(cfg: &crate::config::Config) -> LinkSettings {
+        let b = &cfg.backend;
+        LinkSettings {
+            max_frame: cfg.max_frame,
+            connect_timeout: b.connect_timeout,
+            reconnect: (b.reconnect_min, b.reconnect_max),
+            health: (b.health_interval, b.health_timeout),
+        }
+    }
+}
+
 /// Drive one backend connection until `stopped` resolves: connect, write,
 /// read answers, and on failure fail what was in flight and reconnect after
 /// an exponential backoff with jitter.
@@ -330,11 +374,15 @@ pub async fn run_connection<S: AnswerSink>(
     sink: Rc<S>,
     pool_stats: &BackendPool,
     conn: Rc<BackendConn>,
-    max_frame: u32,
-    connect_timeout: Duration,
-    reconnect: (Duration, Duration),
+    link: LinkSettings,
     stop: shards::StopToken,
 ) {
+    let LinkSettings {
+        max_frame,
+        connect_timeout,
+        reconnect,
+        health,
+    } = link;
     let decoder = Decoder::new(Link::BackendToGateway, max_frame);
     let mut backoff = reconnect.0;
     let mut jitter_state =
@@ -368,9 +416,18 @@ pub async fn run_connection<S: AnswerSink>(
         let _ = stream.set_nodelay(true);
         tracing::info!(backend = %conn.addr, "backend connected");
         conn.state.set(ConnState::Up);
+        conn.healthy.set(true);
+        conn.ping_sent.set(None);
+        pool_stats.connects.set(pool_stats.connects.get() + 1);
         backoff = reconnect.0;
         let stream = SharedStream::new(stream);
         let out = conn.out.borrow().clone();
+        let pinger = glommio::spawn_local(health_checks(
+            conn.clone(),
+            out.clone(),
+            health,
+            pool_stats.unhealthy_counter(),
+        ));
         let writer = {
             let out = out.clone();
             let stream = stream.clone();
@@ -381,6 +438,7 @@ pub async fn run_connection<S: AnswerSink>(
         out.discard();
         out.close();
         drop(writer); // cancels a write blocked on a dead peer
+        drop(pinger);
         *conn.out.borrow_mut() = Rc::new(Outbound::new());
         conn.state.set(ConnState::Down);
         fail_all(&*sink, pool_stats, &conn);
@@ -391,6 +449,39 @@ pub async fn run_connection<S: AnswerSink>(
     }
     conn.state.set(ConnState::Down);
     fail_all(&*sink, pool_stats, &conn);
+}
+
+/// PING the connection every `interval`; one unanswered past `timeout`
+/// takes it out of rotation (the PONG handler brings it back). Ends when
+/// this incarnation of the connection closes.
+async fn health_checks(
+    conn: Rc<BackendConn>,
+    out: Rc<Outbound>,
+    (interval, timeout): (Duration, Duration),
+    sick: Rc<Cell<u64>>,
+) {
+    let tick = interval.min(timeout).max(Duration::from_millis(1));
+    let mut last_ping = Instant::now();
+    while !out.is_closing() {
+        glommio::timer::sleep(tick).await;
+        if out.is_closing() {
+            break;
+        }
+        match conn.ping_sent.get() {
+            Some(t) if t.elapsed() >= timeout && conn.healthy.get() => {
+                conn.healthy.set(false);
+                sick.set(sick.get() + 1);
+                tracing::warn!(backend = %conn.addr, "backend does not answer its health check: out of rotation");
+            }
+            Some(_) => {}
+            None if last_ping.elapsed() >= interval => {
+                last_ping = Instant::now();
+                conn.ping_sent.set(Some(last_ping));
+                out.push(|b| encode(b, &Header::new(Kind::Ping), &[]));
+            }
+            None => {}
+        }
+    }
 }
 
 fn fail_all<S: AnswerSink>(sink: &S, stats: &BackendPool, conn: &BackendConn) {
@@ -436,7 +527,12 @@ async fn read_answers<S: AnswerSink>(
         loop {
             match decoder.decode(&mut buf) {
                 // Anything but a RESPONSE is a PONG: the link is alive.
-                Ok(Some(frame)) if frame.header.kind != Kind::Response => {}
+                Ok(Some(frame)) if frame.header.kind != Kind::Response => {
+                    conn.ping_sent.set(None);
+                    if !conn.healthy.replace(true) {
+                        tracing::info!(backend = %conn.addr, "backend answers again: back in rotation");
+                    }
+                }
                 Ok(Some(frame)) => match conn.take(frame.header.req_id) {
                     Some(p) => sink.on_answer(
                         p,

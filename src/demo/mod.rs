@@ -5,6 +5,8 @@
 //! - msg 1, login: body = decimal player id; code 0 and `player` = id when it
 //!   parses to a u64 > 0, else application code 1 ([`LOGIN_REJECTED`]).
 //! - msg 2 and 100..=199: echo the body.
+//! - msg 3: answer the instance's own listen address (`ip:port`), so
+//!   callers can see which instance served them.
 //! - msg 200: wait body-ms (decimal), then answer an empty body.
 //! - any other msg: application code 2 ([`UNKNOWN_MSG`]), empty body.
 //! - PING: PONG.
@@ -23,6 +25,8 @@ use std::time::Duration;
 pub const LOGIN_REJECTED: u16 = 1;
 /// Application code of a msg_id the demo does not serve.
 pub const UNKNOWN_MSG: u16 = 2;
+/// msg_id answered with the instance's own address (for balancing tests).
+pub const WHOAMI: u32 = 3;
 /// Longest delay msg 200 honours.
 pub const MAX_DELAY: Duration = Duration::from_secs(60);
 
@@ -64,7 +68,7 @@ impl DemoBackend {
                 match accepted {
                     None => break,
                     Some(Ok(s)) => {
-                        glommio::spawn_local(serve_conn(s, stop.clone())).detach();
+                        glommio::spawn_local(serve_conn(s, bound, stop.clone())).detach();
                     }
                     Some(Err(e)) => {
                         tracing::warn!(error = %e, "demo backend accept failed");
@@ -114,6 +118,7 @@ pub fn answer(msg_id: u32, body: &[u8]) -> (u16, u64, Vec<u8>, Option<Duration>)
             _ => (LOGIN_REJECTED, 0, Vec::new(), None),
         },
         2 | 100..=199 => (0, 0, body.to_vec(), None),
+        WHOAMI => (0, 0, Vec::new(), None),
         200 => {
             let ms = text.and_then(|t| t.parse::<u64>().ok()).unwrap_or(0);
             (
@@ -127,7 +132,7 @@ pub fn answer(msg_id: u32, body: &[u8]) -> (u16, u64, Vec<u8>, Option<Duration>)
     }
 }
 
-async fn serve_conn(stream: glommio::net::TcpStream, stop: shards::StopToken) {
+async fn serve_conn(stream: glommio::net::TcpStream, me: SocketAddr, stop: shards::StopToken) {
     let _ = stream.set_nodelay(true);
     let stream = SharedStream::new(stream);
     let out = Rc::new(Outbound::new());
@@ -140,7 +145,7 @@ async fn serve_conn(stream: glommio::net::TcpStream, stop: shards::StopToken) {
     'conn: loop {
         loop {
             match decoder.decode(&mut buf) {
-                Ok(Some(frame)) => handle(&out, frame),
+                Ok(Some(frame)) => handle(&out, frame, me),
                 Ok(None) => break,
                 Err(e) => {
                     tracing::warn!(error = %e, "demo backend: bad frame, closing");
@@ -161,12 +166,15 @@ async fn serve_conn(stream: glommio::net::TcpStream, stop: shards::StopToken) {
     drop(writer);
 }
 
-fn handle(out: &Rc<Outbound>, frame: Frame) {
+fn handle(out: &Rc<Outbound>, frame: Frame, me: SocketAddr) {
     let h = frame.header;
     match h.kind {
         Kind::Ping => out.push(|b| encode(b, &Header::new(Kind::Pong), &[])),
         Kind::Request => {
-            let (code, player, body, delay) = answer(h.msg_id, &frame.body);
+            let (code, player, mut body, delay) = answer(h.msg_id, &frame.body);
+            if h.msg_id == WHOAMI {
+                body = me.to_string().into_bytes();
+            }
             let reply = Header {
                 kind: Kind::Response,
                 flags: 0,
@@ -207,6 +215,7 @@ mod tests {
         assert_eq!(answer(150, b"yo").2, b"yo".to_vec());
         assert_eq!(answer(200, b"25").3, Some(Duration::from_millis(25)));
         assert_eq!(answer(200, b"999999999").3, Some(MAX_DELAY));
-        assert_eq!(answer(3, b"").0, UNKNOWN_MSG);
+        assert_eq!(answer(WHOAMI, b"").0, 0);
+        assert_eq!(answer(4, b"").0, UNKNOWN_MSG);
     }
 }

@@ -1,0 +1,300 @@
+//! Balancing across several real backend instances, instance failure and
+//! return, and health checks taking an unresponsive instance out of
+//! rotation.
+
+mod common;
+
+use slg_gateway::client::Client;
+use slg_gateway::config::{Balance, Config, RouteConfig, ServiceConfig};
+use slg_gateway::demo::{DemoBackend, WHOAMI};
+use slg_gateway::gateway::Gateway;
+use slg_gateway::protocol::Code;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+fn gateway(instances: &[SocketAddr], balance: Balance, tune: impl FnOnce(&mut Config)) -> Gateway {
+    let mut cfg = common::config(instances[0], 1);
+    cfg.services.insert(
+        "demo".into(),
+        ServiceConfig {
+            instances: instances.iter().map(|a| a.to_string()).collect(),
+        },
+    );
+    cfg.routes.push(RouteConfig {
+        msgs: (WHOAMI, WHOAMI),
+        service: "demo".into(),
+        auth: balance == Balance::HashPlayer,
+        login: false,
+        balance,
+    });
+    cfg.backend.reconnect_min = Duration::from_millis(50);
+    cfg.backend.reconnect_max = Duration::from_millis(200);
+    tune(&mut cfg);
+    Gateway::start(cfg).expect("gateway")
+}
+
+fn who(c: &mut Client) -> String {
+    let r = c.request(WHOAMI, b"").expect("answer");
+    assert_eq!(r.header.code, 0, "whoami failed: {:#x}", r.header.code);
+    String::from_utf8(r.body.to_vec()).expect("utf-8")
+}
+
+fn demos(n: usize) -> Vec<DemoBackend> {
+    (0..n)
+        .map(|_| DemoBackend::start("127.0.0.1:0".parse().expect("addr")).expect("demo"))
+        .collect()
+}
+
+/// Wait until every instance's connection is up (the first requests could
+/// otherwise queue on a connection still being made).
+fn settle() {
+    std::thread::sleep(Duration::from_millis(150));
+}
+
+#[test]
+fn round_robin_spreads_requests_evenly() {
+    let ds = demos(3);
+    let addrs: Vec<SocketAddr> = ds.iter().map(|d| d.addr).collect();
+    let gw = gateway(&addrs, Balance::RoundRobin, |_| {});
+    settle();
+    let mut c = Client::connect(gw.client_addr).expect("connect");
+    let mut count: HashMap<String, usize> = HashMap::new();
+    for _ in 0..30 {
+        *count.entry(who(&mut c)).or_default() += 1;
+    }
+    assert_eq!(count.len(), 3, "{count:?}");
+    assert!(count.values().all(|&n| n == 10), "{count:?}");
+    gw.stop();
+    ds.into_iter().for_each(DemoBackend::stop);
+}
+
+#[test]
+fn hash_by_player_sticks_and_moves_only_the_lost_instances_players() {
+    let mut ds = demos(3);
+    let addrs: Vec<SocketAddr> = ds.iter().map(|d| d.addr).collect();
+    let gw = gateway(&addrs, Balance::HashPlayer, |_| {});
+    settle();
+    let mut clients: Vec<(u64, Client)> = (1..=24u64)
+        .map(|p| {
+            let mut c = Client::connect(gw.client_addr).expect("connect");
+            c.login_demo(p).expect("login");
+            (p, c)
+        })
+        .collect();
+    let mut home: HashMap<u64, String> = HashMap::new();
+    for (p, c) in clients.iter_mut() {
+        let first = who(c);
+        for _ in 0..4 {
+            assert_eq!(who(c), first, "player {p} must stick to one instance");
+        }
+        home.insert(*p, first);
+    }
+    let used: std::collections::HashSet<&String> = home.values().collect();
+    assert_eq!(used.len(), 3, "24 players spread over the 3 instances");
+    // One instance goes away: only its players move.
+    let gone = ds.remove(0);
+    let gone_addr = gone.addr.to_string();
+    gone.stop();
+    std::thread::sleep(Duration::from_millis(150));
+    for (p, c) in clients.iter_mut() {
+        let now = who(c);
+        if home[p] == gone_addr {
+            assert_ne!(now, gone_addr);
+        } else {
+            assert_eq!(now, home[p], "player {p} moved though its instance is fine");
+        }
+    }
+    gw.stop();
+    ds.into_iter().for_each(DemoBackend::stop);
+}
+
+#[test]
+fn an_instance_dying_fails_exactly_its_in_flight_requests_and_comes_back() {
+    let mut ds = demos(2);
+    let addrs: Vec<SocketAddr> = ds.iter().map(|d| d.addr).collect();
+    let gw = gateway(&addrs, Balance::RoundRobin, |_| {});
+    settle();
+    let mut c = Client::connect(gw.client_addr).expect("connect");
+    c.login_demo(9).expect("login");
+    // Ten slow requests, alternating over the two instances.
+    let reqs: Vec<u32> = (0..10)
+        .map(|_| c.send_request(200, b"400").expect("send"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let dead = ds.remove(0);
+    let dead_addr = dead.addr;
+    dead.stop();
+    let codes: Vec<u16> = reqs
+        .iter()
+        .map(|&r| c.response_to(r).expect("answer").header.code)
+        .collect();
+    let failed = codes
+        .iter()
+        .filter(|&&x| x == u16::from(Code::BackendUnavailable))
+        .count();
+    let ok = codes.iter().filter(|&&x| x == 0).count();
+    assert_eq!(
+        (failed, ok),
+        (5, 5),
+        "exactly the dead instance's half fails: {codes:?}"
+    );
+    // The rest carry on with the survivor.
+    for _ in 0..6 {
+        assert_eq!(who(&mut c), addrs[1].to_string());
+    }
+    // The instance restarts on its address and comes back into rotation.
+    let back = DemoBackend::start(dead_addr).expect("restart on the same port");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        if who(&mut c) == dead_addr.to_string() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the restarted instance never came back"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    gw.stop();
+    back.stop();
+    ds.into_iter().for_each(DemoBackend::stop);
+}
+
+#[test]
+fn an_unresponsive_instance_leaves_rotation() {
+    let good = DemoBackend::start("127.0.0.1:0".parse().expect("addr")).expect("demo");
+    // Accepts connections, never answers anything: a hung backend.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let hung_addr = hung.local_addr().expect("addr");
+    let keep = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        hung.set_nonblocking(true).expect("nonblocking");
+        let until = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < until {
+            if let Ok((s, _)) = hung.accept() {
+                held.push(s);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+    let gw = gateway(&[hung_addr, good.addr], Balance::RoundRobin, |c| {
+        c.backend.health_interval = Duration::from_millis(50);
+        c.backend.health_timeout = Duration::from_millis(150);
+        c.backend.request_timeout = Duration::from_millis(500);
+    });
+    std::thread::sleep(Duration::from_millis(400));
+    let mut c = Client::connect(gw.client_addr).expect("connect");
+    for _ in 0..10 {
+        assert_eq!(
+            who(&mut c),
+            good.addr.to_string(),
+            "only the healthy instance serves"
+        );
+    }
+    let metrics = common::http(gw.http_addr, "GET", "/metrics", b"").1;
+    assert!(
+        metrics.contains("slg_backend_unhealthy_total{shard=\"0\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("slg_backend_connections{shard=\"0\",state=\"unhealthy\"} 1"),
+        "{metrics}"
+    );
+    gw.stop();
+    good.stop();
+    keep.join().expect("hung backend thread");
+}
+
+#[test]
+fn random_backend_kills_never_lose_or_double_an_answer() {
+    let seed: u64 = std::env::var("KILL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0xBADC0DE);
+    eprintln!("backend kill seed {seed} (rerun with KILL_SEED={seed})");
+    let ds = demos(3);
+    let addrs: Vec<SocketAddr> = ds.iter().map(|d| d.addr).collect();
+    let gw = gateway(&addrs, Balance::RoundRobin, |c| {
+        c.backend.request_timeout = Duration::from_millis(800)
+    });
+    let gw_addr = gw.client_addr;
+    settle();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..8u64)
+        .map(|i| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut c = Client::connect(gw_addr).expect("connect");
+                // A login may meet an instance being killed: try again.
+                let mut tries = 0;
+                while let Err(e) = c.login_demo(100 + i) {
+                    tries += 1;
+                    assert!(tries < 100, "seed {seed}: login keeps failing: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                let mut x = shards::splitmix64(seed ^ i);
+                let mut answered = 0;
+                while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                    // A few requests in flight at once, some slow.
+                    x = shards::splitmix64(x);
+                    let n = 1 + (x % 4) as usize;
+                    let reqs: Vec<u32> = (0..n)
+                        .map(|k| {
+                            let delay = if (x >> (8 * k)).is_multiple_of(3) {
+                                b"60".as_slice()
+                            } else {
+                                b"0".as_slice()
+                            };
+                            c.send_request(200, delay).expect("send")
+                        })
+                        .collect();
+                    for r in reqs {
+                        let f = c
+                            .response_to(r)
+                            .unwrap_or_else(|e| panic!("seed {seed}: req {r}: {e}"));
+                        let code = f.header.code;
+                        assert!(
+                            code == 0
+                                || code == u16::from(Code::BackendUnavailable)
+                                || code == u16::from(Code::Timeout),
+                            "seed {seed}: unexpected code {code:#x}"
+                        );
+                        answered += 1;
+                    }
+                }
+                // Nothing more may arrive: no request got a second answer.
+                c.timeout = Duration::from_millis(300);
+                assert!(c.recv().is_err(), "seed {seed}: a stray second answer");
+                answered
+            })
+        })
+        .collect();
+    // The killer: stop a random instance, restart it on its port, repeat.
+    let mut running: Vec<Option<DemoBackend>> = ds.into_iter().map(Some).collect();
+    let mut x = seed;
+    let until = Instant::now() + Duration::from_millis(2500);
+    let mut kills = 0;
+    while Instant::now() < until {
+        x = shards::splitmix64(x);
+        let i = (x % 3) as usize;
+        match running[i].take() {
+            Some(d) => {
+                d.stop();
+                kills += 1;
+            }
+            None => running[i] = DemoBackend::start(addrs[i]).ok(),
+        }
+        std::thread::sleep(Duration::from_millis(40 + (x >> 32) % 120));
+    }
+    for (i, slot) in running.iter_mut().enumerate() {
+        if slot.is_none() {
+            *slot = DemoBackend::start(addrs[i]).ok();
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let total: usize = clients.into_iter().map(|t| t.join().expect("client")).sum();
+    assert!(kills >= 5 && total > 100, "kills {kills}, answers {total}");
+    gw.stop();
+    running.into_iter().flatten().for_each(DemoBackend::stop);
+}
