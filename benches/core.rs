@@ -217,6 +217,7 @@ fn router_with(extra: u32) -> (Router, u32) {
             auth: true,
             login: false,
             balance: balances[(k % 3) as usize],
+            idempotent: false,
         });
     }
     cfg.validate().expect("bench config is valid");

@@ -202,6 +202,14 @@ fn default_health_timeout() -> Duration {
 pub struct ServiceConfig {
     /// `"ip:port"` of each instance.
     pub instances: Vec<String>,
+    /// Connections from each shard to each instance (requests are spread
+    /// over them); default 1.
+    #[serde(default = "one")]
+    pub connections: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// One route: an inclusive msg_id range sent to a service.
@@ -217,6 +225,11 @@ pub struct RouteConfig {
     /// This msg_id is a login request.
     #[serde(default)]
     pub login: bool,
+    /// Safe to send twice: when its backend connection dies, the request
+    /// is sent to another instance (within its deadline) instead of
+    /// failing with BACKEND_UNAVAILABLE.
+    #[serde(default)]
+    pub idempotent: bool,
     #[serde(default)]
     pub balance: Balance,
 }
@@ -421,6 +434,12 @@ impl Config {
             }
             for (i, inst) in service.instances.iter().enumerate() {
                 parse_addr(&format!("services.{name}.instances[{i}]"), inst)?;
+            }
+            if !(1..=64).contains(&service.connections) {
+                return Err(invalid(
+                    format!("services.{name}.connections"),
+                    "must be in 1..=64",
+                ));
             }
         }
         for (i, route) in self.routes.iter().enumerate() {
@@ -1092,6 +1111,7 @@ mod tests {
                     auth: true,
                     login: false,
                     balance: Balance::RoundRobin,
+                    idempotent: false,
                 },
             );
             c.routes.swap(2, 3);

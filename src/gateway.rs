@@ -426,7 +426,7 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
 
     // Backend connections.
     let mut backend_tasks = Vec::new();
-    for (_s, _i, conn) in ctx.backends.connections() {
+    for conn in ctx.backends.connections() {
         let ctx2 = ctx.clone();
         let stop = stop.clone();
         let link = crate::backend::LinkSettings::from_config(&cfg);

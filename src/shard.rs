@@ -263,18 +263,8 @@ impl ShardCtx {
         http_connections: Arc<AtomicUsize>,
     ) -> ShardCtx {
         let router = Router::new(&cfg);
-        let services = router
-            .services()
-            .iter()
-            .map(|name| {
-                cfg.services
-                    .get(name)
-                    .map(|s| s.instances.iter().filter_map(|a| a.parse().ok()).collect())
-                    .unwrap_or_default()
-            })
-            .collect();
         let backends = BackendPool::new(
-            services,
+            service_specs(&cfg, &router),
             cfg.backend.request_timeout,
             (cfg.limits.backend_inflight, cfg.limits.backend_queue_bytes),
         );
@@ -1075,6 +1065,11 @@ impl ShardCtx {
                 b.connects.get(),
             ),
             (
+                "backend_retries",
+                "Idempotent requests sent again after their backend connection died.",
+                b.retries.get(),
+            ),
+            (
                 "backend_unhealthy",
                 "Times a backend connection left rotation for missing health checks.",
                 b.unhealthy.get(),
@@ -1187,6 +1182,27 @@ impl ShardCtx {
     }
 }
 
+/// The backend services of `cfg`, in `router`'s service order.
+pub fn service_specs(cfg: &Config, router: &Router) -> Vec<crate::backend::ServiceSpec> {
+    router
+        .services()
+        .iter()
+        .map(|name| {
+            let (addrs, per) = cfg
+                .services
+                .get(name)
+                .map(|s| {
+                    (
+                        s.instances.iter().filter_map(|a| a.parse().ok()).collect(),
+                        s.connections,
+                    )
+                })
+                .unwrap_or_default();
+            (name.clone(), addrs, per)
+        })
+        .collect()
+}
+
 /// What the admin API shows of a player.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlayerInfo {
@@ -1205,6 +1221,15 @@ impl AnswerSink for ShardCtx {
         if a.from_backend {
             self.metrics.backend_latency(p.elapsed());
         }
+        // A broadcast request gets one answer from all its instances.
+        let a = if p.group != 0 {
+            match self.backends.group_answer(p.group, a) {
+                crate::backend::GroupVerdict::Deliver(a) => a,
+                crate::backend::GroupVerdict::Drop => return,
+            }
+        } else {
+            a
+        };
         if p.login {
             return self.on_login_answer(p, a);
         }

@@ -19,6 +19,7 @@ fn gateway(instances: &[SocketAddr], balance: Balance, tune: impl FnOnce(&mut Co
         "demo".into(),
         ServiceConfig {
             instances: instances.iter().map(|a| a.to_string()).collect(),
+            connections: 1,
         },
     );
     cfg.routes.push(RouteConfig {
@@ -27,6 +28,7 @@ fn gateway(instances: &[SocketAddr], balance: Balance, tune: impl FnOnce(&mut Co
         auth: balance == Balance::HashPlayer,
         login: false,
         balance,
+        idempotent: false,
     });
     cfg.backend.reconnect_min = Duration::from_millis(50);
     cfg.backend.reconnect_max = Duration::from_millis(200);
@@ -297,4 +299,89 @@ fn random_backend_kills_never_lose_or_double_an_answer() {
     assert!(kills >= 5 && total > 100, "kills {kills}, answers {total}");
     gw.stop();
     running.into_iter().flatten().for_each(DemoBackend::stop);
+}
+
+#[test]
+fn broadcast_goes_to_every_instance_and_answers_once() {
+    let mut ds = demos(3);
+    let addrs: Vec<SocketAddr> = ds.iter().map(|d| d.addr).collect();
+    let gw = gateway(&addrs, Balance::Broadcast, |_| {});
+    settle();
+    let mut c = Client::connect(gw.client_addr).expect("connect");
+    c.login_demo(77).expect("login");
+    let served = who(&mut c);
+    assert!(addrs.iter().any(|a| a.to_string() == served));
+    // Each of the three instances answered; the client got exactly one.
+    c.timeout = Duration::from_millis(200);
+    assert!(c.recv().is_err(), "one answer per broadcast request");
+    // With one instance gone, still one successful answer.
+    ds.remove(0).stop();
+    std::thread::sleep(Duration::from_millis(100));
+    c.timeout = Duration::from_secs(5);
+    assert_ne!(who(&mut c), addrs[0].to_string());
+    // With all gone: one failure.
+    ds.into_iter().for_each(DemoBackend::stop);
+    std::thread::sleep(Duration::from_millis(100));
+    let r = c.request(WHOAMI, b"").expect("answer");
+    assert_eq!(r.header.code, u16::from(Code::BackendUnavailable));
+    gw.stop();
+}
+
+#[test]
+fn several_connections_per_instance() {
+    let ds = demos(2);
+    let addrs: Vec<SocketAddr> = ds.iter().map(|d| d.addr).collect();
+    let gw = gateway(&addrs, Balance::RoundRobin, |c| {
+        if let Some(s) = c.services.get_mut("demo") {
+            s.connections = 3;
+        }
+    });
+    settle();
+    let metrics = common::http(gw.http_addr, "GET", "/metrics", b"").1;
+    assert!(
+        metrics.contains("slg_backend_connections{shard=\"0\",state=\"up\"} 6"),
+        "{metrics}"
+    );
+    let mut c = Client::connect(gw.client_addr).expect("connect");
+    let mut count: HashMap<String, usize> = HashMap::new();
+    for _ in 0..12 {
+        *count.entry(who(&mut c)).or_default() += 1;
+    }
+    assert!(count.values().all(|&n| n == 6), "{count:?}");
+    gw.stop();
+    ds.into_iter().for_each(DemoBackend::stop);
+}
+
+#[test]
+fn idempotent_requests_are_retried_on_another_instance() {
+    let mut ds = demos(2);
+    let addrs: Vec<SocketAddr> = ds.iter().map(|d| d.addr).collect();
+    let gw = gateway(&addrs, Balance::RoundRobin, |c| {
+        for r in c.routes.iter_mut().filter(|r| r.msgs == (200, 200)) {
+            r.idempotent = true;
+        }
+    });
+    settle();
+    let mut c = Client::connect(gw.client_addr).expect("connect");
+    c.login_demo(88).expect("login");
+    let reqs: Vec<u32> = (0..10)
+        .map(|_| c.send_request(200, b"400").expect("send"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    ds.remove(0).stop();
+    let codes: Vec<u16> = reqs
+        .iter()
+        .map(|&r| c.response_to(r).expect("answer").header.code)
+        .collect();
+    assert!(
+        codes.iter().all(|&x| x == 0),
+        "every request retried and answered: {codes:?}"
+    );
+    let metrics = common::http(gw.http_addr, "GET", "/metrics", b"").1;
+    assert!(
+        metrics.contains("slg_backend_retries_total{shard=\"0\"} 5"),
+        "{metrics}"
+    );
+    gw.stop();
+    ds.into_iter().for_each(DemoBackend::stop);
 }

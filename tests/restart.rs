@@ -329,6 +329,7 @@ fn in_process(
         "demo".into(),
         ServiceConfig {
             instances: vec![demo.addr.to_string()],
+            connections: 1,
         },
     );
     tune(&mut cfg);

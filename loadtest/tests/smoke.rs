@@ -25,6 +25,7 @@ impl Rig {
             "demo".into(),
             ServiceConfig {
                 instances: vec![demo.addr.to_string()],
+                connections: 1,
             },
         );
         let gateway = Gateway::start(cfg).expect("gateway");

@@ -15,7 +15,7 @@ use crate::protocol::{encode, Code, Decoder, Header, Kind, Link};
 use crate::session::SessionId;
 use bytes::{Bytes, BytesMut};
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -37,6 +37,21 @@ pub struct Pending {
     pub(crate) ticket: u64,
     /// When it was sent to the backend (for the latency histogram).
     pub(crate) sent_at: Instant,
+    /// The fan-out group of a broadcast request (0: none).
+    pub group: u64,
+    /// For an idempotent route: what it takes to send it again elsewhere.
+    pub(crate) retry: Option<Rc<Retry>>,
+}
+
+/// What a retry of an idempotent request needs.
+#[derive(Debug)]
+pub struct Retry {
+    service: Rc<Service>,
+    balance: crate::config::Balance,
+    msg_id: u32,
+    body: Bytes,
+    /// The request's own deadline: a retry never extends it.
+    deadline: Instant,
 }
 
 impl Pending {
@@ -51,6 +66,8 @@ impl Pending {
             login,
             ticket: 0,
             sent_at: Instant::now(),
+            group: 0,
+            retry: None,
         }
     }
 
@@ -103,6 +120,12 @@ pub struct BackendConn {
     healthy: Cell<bool>,
     /// When the PING now unanswered was sent.
     ping_sent: Cell<Option<Instant>>,
+    /// Removed by a config reload: takes no new requests, closes once its
+    /// in-flight ones are answered.
+    retired: Cell<bool>,
+    retire_wake: shards::Notify,
+    /// No connect has been tried to the end yet.
+    first_connect: Cell<bool>,
 }
 
 impl BackendConn {
@@ -111,6 +134,9 @@ impl BackendConn {
             addr,
             healthy: Cell::new(true),
             ping_sent: Cell::new(None),
+            retired: Cell::new(false),
+            retire_wake: shards::Notify::new(),
+            first_connect: Cell::new(true),
             state: Cell::new(ConnState::Connecting),
             out: RefCell::new(Rc::new(Outbound::new())),
             pending: RefCell::new(HashMap::new()),
@@ -124,7 +150,24 @@ impl BackendConn {
 
     /// In rotation: not down, and answering its health checks.
     pub fn usable(&self) -> bool {
-        self.state.get() != ConnState::Down && self.healthy.get()
+        let state_ok = match self.state.get() {
+            ConnState::Up => self.healthy.get(),
+            // Only a first connect takes requests (they wait for it): a
+            // reconnect after a failure is not trusted until it succeeds.
+            ConnState::Connecting => self.first_connect.get(),
+            ConnState::Down => false,
+        };
+        state_ok && !self.retired.get()
+    }
+
+    /// Take no new requests; close once the in-flight ones are answered.
+    pub fn retire(&self) {
+        self.retired.set(true);
+        self.retire_wake.notify();
+    }
+
+    fn retired_and_idle(&self) -> bool {
+        self.retired.get() && self.pending.borrow().is_empty()
     }
 
     pub fn in_flight(&self) -> usize {
@@ -153,82 +196,226 @@ impl BackendConn {
     }
 }
 
-/// A deadline of one pending request.
+/// A deadline of one pending request (ordered for a min-heap).
 struct Deadline {
     at: Instant,
-    service: usize,
-    instance: usize,
+    conn: Rc<BackendConn>,
     req_id: u32,
     ticket: u64,
 }
 
+impl PartialEq for Deadline {
+    fn eq(&self, o: &Self) -> bool {
+        self.at == o.at && self.ticket == o.ticket
+    }
+}
+impl Eq for Deadline {}
+impl PartialOrd for Deadline {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Deadline {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        // Reversed: the earliest deadline is the heap's greatest.
+        o.at.cmp(&self.at).then(o.ticket.cmp(&self.ticket))
+    }
+}
+
+/// One instance of a service: its connections of this shard.
+#[derive(Debug)]
+pub struct Instance {
+    pub addr: SocketAddr,
+    conns: Vec<Rc<BackendConn>>,
+    cursor: Cell<usize>,
+}
+
+impl Instance {
+    /// A usable connection with room, in turn.
+    fn conn(&self, room: impl Fn(&BackendConn) -> bool) -> Option<&Rc<BackendConn>> {
+        let n = self.conns.len();
+        let start = self.cursor.get();
+        let k = (0..n)
+            .map(|k| (start + k) % n)
+            .find(|&k| self.conns[k].usable() && room(&self.conns[k]))?;
+        self.cursor.set(k + 1);
+        self.conns.get(k)
+    }
+
+    fn reachable(&self) -> bool {
+        self.conns.iter().any(|c| c.usable())
+    }
+}
+
+/// One service: its instances, in config order.
+#[derive(Debug)]
+pub struct Service {
+    pub name: String,
+    instances: Vec<Instance>,
+    cursor: Cell<usize>,
+}
+
+/// What a service is made of, from the config: name, instance addresses,
+/// connections per instance.
+pub type ServiceSpec = (String, Vec<SocketAddr>, usize);
+
+/// The fate of one answer of a broadcast request.
+#[derive(Debug)]
+pub enum GroupVerdict {
+    /// Deliver this answer (the first success, or the last of all failures).
+    Deliver(Answer),
+    /// Drop it: an answer was delivered already, or others are awaited.
+    Drop,
+}
+
+/// A broadcast request waiting for its answers.
+struct Group {
+    remaining: usize,
+    delivered: bool,
+    last: Option<Answer>,
+}
+
+impl std::fmt::Debug for BackendConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendConn")
+            .field("addr", &self.addr)
+            .field("state", &self.state.get())
+            .finish()
+    }
+}
+
 /// All backend connections of one shard.
 pub struct BackendPool {
-    /// services[s][i]: instance i of service s (router service order).
-    services: Vec<Vec<Rc<BackendConn>>>,
-    cursors: Vec<Cell<usize>>,
-    deadlines: RefCell<VecDeque<Deadline>>,
+    /// In router service order; replaced whole by a config reload.
+    services: RefCell<Vec<Rc<Service>>>,
+    deadlines: RefCell<std::collections::BinaryHeap<Deadline>>,
     deadline_wake: shards::Notify,
-    request_timeout: Duration,
+    groups: RefCell<HashMap<u64, Group>>,
+    next_group: Cell<u64>,
+    request_timeout: Cell<Duration>,
     /// (in-flight requests, queued bytes) one connection may hold.
-    bounds: (usize, usize),
+    bounds: Cell<(usize, usize)>,
     next_ticket: Cell<u64>,
     /// Answers whose req_id matched nothing (late after a timeout, or bogus).
     pub unknown_answers: Cell<u64>,
+    pub timeouts: Cell<u64>,
+    pub failed_by_disconnect: Cell<u64>,
+    /// Idempotent requests sent again after their connection died.
+    pub retries: Cell<u64>,
     /// Times an instance left rotation for missing its health checks.
     pub unhealthy: Rc<Cell<u64>>,
     /// Connections (re)established.
     pub connects: Cell<u64>,
-    pub timeouts: Cell<u64>,
-    pub failed_by_disconnect: Cell<u64>,
+}
+
+fn build(
+    spec: Vec<ServiceSpec>,
+    reuse: &mut HashMap<(String, SocketAddr, usize), Rc<BackendConn>>,
+) -> Vec<Rc<Service>> {
+    spec.into_iter()
+        .map(|(name, addrs, per)| {
+            let instances = addrs
+                .into_iter()
+                .map(|addr| Instance {
+                    addr,
+                    conns: (0..per.max(1))
+                        .map(|k| {
+                            reuse
+                                .remove(&(name.clone(), addr, k))
+                                .unwrap_or_else(|| Rc::new(BackendConn::new(addr)))
+                        })
+                        .collect(),
+                    cursor: Cell::new(0),
+                })
+                .collect();
+            Rc::new(Service {
+                name,
+                instances,
+                cursor: Cell::new(0),
+            })
+        })
+        .collect()
 }
 
 impl BackendPool {
-    /// `services[s]` lists the instance addresses of router service `s`.
     pub fn new(
-        services: Vec<Vec<SocketAddr>>,
+        spec: Vec<ServiceSpec>,
         request_timeout: Duration,
         bounds: (usize, usize),
     ) -> BackendPool {
-        let cursors = services.iter().map(|_| Cell::new(0)).collect();
         BackendPool {
-            services: services
-                .into_iter()
-                .map(|addrs| {
-                    addrs
-                        .into_iter()
-                        .map(|a| Rc::new(BackendConn::new(a)))
-                        .collect()
-                })
-                .collect(),
-            cursors,
-            deadlines: RefCell::new(VecDeque::new()),
+            services: RefCell::new(build(spec, &mut HashMap::new())),
+            deadlines: RefCell::new(std::collections::BinaryHeap::new()),
             deadline_wake: shards::Notify::new(),
-            request_timeout,
-            bounds,
+            groups: RefCell::new(HashMap::new()),
+            next_group: Cell::new(1),
+            request_timeout: Cell::new(request_timeout),
+            bounds: Cell::new(bounds),
             next_ticket: Cell::new(1),
             unknown_answers: Cell::new(0),
-            unhealthy: Rc::new(Cell::new(0)),
-            connects: Cell::new(0),
             timeouts: Cell::new(0),
             failed_by_disconnect: Cell::new(0),
+            retries: Cell::new(0),
+            unhealthy: Rc::new(Cell::new(0)),
+            connects: Cell::new(0),
         }
     }
 
-    /// Every (service, instance, connection), for starting their tasks.
     fn unhealthy_counter(&self) -> Rc<Cell<u64>> {
         self.unhealthy.clone()
     }
 
+    /// Every connection, for starting their tasks.
+    pub fn connections(&self) -> Vec<Rc<BackendConn>> {
+        self.services
+            .borrow()
+            .iter()
+            .flat_map(|s| s.instances.iter().flat_map(|i| i.conns.iter().cloned()))
+            .collect()
+    }
+
+    /// A new config: connections to instances that stay are kept (with
+    /// their requests in flight), those that go are retired, new ones are
+    /// returned for their tasks to be started.
+    pub fn reload(
+        &self,
+        spec: Vec<ServiceSpec>,
+        request_timeout: Duration,
+        bounds: (usize, usize),
+    ) -> Vec<Rc<BackendConn>> {
+        let mut old: HashMap<(String, SocketAddr, usize), Rc<BackendConn>> = HashMap::new();
+        for s in self.services.borrow().iter() {
+            for i in &s.instances {
+                for (k, c) in i.conns.iter().enumerate() {
+                    old.insert((s.name.clone(), i.addr, k), c.clone());
+                }
+            }
+        }
+        let before: Vec<*const BackendConn> = old.values().map(Rc::as_ptr).collect();
+        let services = build(spec, &mut old);
+        for c in old.values() {
+            c.retire();
+        }
+        let fresh: Vec<Rc<BackendConn>> = services
+            .iter()
+            .flat_map(|s| s.instances.iter().flat_map(|i| i.conns.iter().cloned()))
+            .filter(|c| !before.contains(&Rc::as_ptr(c)))
+            .collect();
+        *self.services.borrow_mut() = services;
+        self.request_timeout.set(request_timeout);
+        self.bounds.set(bounds);
+        fresh
+    }
+
     /// Requests waiting for an answer, on every connection.
     pub fn in_flight(&self) -> usize {
-        self.services.iter().flatten().map(|c| c.in_flight()).sum()
+        self.connections().iter().map(|c| c.in_flight()).sum()
     }
 
     /// (up, unhealthy, down) connection counts.
     pub fn health(&self) -> (u64, u64, u64) {
         let (mut up, mut sick, mut down) = (0, 0, 0);
-        for c in self.services.iter().flatten() {
+        for c in self.connections() {
             match (c.state(), c.healthy.get()) {
                 (ConnState::Up, true) => up += 1,
                 (ConnState::Up, false) => sick += 1,
@@ -238,45 +425,93 @@ impl BackendPool {
         (up, sick, down)
     }
 
-    pub fn connections(&self) -> Vec<(usize, usize, Rc<BackendConn>)> {
-        self.services
-            .iter()
-            .enumerate()
-            .flat_map(|(s, v)| v.iter().enumerate().map(move |(i, c)| (s, i, c.clone())))
-            .collect()
+    fn has_room(&self) -> impl Fn(&BackendConn) -> bool {
+        let (max_inflight, max_queue) = self.bounds.get();
+        move |c: &BackendConn| c.in_flight() < max_inflight && c.out.borrow().queued() < max_queue
     }
 
-    /// Send a request to one instance of `route.service`. On error nothing
-    /// was sent and the caller answers the client with the code.
+    /// Send a request to `route.service`: one instance chosen by the
+    /// route's balancing, or every instance for a broadcast route. On
+    /// error nothing was sent and the caller answers the client with it.
     pub fn send(
         &self,
         route: &crate::router::Route,
         header: &Header,
-        body: &[u8],
+        body: &Bytes,
         mut pending: Pending,
     ) -> Result<(), Code> {
-        let (Some(conns), Some(cursor)) = (
-            self.services.get(route.service),
-            self.cursors.get(route.service),
-        ) else {
-            return Err(Code::NoRoute);
-        };
-        let player = pending.player;
-        let (max_inflight, max_queue) = self.bounds;
-        let has_room =
-            |c: &BackendConn| c.in_flight() < max_inflight && c.out.borrow().queued() < max_queue;
-        let i = crate::router::pick(route.balance, player, conns.len(), cursor, |i| {
-            conns[i].usable() && has_room(&conns[i])
-        })
-        .ok_or_else(|| {
+        let service = self
+            .services
+            .borrow()
+            .get(route.service)
+            .cloned()
+            .ok_or(Code::NoRoute)?;
+        let room = self.has_room();
+        let deadline = Instant::now() + self.request_timeout.get();
+        if route.idempotent {
+            pending.retry = Some(Rc::new(Retry {
+                service: service.clone(),
+                balance: route.balance,
+                msg_id: header.msg_id,
+                body: body.clone(),
+                deadline,
+            }));
+        }
+        let refusal = || {
             // Reachable instances, all full: the gateway refuses for load.
-            if conns.iter().any(|c| c.usable()) {
+            if service.instances.iter().any(Instance::reachable) {
                 Code::Overloaded
             } else {
                 Code::BackendUnavailable
             }
-        })?;
-        let conn = &conns[i];
+        };
+        if route.balance == crate::config::Balance::Broadcast {
+            let targets: Vec<Rc<BackendConn>> = service
+                .instances
+                .iter()
+                .filter_map(|i| i.conn(&room).cloned())
+                .collect();
+            if targets.is_empty() {
+                return Err(refusal());
+            }
+            let gid = self.next_group.get();
+            self.next_group.set(gid + 1);
+            self.groups.borrow_mut().insert(
+                gid,
+                Group {
+                    remaining: targets.len(),
+                    delivered: false,
+                    last: None,
+                },
+            );
+            pending.group = gid;
+            for conn in targets {
+                self.send_on(&conn, header.msg_id, body, pending.clone(), deadline);
+            }
+            return Ok(());
+        }
+        let n = service.instances.len();
+        let i = crate::router::pick(route.balance, pending.player, n, &service.cursor, |i| {
+            service.instances[i].conn(&room).is_some()
+        })
+        .ok_or_else(refusal)?;
+        let conn = service.instances[i]
+            .conn(&room)
+            .cloned()
+            .ok_or_else(refusal)?;
+        self.send_on(&conn, header.msg_id, body, pending, deadline);
+        Ok(())
+    }
+
+    fn send_on(
+        &self,
+        conn: &Rc<BackendConn>,
+        msg_id: u32,
+        body: &[u8],
+        mut pending: Pending,
+        deadline: Instant,
+    ) {
+        let player = pending.player;
         let req_id = conn.alloc_req_id();
         let ticket = self.next_ticket.get();
         self.next_ticket.set(ticket + 1);
@@ -287,37 +522,81 @@ impl BackendPool {
             kind: Kind::Request,
             flags: 0,
             code: 0,
-            msg_id: header.msg_id,
+            msg_id,
             req_id,
             seq: player,
         };
         conn.out.borrow().push(|out| encode(out, &h, body));
         let mut deadlines = self.deadlines.borrow_mut();
-        if deadlines.is_empty() {
+        if deadlines.peek().is_none_or(|d| deadline < d.at) {
             self.deadline_wake.notify();
         }
-        deadlines.push_back(Deadline {
-            at: Instant::now() + self.request_timeout,
-            service: route.service,
-            instance: i,
+        deadlines.push(Deadline {
+            at: deadline,
+            conn: conn.clone(),
             req_id,
             ticket,
         });
+    }
+
+    /// A request whose connection died: send it again to another instance
+    /// if its route is idempotent and its deadline has not passed;
+    /// otherwise hand it back to be answered.
+    pub fn retry(&self, p: Pending) -> Result<(), Pending> {
+        let Some(r) = p.retry.clone() else {
+            return Err(p);
+        };
+        if Instant::now() >= r.deadline || p.group != 0 {
+            return Err(p);
+        }
+        let room = self.has_room();
+        let n = r.service.instances.len();
+        let Some(i) = crate::router::pick(r.balance, p.player, n, &r.service.cursor, |i| {
+            r.service.instances[i].conn(&room).is_some()
+        }) else {
+            return Err(p);
+        };
+        let Some(conn) = r.service.instances[i].conn(&room).cloned() else {
+            return Err(p);
+        };
+        self.retries.set(self.retries.get() + 1);
+        self.send_on(&conn, r.msg_id, &r.body.clone(), p, r.deadline);
         Ok(())
+    }
+
+    /// One answer of broadcast group `gid`: the first success is delivered,
+    /// later answers dropped; when all failed, the last failure is delivered.
+    pub fn group_answer(&self, gid: u64, a: Answer) -> GroupVerdict {
+        let mut groups = self.groups.borrow_mut();
+        let Some(g) = groups.get_mut(&gid) else {
+            return GroupVerdict::Drop;
+        };
+        g.remaining = g.remaining.saturating_sub(1);
+        let verdict = if g.delivered {
+            GroupVerdict::Drop
+        } else if a.code == 0 {
+            g.delivered = true;
+            GroupVerdict::Deliver(a)
+        } else if g.remaining == 0 {
+            g.delivered = true;
+            GroupVerdict::Deliver(a)
+        } else {
+            g.last = Some(a);
+            GroupVerdict::Drop
+        };
+        if g.remaining == 0 {
+            groups.remove(&gid);
+        }
+        verdict
     }
 
     /// Pop every request whose deadline passed and is still pending.
     pub fn expired(&self, now: Instant) -> Vec<Pending> {
         let mut out = Vec::new();
         let mut deadlines = self.deadlines.borrow_mut();
-        while deadlines.front().is_some_and(|d| d.at <= now) {
-            let Some(d) = deadlines.pop_front() else {
-                break;
-            };
-            let Some(conn) = self.services.get(d.service).and_then(|v| v.get(d.instance)) else {
-                continue;
-            };
-            let mut pending = conn.pending.borrow_mut();
+        while deadlines.peek().is_some_and(|d| d.at <= now) {
+            let Some(d) = deadlines.pop() else { break };
+            let mut pending = d.conn.pending.borrow_mut();
             if pending.get(&d.req_id).is_some_and(|p| p.ticket == d.ticket) {
                 if let Some(p) = pending.remove(&d.req_id) {
                     out.push(p);
@@ -330,10 +609,10 @@ impl BackendPool {
 
     /// When the earliest deadline falls (None: no request in flight).
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.deadlines.borrow().front().map(|d| d.at)
+        self.deadlines.borrow().peek().map(|d| d.at)
     }
 
-    /// Resolves when a deadline is added to an empty queue.
+    /// Resolves when a deadline earlier than all others is added.
     pub async fn deadline_added(&self) {
         self.deadline_wake.notified().await
     }
@@ -387,7 +666,7 @@ pub async fn run_connection<S: AnswerSink>(
     let mut backoff = reconnect.0;
     let mut jitter_state =
         shards::splitmix64(conn.addr.port() as u64 ^ Instant::now().elapsed().as_nanos() as u64);
-    while !stop.is_stopped() {
+    while !stop.is_stopped() && !conn.retired_and_idle() {
         conn.state.set(ConnState::Connecting);
         let connected = futures_lite::future::or(
             async {
@@ -403,6 +682,7 @@ pub async fn run_connection<S: AnswerSink>(
             None => break,
             Some(Ok(s)) => s,
             Some(Err(e)) => {
+                conn.first_connect.set(false);
                 tracing::warn!(backend = %conn.addr, error = %e, "backend connect failed");
                 // What was queued while connecting is answered now; it
                 // must never reach the backend later.
@@ -416,6 +696,7 @@ pub async fn run_connection<S: AnswerSink>(
         let _ = stream.set_nodelay(true);
         tracing::info!(backend = %conn.addr, "backend connected");
         conn.state.set(ConnState::Up);
+        conn.first_connect.set(false);
         conn.healthy.set(true);
         conn.ping_sent.set(None);
         pool_stats.connects.set(pool_stats.connects.get() + 1);
@@ -434,7 +715,11 @@ pub async fn run_connection<S: AnswerSink>(
             glommio::spawn_local(async move { out.run_writer(stream).await })
         };
         let why = read_answers(&*sink, pool_stats, &conn, &stream, &decoder, &stop).await;
-        tracing::warn!(backend = %conn.addr, reason = %why, "backend connection lost");
+        if conn.retired_and_idle() {
+            tracing::info!(backend = %conn.addr, "backend connection retired by a reload");
+        } else {
+            tracing::warn!(backend = %conn.addr, reason = %why, "backend connection lost");
+        }
         out.discard();
         out.close();
         drop(writer); // cancels a write blocked on a dead peer
@@ -442,7 +727,7 @@ pub async fn run_connection<S: AnswerSink>(
         *conn.out.borrow_mut() = Rc::new(Outbound::new());
         conn.state.set(ConnState::Down);
         fail_all(&*sink, pool_stats, &conn);
-        if stop.is_stopped() {
+        if stop.is_stopped() || conn.retired_and_idle() {
             break;
         }
         backoff = sleep_backoff(backoff, reconnect, &mut jitter_state, &stop).await;
@@ -484,14 +769,17 @@ async fn health_checks(
     }
 }
 
-fn fail_all<S: AnswerSink>(sink: &S, stats: &BackendPool, conn: &BackendConn) {
-    let failed = conn.take_all();
-    stats
-        .failed_by_disconnect
-        .set(stats.failed_by_disconnect.get() + failed.len() as u64);
-    for p in failed {
-        let a = Answer::error(&p, Code::BackendUnavailable);
-        sink.on_answer(p, a);
+/// The connection died: each request in flight on it is sent again
+/// elsewhere (idempotent routes, within their deadline) or answered
+/// `BACKEND_UNAVAILABLE`.
+fn fail_all<S: AnswerSink>(sink: &S, pool: &BackendPool, conn: &BackendConn) {
+    for p in conn.take_all() {
+        if let Err(p) = pool.retry(p) {
+            pool.failed_by_disconnect
+                .set(pool.failed_by_disconnect.get() + 1);
+            let a = Answer::error(&p, Code::BackendUnavailable);
+            sink.on_answer(p, a);
+        }
     }
 }
 
@@ -553,9 +841,14 @@ async fn read_answers<S: AnswerSink>(
                 Err(e) => return format!("protocol error from backend: {e}"),
             }
         }
+        if conn.retired_and_idle() {
+            return "retired".into();
+        }
         let want = decoder.needed(&buf).max(16 * 1024);
-        match crate::net::read_more(stream, &mut buf, want, stop.stopped()).await {
-            ReadMore::Interrupted => return "gateway stopping".into(),
+        let interrupt = futures_lite::future::or(stop.stopped(), conn.retire_wake.notified());
+        match crate::net::read_more(stream, &mut buf, want, interrupt).await {
+            ReadMore::Interrupted if stop.is_stopped() => return "gateway stopping".into(),
+            ReadMore::Interrupted => {}
             ReadMore::Eof => return "closed by backend".into(),
             ReadMore::Data(_) => {}
             ReadMore::Err(e) => return e.to_string(),

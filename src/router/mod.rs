@@ -19,6 +19,8 @@ pub struct Route {
     /// A login request: its answer authenticates the session.
     pub login: bool,
     pub balance: Balance,
+    /// Safe to send again to another instance when its connection dies.
+    pub idempotent: bool,
 }
 
 /// The route table of one shard.
@@ -44,6 +46,7 @@ impl Router {
                     auth: r.auth,
                     login: r.login,
                     balance: r.balance,
+                    idempotent: r.idempotent,
                 })
             })
             .collect();
@@ -134,6 +137,7 @@ mod tests {
                     auth,
                     login,
                     balance: Balance::RoundRobin,
+                    idempotent: false,
                 })
                 .collect(),
             services: vec!["s".into()],

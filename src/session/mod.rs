@@ -183,6 +183,7 @@ mod tests {
             auth,
             login,
             balance: Balance::RoundRobin,
+            idempotent: false,
         }
     }
 

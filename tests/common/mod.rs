@@ -21,6 +21,7 @@ pub fn config(backend: SocketAddr, shards: usize) -> Config {
         "demo".into(),
         ServiceConfig {
             instances: vec![backend.to_string()],
+            connections: 1,
         },
     );
     cfg.backend.request_timeout = Duration::from_secs(5);
