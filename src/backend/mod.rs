@@ -272,7 +272,6 @@ pub enum GroupVerdict {
 struct Group {
     remaining: usize,
     delivered: bool,
-    last: Option<Answer>,
 }
 
 impl std::fmt::Debug for BackendConn {
@@ -481,7 +480,6 @@ impl BackendPool {
                 Group {
                     remaining: targets.len(),
                     delivered: false,
-                    last: None,
                 },
             );
             pending.group = gid;
@@ -574,14 +572,10 @@ impl BackendPool {
         g.remaining = g.remaining.saturating_sub(1);
         let verdict = if g.delivered {
             GroupVerdict::Drop
-        } else if a.code == 0 {
-            g.delivered = true;
-            GroupVerdict::Deliver(a)
-        } else if g.remaining == 0 {
+        } else if a.code == 0 || g.remaining == 0 {
             g.delivered = true;
             GroupVerdict::Deliver(a)
         } else {
-            g.last = Some(a);
             GroupVerdict::Drop
         };
         if g.remaining == 0 {
