@@ -55,6 +55,8 @@ pub struct Gateway {
     events: (flume::Sender<GatewayEvent>, flume::Receiver<GatewayEvent>),
     store: Option<LocalDir>,
     drain_timeout: Duration,
+    /// The config in force (reloads replace it).
+    cfg: Config,
     /// Players loaded from a snapshot at start.
     pub restored: usize,
 }
@@ -183,6 +185,7 @@ impl Gateway {
             .collect();
         let events = flume::unbounded();
         let drain_timeout = cfg.drain_timeout;
+        let kept = cfg.clone();
         let start = ShardStart {
             cfg: Arc::new(cfg),
             client_addr,
@@ -224,6 +227,7 @@ impl Gateway {
             events,
             store,
             drain_timeout,
+            cfg: kept,
             restored,
         })
     }
@@ -237,6 +241,56 @@ impl Gateway {
     /// Where signal handlers send their events.
     pub fn event_sender(&self) -> flume::Sender<GatewayEvent> {
         self.events.0.clone()
+    }
+
+    /// Apply a new config to every shard without dropping a connection or
+    /// a request: routes, services, limits and timeouts change. Keys that
+    /// need a restart (listen, http_listen, shards, snapshot_dir,
+    /// demo_backend, log) keep their running values, with a warning. An
+    /// invalid config is refused and nothing changes.
+    pub fn reload(&mut self, mut cfg: Config) -> Result<(), String> {
+        cfg.validate().map_err(|e| e.to_string())?;
+        let old = &self.cfg;
+        for (key, changed) in [
+            ("listen", cfg.listen != old.listen),
+            ("http_listen", cfg.http_listen != old.http_listen),
+            ("shards", cfg.shards != old.shards),
+            ("snapshot_dir", cfg.snapshot_dir != old.snapshot_dir),
+            ("demo_backend", cfg.demo_backend != old.demo_backend),
+            ("log", cfg.log != old.log),
+        ] {
+            if changed {
+                tracing::warn!(key, "config key changed: takes effect at the next restart");
+            }
+        }
+        cfg.listen = old.listen.clone();
+        cfg.http_listen = old.http_listen.clone();
+        cfg.shards = old.shards;
+        cfg.snapshot_dir = old.snapshot_dir.clone();
+        cfg.demo_backend = old.demo_backend.clone();
+        cfg.log = old.log.clone();
+        let shared = Arc::new(cfg.clone());
+        let (tx, rx) = flume::unbounded();
+        let n = self.shards.count();
+        for i in 0..n {
+            let msg = ShardMsg::Reload {
+                cfg: shared.clone(),
+                reply: tx.clone(),
+            };
+            self.shards
+                .send_blocking(i, msg)
+                .map_err(|e| e.to_string())?;
+        }
+        let mut fresh = 0;
+        for _ in 0..n {
+            fresh += rx
+                .recv_timeout(Duration::from_secs(10))
+                .map_err(|_| "a shard did not confirm the reload".to_string())?;
+        }
+        self.drain_timeout = cfg.drain_timeout;
+        self.cfg = cfg;
+        tracing::info!(new_backend_connections = fresh, "config reloaded");
+        Ok(())
     }
 
     /// Drain, snapshot and stop: in-flight requests finish, every session
@@ -471,7 +525,7 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
             while !ctx.stop.is_stopped() {
                 futures_lite::future::or(glommio::timer::sleep(period), ctx.stop.stopped()).await;
                 let now = Instant::now();
-                if let Some(cutoff) = now.checked_sub(ctx.cfg.session_idle) {
+                if let Some(cutoff) = now.checked_sub(ctx.cfg().session_idle) {
                     ctx.kick_idle(cutoff);
                 }
                 ctx.end_lingering(now);
@@ -522,6 +576,19 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
                     }
                     Some(ShardMsg::Metrics { reply }) => {
                         let _ = reply.try_send(ctx.snapshot());
+                    }
+                    Some(ShardMsg::Reload { cfg, reply }) => {
+                        let fresh = ctx.reload(Rc::new((*cfg).clone()));
+                        let n = fresh.len();
+                        for conn in fresh {
+                            let link = crate::backend::LinkSettings::from_config(&cfg);
+                            let (ctx2, stop) = (ctx.clone(), ctx.stop.clone());
+                            glommio::spawn_local(async move {
+                                run_connection(ctx2.clone(), &ctx2.backends, conn, link, stop).await
+                            })
+                            .detach();
+                        }
+                        let _ = reply.send(n);
                     }
                     Some(ShardMsg::Drain { force, reply }) => {
                         if force {
@@ -612,12 +679,13 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
 /// `http.max_connections` open in the whole gateway.
 async fn run_http(ctx: Rc<ShardCtx>, listener: glommio::net::TcpListener) {
     let open = ctx.http_connections.clone();
-    let h = ctx.cfg.http;
+    let cfg = ctx.cfg();
+    let h = cfg.http;
     let limits = crate::http::HttpLimits {
         head_timeout: h.head_timeout,
         body_timeout: h.body_timeout,
         idle_timeout: h.idle_timeout,
-        max_body: (ctx.cfg.max_frame as usize).saturating_sub(crate::protocol::HEADER_LEN),
+        max_body: (cfg.max_frame as usize).saturating_sub(crate::protocol::HEADER_LEN),
     };
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
@@ -665,7 +733,7 @@ const DRAIN_QUIET: Duration = Duration::from_millis(100);
 /// after its queued output; then the players go to the coordinator.
 /// Everything is bounded by `drain_timeout`; a force finishes at once.
 async fn drain_shard(ctx: Rc<ShardCtx>, reply: flume::Sender<DrainReport>) {
-    let deadline = Instant::now() + ctx.cfg.drain_timeout;
+    let deadline = Instant::now() + ctx.cfg().drain_timeout;
     let tick = Duration::from_millis(5);
     let wait = |ctx: Rc<ShardCtx>| async move {
         futures_lite::future::or(glommio::timer::sleep(tick), ctx.force_wake.notified()).await;

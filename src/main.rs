@@ -77,17 +77,44 @@ fn forward_signals(events: flume::Sender<GatewayEvent>) -> std::io::Result<()> {
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGHUP,
     ])?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             for sig in signals.forever() {
-                if events.send(GatewayEvent::Signal(sig)).is_err() {
+                let event = if sig == signal_hook::consts::SIGHUP {
+                    GatewayEvent::Reload(None)
+                } else {
+                    GatewayEvent::Signal(sig)
+                };
+                if events.send(event).is_err() {
                     break;
                 }
             }
         })?;
     Ok(())
+}
+
+/// The config file (or the embedded default) with the command-line
+/// overrides applied, validated.
+fn load_config(cli: &Cli) -> Result<Config, String> {
+    let mut cfg = match &cli.config {
+        Some(path) => Config::load(path),
+        None => Config::from_ron(slg_gateway::config::DEFAULT_RON, "<embedded gateway.ron>"),
+    }
+    .map_err(|e| e.to_string())?;
+    if let Some(l) = &cli.listen {
+        cfg.listen = l.clone();
+    }
+    if let Some(h) = &cli.http_listen {
+        cfg.http_listen = h.clone();
+    }
+    if let Some(n) = cli.shards {
+        cfg.shards = Some(n);
+    }
+    cfg.validate().map_err(|e| e.to_string())?;
+    Ok(cfg)
 }
 
 /// Exit status of a drain that was not clean: forced (deadline or a
@@ -112,30 +139,13 @@ fn main() -> ExitCode {
         };
     }
 
-    let loaded = match &cli.config {
-        Some(path) => Config::load(path),
-        None => Config::from_ron(slg_gateway::config::DEFAULT_RON, "<embedded gateway.ron>"),
-    };
-    let mut cfg = match loaded {
+    let cfg = match load_config(&cli) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{e}");
             return ExitCode::from(2);
         }
     };
-    if let Some(l) = cli.listen {
-        cfg.listen = l;
-    }
-    if let Some(h) = cli.http_listen {
-        cfg.http_listen = h;
-    }
-    if let Some(n) = cli.shards {
-        cfg.shards = Some(n);
-    }
-    if let Err(e) = cfg.validate() {
-        eprintln!("{e}");
-        return ExitCode::from(2);
-    }
     init_logs(&cfg.log);
     slg_gateway::limits::raise_all();
 
@@ -154,7 +164,7 @@ fn main() -> ExitCode {
         },
     };
     let shards = cfg.shard_count();
-    let gw = match Gateway::start(cfg) {
+    let mut gw = match Gateway::start(cfg) {
         Ok(g) => g,
         Err(e) => {
             eprintln!("cannot start the gateway: {e}");
@@ -173,11 +183,29 @@ fn main() -> ExitCode {
         let _ = gw.stop();
         return ExitCode::from(1);
     }
-    // Run until a signal or POST /v1/drain, then drain; another event forces.
+    // Serve reloads until a signal or POST /v1/drain; then drain, and any
+    // further event forces the drain.
     let events = gw.events().clone();
-    match events.recv() {
-        Ok(e) => tracing::info!(event = ?e, "stopping"),
-        Err(_) => tracing::error!("event channel closed; stopping"),
+    loop {
+        match events.recv() {
+            Ok(GatewayEvent::Reload(reply)) => {
+                let outcome = load_config(&cli).and_then(|c| gw.reload(c));
+                if let Err(e) = &outcome {
+                    tracing::error!(error = %e, "config reload refused; the running config stays");
+                }
+                if let Some(tx) = reply {
+                    let _ = tx.send(outcome);
+                }
+            }
+            Ok(e) => {
+                tracing::info!(event = ?e, "stopping");
+                break;
+            }
+            Err(_) => {
+                tracing::error!("event channel closed; stopping");
+                break;
+            }
+        }
     }
     let outcome = gw.drain(&events);
     if let Some(d) = demo {

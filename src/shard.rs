@@ -61,6 +61,12 @@ pub enum ShardMsg {
     Metrics {
         reply: flume::Sender<crate::metrics::Snapshot>,
     },
+    /// Apply a reloaded config (the fields that need a restart are kept
+    /// as they were); the shard answers when done.
+    Reload {
+        cfg: Arc<Config>,
+        reply: flume::Sender<usize>,
+    },
     /// Drain (or, with `force`, stop draining and finish now); the shard
     /// answers once, with its players.
     Drain {
@@ -79,12 +85,15 @@ pub struct DrainReport {
 }
 
 /// Events a shard raises for the process (the coordinator).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum GatewayEvent {
     /// `POST /v1/drain`.
     DrainRequested,
     /// A stop signal (SIGTERM, SIGINT).
     Signal(i32),
+    /// Re-read the config file (SIGHUP, `POST /v1/reload`); the outcome
+    /// goes to the sender, if any.
+    Reload(Option<flume::Sender<Result<(), String>>>),
 }
 
 /// What a push did, player by player (PROTOCOL.md section 5).
@@ -223,12 +232,13 @@ fn add(c: &Cell<u64>, n: u64) {
 pub struct ShardCtx {
     pub id: usize,
     pub count: usize,
-    pub cfg: Rc<Config>,
-    pub router: Router,
+    /// The config and the route table; a reload replaces both.
+    cfg: RefCell<Rc<Config>>,
+    router: RefCell<Rc<Router>>,
     pub backends: BackendPool,
     pub mesh: shards::Mesh<ShardMsg>,
     pub stop: shards::StopToken,
-    pub client_decoder: Decoder,
+    client_decoder: Cell<Decoder>,
     sessions: RefCell<HashMap<SessionId, SessionEntry>>,
     players: RefCell<HashMap<u64, Player>>,
     next_session: Cell<u64>,
@@ -271,8 +281,8 @@ impl ShardCtx {
         ShardCtx {
             id,
             count,
-            client_decoder: Decoder::new(Link::ClientToGateway, cfg.max_frame),
-            router,
+            client_decoder: Cell::new(Decoder::new(Link::ClientToGateway, cfg.max_frame)),
+            router: RefCell::new(Rc::new(router)),
             backends,
             mesh,
             stop,
@@ -289,8 +299,40 @@ impl ShardCtx {
             forced: Cell::new(false),
             force_wake: shards::Notify::new(),
             events: None,
-            cfg,
+            cfg: RefCell::new(cfg),
         }
+    }
+
+    /// The config now (a reload may replace it between two calls).
+    pub fn cfg(&self) -> Rc<Config> {
+        self.cfg.borrow().clone()
+    }
+
+    /// The route table now.
+    pub fn router(&self) -> Rc<Router> {
+        self.router.borrow().clone()
+    }
+
+    /// The decoder of client frames (its max_frame follows reloads).
+    pub fn client_decoder(&self) -> Decoder {
+        self.client_decoder.get()
+    }
+
+    /// Apply a reloaded config: routes, services, limits and timeouts
+    /// change; sessions, players and requests in flight stay. Returns the
+    /// new backend connections, whose tasks the caller starts.
+    pub fn reload(&self, cfg: Rc<Config>) -> Vec<Rc<crate::backend::BackendConn>> {
+        let router = Router::new(&cfg);
+        let fresh = self.backends.reload(
+            service_specs(&cfg, &router),
+            cfg.backend.request_timeout,
+            (cfg.limits.backend_inflight, cfg.limits.backend_queue_bytes),
+        );
+        self.client_decoder
+            .set(Decoder::new(Link::ClientToGateway, cfg.max_frame));
+        *self.router.borrow_mut() = Rc::new(router);
+        *self.cfg.borrow_mut() = cfg;
+        fresh
     }
 
     fn new_life(&self) -> u64 {
@@ -323,7 +365,7 @@ impl ShardCtx {
                 replay_end: 0,
                 resume_failures: 0,
                 bucket: (
-                    self.cfg.limits.rate.map_or(0.0, |r| r.burst),
+                    self.cfg().limits.rate.map_or(0.0, |r| r.burst),
                     Instant::now(),
                 ),
                 close_reason: "",
@@ -445,7 +487,7 @@ impl ShardCtx {
             }
             e.out.push(f);
             let replay_unsent = e.replay_end.saturating_sub(e.out.written_total()) as usize;
-            e.out.queued().saturating_sub(replay_unsent) > self.cfg.write_queue_bytes
+            e.out.queued().saturating_sub(replay_unsent) > self.cfg().write_queue_bytes
         };
         if over {
             self.kick(sid, Code::SlowConsumer);
@@ -480,7 +522,7 @@ impl ShardCtx {
     /// is bound to a player, seq 0 before login.
     fn respond(&self, sid: SessionId, req_id: u32, msg_id: u32, code: u16, body: &[u8]) {
         bump(&self.stats.responses);
-        self.metrics.response(self.router.slot(msg_id), code);
+        self.metrics.response(self.router().slot(msg_id), code);
         let h = Header {
             kind: Kind::Response,
             flags: 0,
@@ -678,12 +720,13 @@ impl ShardCtx {
 
     fn on_request(&self, sid: SessionId, h: &Header, body: Bytes) {
         bump(&self.stats.requests);
-        self.metrics.request(self.router.slot(h.msg_id));
+        self.metrics.request(self.router().slot(h.msg_id));
         if self.draining.get() {
             return self.respond(sid, h.req_id, h.msg_id, Code::ShuttingDown.into(), &[]);
         }
-        let route = self.router.lookup(h.msg_id);
-        let limits = self.cfg.limits;
+        let router = self.router();
+        let route = router.lookup(h.msg_id);
+        let limits = self.cfg().limits;
         let (decision, player) = {
             let mut sessions = self.sessions.borrow_mut();
             let Some(e) = sessions.get_mut(&sid) else {
@@ -800,14 +843,14 @@ impl ShardCtx {
         let now = Instant::now();
         let (old, frames) = {
             let mut players = self.players.borrow_mut();
-            let o = self.cfg.outbox;
+            let o = self.cfg().outbox;
             let p = players.entry(player).or_insert_with(|| {
                 let mut p = Player::new(player, o.max_frames, o.max_bytes, now);
                 p.life = self.new_life();
                 p
             });
             let old = p.attach(sid);
-            let token = p.issue_token(new_secret(), now, self.cfg.token_lifetime);
+            let token = p.issue_token(new_secret(), now, self.cfg().token_lifetime);
             let (r, gap) = p.login_point();
             let mut frames = BytesMut::new();
             Self::session_frame(player, &token, r, gap, &mut frames);
@@ -835,7 +878,7 @@ impl ShardCtx {
                 None => Err(ResumeError::Rejected),
                 Some(p) => p.resume(token, last, now).map(|()| {
                     let old = p.attach(sid);
-                    let token = p.issue_token(new_secret(), now, self.cfg.token_lifetime);
+                    let token = p.issue_token(new_secret(), now, self.cfg().token_lifetime);
                     let mut frames = BytesMut::new();
                     Self::session_frame(player, &token, last, false, &mut frames);
                     for f in p.outbox.after(last) {
@@ -884,7 +927,7 @@ impl ShardCtx {
 
     /// End every player without a session for `player_linger`.
     pub fn end_lingering(&self, now: Instant) {
-        let linger = self.cfg.player_linger;
+        let linger = self.cfg().player_linger;
         let mut players = self.players.borrow_mut();
         let before = players.len();
         players.retain(|id, p| {
@@ -1150,12 +1193,12 @@ impl ShardCtx {
     pub fn restore(&self, images: &[crate::snapshot::PlayerImage]) -> (usize, usize) {
         let now = Instant::now();
         let unix = crate::snapshot::unix_ms_now();
-        let o = self.cfg.outbox;
+        let o = self.cfg().outbox;
         let mut players = self.players.borrow_mut();
         let mut dropped = 0;
         for img in images {
             let mut p = Player::from_image(img, o.max_frames, o.max_bytes, now, unix);
-            if p.expired(now, self.cfg.player_linger) {
+            if p.expired(now, self.cfg().player_linger) {
                 dropped += 1;
                 continue;
             }
@@ -1265,7 +1308,7 @@ impl AnswerSink for ShardCtx {
                 return;
             }
             bump(&self.stats.responses);
-            self.metrics.response(self.router.slot(p.msg_id), a.code);
+            self.metrics.response(self.router().slot(p.msg_id), a.code);
             self.deliver(p.player, h, &a.body);
         } else {
             self.respond(p.session, p.req_id, p.msg_id, a.code, &a.body);

@@ -33,7 +33,7 @@ fn authorized(got: &str, want: &str) -> bool {
 }
 
 async fn route(ctx: &ShardCtx, req: Request) -> Response {
-    if let Some(token) = &ctx.cfg.push_token {
+    if let Some(token) = &ctx.cfg().push_token {
         let want = format!("Bearer {token}");
         let got = req.authorization.as_deref().unwrap_or("");
         if !authorized(got, &want) {
@@ -46,6 +46,10 @@ async fn route(ctx: &ShardCtx, req: Request) -> Response {
             "GET" if ctx.draining.get() => Response::json(503, "{\"status\":\"draining\"}".into()),
             "GET" => Response::json(200, "{\"status\":\"ok\"}".into()),
             _ => Response::error(405, "use GET"),
+        },
+        "/v1/reload" => match method {
+            "POST" => reload(ctx).await,
+            _ => Response::error(405, "use POST"),
         },
         "/v1/drain" => match method {
             "POST" => match &ctx.events {
@@ -350,6 +354,28 @@ async fn list_players(ctx: &ShardCtx, req: &Request) -> Response {
     )
 }
 
+/// `POST /v1/reload`: re-read the config file (the process's coordinator
+/// does it); 200 when applied, 400 with the reason when refused.
+async fn reload(ctx: &ShardCtx) -> Response {
+    let Some(events) = &ctx.events else {
+        return Response::error(503, "no coordinator to reload this gateway");
+    };
+    let (tx, rx) = flume::bounded(1);
+    if events.send(GatewayEvent::Reload(Some(tx))).is_err() {
+        return Response::error(503, "the coordinator is gone");
+    }
+    let outcome = futures_lite::future::or(async { rx.recv_async().await.ok() }, async {
+        glommio::timer::sleep(SHARD_REPLY).await;
+        None
+    })
+    .await;
+    match outcome {
+        Some(Ok(())) => Response::json(200, "{\"reloaded\":true}".into()),
+        Some(Err(e)) => Response::error(400, &format!("config refused: {e}")),
+        None => Response::error(503, "the reload did not finish in time"),
+    }
+}
+
 /// `GET /metrics`: every shard's snapshot, rendered here.
 async fn metrics(ctx: &ShardCtx) -> Response {
     let snaps: Vec<Snapshot> =
@@ -357,7 +383,7 @@ async fn metrics(ctx: &ShardCtx) -> Response {
             Ok(s) => s,
             Err(r) => return r,
         };
-    let routes = ctx.router.slot_labels();
+    let routes = ctx.router().slot_labels();
     let text = crate::metrics::render(
         &snaps,
         &crate::metrics::Context {

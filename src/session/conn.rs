@@ -151,7 +151,6 @@ async fn read_loop(
     buf: &mut BytesMut,
     ctl: &shards::Notify,
 ) -> End {
-    let decoder = ctx.client_decoder;
     let mut chunk = READ_MIN;
     loop {
         match ctx.control(sid) {
@@ -163,6 +162,8 @@ async fn read_loop(
                 continue;
             }
         }
+        // Read each time: a reload may change max_frame.
+        let decoder = ctx.client_decoder();
         match decoder.decode(buf) {
             Ok(Some(frame)) => {
                 ctx.on_client_frame(sid, frame);
