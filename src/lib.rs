@@ -20,6 +20,7 @@
 
 pub mod backend;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod gateway;

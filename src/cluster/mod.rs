@@ -1,0 +1,197 @@
+//! The cluster's shared state in Redis: which gateway holds each player
+//! (with a fencing epoch), and each gateway's lease.
+//!
+//! This is the foundation of running several gateways as one (issue 9);
+//! the gateway does not use it yet. It is synchronous on purpose: it runs
+//! on a control thread of its own, bridged to the shards by channels, so
+//! no second async runtime touches the data path.
+//!
+//! Keys (prefix `slg:` by default):
+//! - `{prefix}gw:{id}`: the gateway's lease, a value with a TTL of `lease`,
+//!   renewed by [`Directory::heartbeat`]. A gateway whose lease lapsed
+//!   (partition, pause, crash) holds nothing any more.
+//! - `{prefix}p:{player}`: hash `gw` (the holder) and `epoch`, raised by
+//!   every change of holder and never reset (a released player keeps it,
+//!   with no holder). Every change is a Lua script that checks the
+//!   caller still is the holder at the epoch it knows (fencing), so a
+//!   gateway acting on stale ownership changes nothing.
+
+use std::time::Duration;
+
+/// What went wrong talking to Redis.
+#[derive(Debug, thiserror::Error)]
+pub enum DirError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("redis answered something unexpected: {0}")]
+    Protocol(String),
+}
+
+/// The outcome of claiming a player for this gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Claim {
+    /// Nobody held it (or this gateway already did): ours at `epoch`.
+    Granted { epoch: u64 },
+    /// Its holder's lease had lapsed: ours now, the old holder fenced off.
+    TakenOver { epoch: u64, from: String },
+    /// Held by a live gateway: it must hand the player over first.
+    Held { epoch: u64, by: String },
+}
+
+const CLAIM: &str = r#"
+local h = redis.call('HMGET', KEYS[1], 'gw', 'epoch')
+local holder = h[1]
+local epoch = tonumber(h[2] or '0') or 0
+if holder == ARGV[1] then
+  return {'granted', tostring(epoch), ''}
+end
+if not holder or holder == '' then
+  epoch = epoch + 1
+  redis.call('HSET', KEYS[1], 'gw', ARGV[1], 'epoch', epoch)
+  return {'granted', tostring(epoch), ''}
+end
+if redis.call('EXISTS', ARGV[2] .. holder) == 0 then
+  epoch = epoch + 1
+  redis.call('HSET', KEYS[1], 'gw', ARGV[1], 'epoch', epoch)
+  return {'expired', tostring(epoch), holder}
+end
+return {'held', tostring(epoch), holder}
+"#;
+
+const RELEASE: &str = r#"
+local h = redis.call('HMGET', KEYS[1], 'gw', 'epoch')
+if h[1] == ARGV[1] and h[2] == ARGV[2] then
+  -- Keep the epoch: it only ever grows, across lives of the player.
+  redis.call('HSET', KEYS[1], 'gw', '')
+  return 1
+end
+return 0
+"#;
+
+const TRANSFER: &str = r#"
+local h = redis.call('HMGET', KEYS[1], 'gw', 'epoch')
+if h[1] == ARGV[1] and h[2] == ARGV[2] then
+  local epoch = tonumber(h[2]) + 1
+  redis.call('HSET', KEYS[1], 'gw', ARGV[3], 'epoch', epoch)
+  return epoch
+end
+return -1
+"#;
+
+/// One gateway's view of the directory (one Redis connection).
+pub struct Directory {
+    conn: redis::Connection,
+    gateway: String,
+    lease: Duration,
+    prefix: String,
+    claim: redis::Script,
+    release: redis::Script,
+    transfer: redis::Script,
+}
+
+impl Directory {
+    /// Connect to `url` (`redis://host:port/db`) as gateway `gateway`.
+    pub fn connect(
+        url: &str,
+        gateway: &str,
+        lease: Duration,
+        prefix: &str,
+    ) -> Result<Directory, DirError> {
+        let client = redis::Client::open(url)?;
+        let conn = client.get_connection_with_timeout(Duration::from_secs(2))?;
+        conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+        conn.set_write_timeout(Some(Duration::from_secs(2)))?;
+        Ok(Directory {
+            conn,
+            gateway: gateway.to_string(),
+            lease,
+            prefix: prefix.to_string(),
+            claim: redis::Script::new(CLAIM),
+            release: redis::Script::new(RELEASE),
+            transfer: redis::Script::new(TRANSFER),
+        })
+    }
+
+    fn player_key(&self, player: u64) -> String {
+        format!("{}p:{player}", self.prefix)
+    }
+
+    fn gateway_prefix(&self) -> String {
+        format!("{}gw:", self.prefix)
+    }
+
+    /// Renew this gateway's lease (call every lease/3 or so).
+    pub fn heartbeat(&mut self) -> Result<(), DirError> {
+        let key = format!("{}{}", self.gateway_prefix(), self.gateway);
+        let ms = self.lease.as_millis().max(1) as u64;
+        redis::cmd("SET")
+            .arg(&key)
+            .arg("alive")
+            .arg("PX")
+            .arg(ms)
+            .query::<()>(&mut self.conn)?;
+        Ok(())
+    }
+
+    /// Whether gateway `id` holds a live lease.
+    pub fn alive(&mut self, id: &str) -> Result<bool, DirError> {
+        let key = format!("{}{id}", self.gateway_prefix());
+        Ok(redis::cmd("EXISTS")
+            .arg(&key)
+            .query::<u64>(&mut self.conn)?
+            == 1)
+    }
+
+    /// Claim `player` for this gateway.
+    pub fn claim(&mut self, player: u64) -> Result<Claim, DirError> {
+        let (kind, epoch, other): (String, String, String) = self
+            .claim
+            .key(self.player_key(player))
+            .arg(&self.gateway)
+            .arg(self.gateway_prefix())
+            .invoke(&mut self.conn)?;
+        let epoch = epoch
+            .parse::<u64>()
+            .map_err(|_| DirError::Protocol(format!("epoch {epoch:?}")))?;
+        match kind.as_str() {
+            "granted" => Ok(Claim::Granted { epoch }),
+            "expired" => Ok(Claim::TakenOver { epoch, from: other }),
+            "held" => Ok(Claim::Held { epoch, by: other }),
+            k => Err(DirError::Protocol(format!("claim answered {k:?}"))),
+        }
+    }
+
+    /// Forget `player` (it ended), if this gateway still holds it at `epoch`.
+    pub fn release(&mut self, player: u64, epoch: u64) -> Result<bool, DirError> {
+        let done: i64 = self
+            .release
+            .key(self.player_key(player))
+            .arg(&self.gateway)
+            .arg(epoch.to_string())
+            .invoke(&mut self.conn)?;
+        Ok(done == 1)
+    }
+
+    /// Hand `player` to gateway `to`, if this gateway still holds it at
+    /// `epoch`; returns the new epoch, or None when fenced off.
+    pub fn transfer(&mut self, player: u64, epoch: u64, to: &str) -> Result<Option<u64>, DirError> {
+        let e: i64 = self
+            .transfer
+            .key(self.player_key(player))
+            .arg(&self.gateway)
+            .arg(epoch.to_string())
+            .arg(to)
+            .invoke(&mut self.conn)?;
+        Ok(u64::try_from(e).ok())
+    }
+
+    /// Who holds `player`, at which epoch.
+    pub fn holder(&mut self, player: u64) -> Result<Option<(String, u64)>, DirError> {
+        let (gw, epoch): (Option<String>, Option<u64>) = redis::cmd("HMGET")
+            .arg(self.player_key(player))
+            .arg("gw")
+            .arg("epoch")
+            .query(&mut self.conn)?;
+        Ok(gw.filter(|g| !g.is_empty()).zip(epoch))
+    }
+}
