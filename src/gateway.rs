@@ -272,23 +272,36 @@ impl Gateway {
         let shared = Arc::new(cfg.clone());
         let (tx, rx) = flume::unbounded();
         let n = self.shards.count();
+        let mut sent = 0;
         for i in 0..n {
             let msg = ShardMsg::Reload {
                 cfg: shared.clone(),
                 reply: tx.clone(),
             };
-            self.shards
-                .send_blocking(i, msg)
-                .map_err(|e| e.to_string())?;
+            if self.shards.send_blocking(i, msg).is_ok() {
+                sent += 1;
+            }
         }
         let mut fresh = 0;
-        for _ in 0..n {
-            fresh += rx
-                .recv_timeout(Duration::from_secs(10))
-                .map_err(|_| "a shard did not confirm the reload".to_string())?;
+        let mut confirmed = 0;
+        for _ in 0..sent {
+            match rx.recv_timeout(Duration::from_secs(10)) {
+                Ok(k) => {
+                    fresh += k;
+                    confirmed += 1;
+                }
+                Err(_) => break,
+            }
         }
         self.drain_timeout = cfg.drain_timeout;
         self.cfg = cfg;
+        if confirmed < n {
+            // Some shards run the new config: it is the config now, but say
+            // that not every shard confirmed it.
+            return Err(format!(
+                "the new config was confirmed by {confirmed} of {n} shards"
+            ));
+        }
         tracing::info!(new_backend_connections = fresh, "config reloaded");
         Ok(())
     }
@@ -317,31 +330,34 @@ impl Gateway {
         let mut reports: Vec<Option<DrainReport>> = (0..n).map(|_| None).collect();
         let mut forced = false;
         let mut got = 0;
+        // Give up on silent shards this long after a force.
+        let mut force_deadline = None;
         while got < n {
-            let wait = if forced {
-                Duration::from_secs(5)
-            } else {
-                deadline.saturating_duration_since(Instant::now())
-            };
+            let until = force_deadline.unwrap_or(deadline);
             let event = flume::Selector::new()
                 .recv(&rx, |r| r.ok().map(Ok))
                 .recv(force, |e| e.ok().map(Err))
-                .wait_timeout(wait);
-            match event {
+                .wait_timeout(until.saturating_duration_since(Instant::now()));
+            let force_now = match event {
                 Ok(Some(Ok(r))) => {
                     let i = r.shard;
                     if i < n && reports[i].is_none() {
                         reports[i] = Some(r);
                         got += 1;
                     }
+                    false
                 }
-                Ok(Some(Err(_))) | Err(_) if !forced => {
-                    tracing::warn!("drain forced");
-                    forced = true;
-                    send_all(true);
+                // Only a signal forces; a repeated drain request changes
+                // nothing, and a reload is refused while draining.
+                Ok(Some(Err(GatewayEvent::Signal(_)))) => true,
+                Ok(Some(Err(GatewayEvent::Reload(Some(reply))))) => {
+                    let _ = reply.send(Err("the gateway is draining".into()));
+                    false
                 }
-                Ok(None) => {}
-                _ => {
+                Ok(Some(Err(_))) | Ok(None) => false,
+                // The deadline (or, once forced, the grace) passed.
+                Err(_) if force_deadline.is_none() => true,
+                Err(_) => {
                     tracing::error!(
                         answered = got,
                         shards = n,
@@ -349,6 +365,12 @@ impl Gateway {
                     );
                     break;
                 }
+            };
+            if force_now && force_deadline.is_none() {
+                tracing::warn!("drain forced");
+                forced = true;
+                force_deadline = Some(Instant::now() + Duration::from_secs(5));
+                send_all(true);
             }
         }
         let clean = !forced && reports.iter().all(|r| r.as_ref().is_some_and(|r| r.clean));
@@ -497,9 +519,14 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
                 let next = ctx.backends.next_deadline();
                 let wait = async {
                     match next {
+                        // An earlier deadline may be added meanwhile (after
+                        // a reload shortened the timeout): wake for it too.
                         Some(at) => {
-                            glommio::timer::sleep(at.saturating_duration_since(Instant::now()))
-                                .await
+                            futures_lite::future::or(
+                                glommio::timer::sleep(at.saturating_duration_since(Instant::now())),
+                                ctx.backends.deadline_added(),
+                            )
+                            .await
                         }
                         None => ctx.backends.deadline_added().await,
                     }
@@ -555,14 +582,17 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
                         body,
                         reply,
                     }) => {
-                        let _ = reply.try_send(ctx.push(&players, msg_id, &body));
+                        let counts =
+                            (!ctx.drained.get()).then(|| ctx.push(&players, msg_id, &body));
+                        let _ = reply.try_send(counts);
                     }
                     Some(ShardMsg::Broadcast {
                         msg_id,
                         body,
                         reply,
                     }) => {
-                        let _ = reply.try_send(ctx.broadcast(msg_id, &body));
+                        let counts = (!ctx.drained.get()).then(|| ctx.broadcast(msg_id, &body));
+                        let _ = reply.try_send(counts);
                     }
                     Some(ShardMsg::Kick { player, reply }) => {
                         let _ = reply.try_send(ctx.admin_kick(player));
@@ -630,7 +660,7 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
         let peer = stream
             .peer_addr()
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-        let Some(slot) = crate::net::Slot::take(&ctx.connections, cfg.max_connections) else {
+        let Some(slot) = crate::net::Slot::take(&ctx.connections, ctx.cfg().max_connections) else {
             ctx.stats
                 .refused_max_connections
                 .set(ctx.stats.refused_max_connections.get() + 1);
@@ -679,14 +709,6 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
 /// `http.max_connections` open in the whole gateway.
 async fn run_http(ctx: Rc<ShardCtx>, listener: glommio::net::TcpListener) {
     let open = ctx.http_connections.clone();
-    let cfg = ctx.cfg();
-    let h = cfg.http;
-    let limits = crate::http::HttpLimits {
-        head_timeout: h.head_timeout,
-        body_timeout: h.body_timeout,
-        idle_timeout: h.idle_timeout,
-        max_body: (cfg.max_frame as usize).saturating_sub(crate::protocol::HEADER_LEN),
-    };
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
             ctx.stop.stopped().await;
@@ -701,6 +723,15 @@ async fn run_http(ctx: Rc<ShardCtx>, listener: glommio::net::TcpListener) {
                 glommio::timer::sleep(Duration::from_millis(10)).await;
                 continue;
             }
+        };
+        // Limits as configured now (a reload changes them for new connections).
+        let cfg = ctx.cfg();
+        let h = cfg.http;
+        let limits = crate::http::HttpLimits {
+            head_timeout: h.head_timeout,
+            body_timeout: h.body_timeout,
+            idle_timeout: h.idle_timeout,
+            max_body: (cfg.max_frame as usize).saturating_sub(crate::protocol::HEADER_LEN),
         };
         let Some(slot) = crate::net::Slot::take(&open, h.max_connections) else {
             tracing::debug!(
@@ -767,6 +798,7 @@ async fn drain_shard(ctx: Rc<ShardCtx>, reply: flume::Sender<DrainReport>) {
     if ctx.session_count() > 0 {
         clean = false;
     }
+    ctx.drained.set(true);
     let players = ctx.images();
     tracing::info!(
         shard = ctx.id,

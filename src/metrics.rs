@@ -39,6 +39,13 @@ pub struct Metrics {
 }
 
 impl Metrics {
+    /// The route table changed: per-route counters start again (their
+    /// slots now mean other routes; Prometheus reads this as a reset).
+    pub fn reset_routes(&self) {
+        self.requests.borrow_mut().clear();
+        self.responses.borrow_mut().clear();
+    }
+
     pub fn kick(&self, code: u16) {
         *self.kicks.borrow_mut().entry(code).or_default() += 1;
     }

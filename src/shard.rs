@@ -38,13 +38,14 @@ pub enum ShardMsg {
         players: Vec<u64>,
         msg_id: u32,
         body: Bytes,
-        reply: flume::Sender<PushCounts>,
+        /// None: refused (the shard has drained; its players are gone).
+        reply: flume::Sender<Option<PushCounts>>,
     },
     /// One PUSH to every player the receiving shard holds.
     Broadcast {
         msg_id: u32,
         body: Bytes,
-        reply: flume::Sender<PushCounts>,
+        reply: flume::Sender<Option<PushCounts>>,
     },
     /// `KICK ADMIN` to the session of `player`.
     Kick {
@@ -257,6 +258,8 @@ pub struct ShardCtx {
     pub drain_started: shards::Notify,
     /// Set when the drain must finish at once.
     pub forced: Cell<bool>,
+    /// The drain handed the players over: nothing may change them now.
+    pub drained: Cell<bool>,
     pub force_wake: shards::Notify,
     /// Where `POST /v1/drain` goes (the process's coordinator).
     pub events: Option<flume::Sender<GatewayEvent>>,
@@ -297,6 +300,7 @@ impl ShardCtx {
             draining: Cell::new(false),
             drain_started: shards::Notify::new(),
             forced: Cell::new(false),
+            drained: Cell::new(false),
             force_wake: shards::Notify::new(),
             events: None,
             cfg: RefCell::new(cfg),
@@ -331,6 +335,7 @@ impl ShardCtx {
         self.client_decoder
             .set(Decoder::new(Link::ClientToGateway, cfg.max_frame));
         *self.router.borrow_mut() = Rc::new(router);
+        self.metrics.reset_routes();
         *self.cfg.borrow_mut() = cfg;
         fresh
     }
@@ -448,6 +453,11 @@ impl ShardCtx {
 
     /// A session on the player's home shard completes its login or resume.
     pub fn arrive(&self, sid: SessionId, arrival: Arrival) {
+        if self.drained.get() {
+            // The players went to the snapshot: this one must come back
+            // through the next gateway.
+            return self.kick(sid, Code::Shutdown);
+        }
         match arrival {
             Arrival::Login { player, reply } => self.login(sid, player, reply),
             Arrival::Resume {

@@ -162,3 +162,33 @@ fn reload_changes_services_and_routes_under_live_clients() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn a_shorter_request_timeout_applies_at_once_after_a_reload() {
+    let demo = DemoBackend::start("127.0.0.1:0".parse().expect("addr")).expect("demo");
+    let mut cfg = common::config(demo.addr, 1);
+    cfg.backend.request_timeout = Duration::from_secs(3);
+    let mut gw = slg_gateway::gateway::Gateway::start(cfg.clone()).expect("gateway");
+    let mut c = Client::connect(gw.client_addr).expect("connect");
+    c.login_demo(3).expect("login");
+    let long = c.send_request(200, b"2500").expect("send");
+    std::thread::sleep(Duration::from_millis(50));
+    cfg.backend.request_timeout = Duration::from_millis(300);
+    gw.reload(cfg).expect("reload");
+    let t = Instant::now();
+    let short = c.send_request(200, b"1500").expect("send");
+    let r = c.response_to(short).expect("answer");
+    assert_eq!(r.header.code, u16::from(Code::Timeout));
+    assert!(
+        t.elapsed() < Duration::from_millis(1200),
+        "timed out after {:?}",
+        t.elapsed()
+    );
+    assert_eq!(
+        c.response_to(long).expect("answer").header.code,
+        0,
+        "the older request keeps its deadline"
+    );
+    gw.stop();
+    demo.stop();
+}

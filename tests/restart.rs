@@ -430,3 +430,35 @@ fn a_token_that_expires_while_the_gateway_is_down_is_rejected() {
     demo.stop();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn a_drain_request_or_reload_during_a_drain_does_not_force_it() {
+    let demo = DemoBackend::start("127.0.0.1:0".parse().expect("addr")).expect("demo");
+    let dir = temp_dir("no-force");
+    let gw = in_process(&demo, &dir, 2, |_| {});
+    let mut c = Client::connect(gw.client_addr).expect("connect");
+    c.login_demo(91).expect("login");
+    let slow = c.send_request(DELAY, b"400").expect("send");
+    std::thread::sleep(Duration::from_millis(50));
+    let (tx, rx) = flume::unbounded();
+    let drain = std::thread::spawn(move || gw.drain(&rx));
+    std::thread::sleep(Duration::from_millis(50));
+    tx.send(slg_gateway::shard::GatewayEvent::DrainRequested)
+        .expect("send");
+    let (rtx, rrx) = flume::bounded(1);
+    tx.send(slg_gateway::shard::GatewayEvent::Reload(Some(rtx)))
+        .expect("send");
+    assert!(
+        rrx.recv_timeout(Duration::from_secs(5))
+            .expect("answer")
+            .is_err(),
+        "no reload while draining"
+    );
+    let outcome = drain.join().expect("drain");
+    assert!(outcome.clean, "{outcome:?}");
+    let r = c.response_to(slow).expect("the in-flight request finished");
+    assert_eq!(r.header.code, 0);
+    assert_eq!(c.expect_kick().expect("kick"), u16::from(Code::Shutdown));
+    demo.stop();
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -46,7 +46,8 @@ pub struct Pending {
 /// What a retry of an idempotent request needs.
 #[derive(Debug)]
 pub struct Retry {
-    service: Rc<Service>,
+    /// The service's name: a retry after a reload uses the new instances.
+    service: String,
     balance: crate::config::Balance,
     msg_id: u32,
     body: Bytes,
@@ -242,6 +243,11 @@ impl Instance {
         self.conns.get(k)
     }
 
+    /// Whether [`conn`](Self::conn) would find one (moves no cursor).
+    fn has_conn(&self, room: impl Fn(&BackendConn) -> bool) -> bool {
+        self.conns.iter().any(|c| c.usable() && room(c))
+    }
+
     fn reachable(&self) -> bool {
         self.conns.iter().any(|c| c.usable())
     }
@@ -287,6 +293,8 @@ impl std::fmt::Debug for BackendConn {
 pub struct BackendPool {
     /// In router service order; replaced whole by a config reload.
     services: RefCell<Vec<Rc<Service>>>,
+    /// Connections a reload removed, until their last requests are answered.
+    retired: RefCell<Vec<Rc<BackendConn>>>,
     deadlines: RefCell<std::collections::BinaryHeap<Deadline>>,
     deadline_wake: shards::Notify,
     groups: RefCell<HashMap<u64, Group>>,
@@ -344,6 +352,7 @@ impl BackendPool {
     ) -> BackendPool {
         BackendPool {
             services: RefCell::new(build(spec, &mut HashMap::new())),
+            retired: RefCell::new(Vec::new()),
             deadlines: RefCell::new(std::collections::BinaryHeap::new()),
             deadline_wake: shards::Notify::new(),
             groups: RefCell::new(HashMap::new()),
@@ -392,9 +401,13 @@ impl BackendPool {
         }
         let before: Vec<*const BackendConn> = old.values().map(Rc::as_ptr).collect();
         let services = build(spec, &mut old);
+        let mut retired = self.retired.borrow_mut();
+        retired.retain(|c| c.in_flight() > 0);
         for c in old.values() {
             c.retire();
+            retired.push(c.clone());
         }
+        drop(retired);
         let fresh: Vec<Rc<BackendConn>> = services
             .iter()
             .flat_map(|s| s.instances.iter().flat_map(|i| i.conns.iter().cloned()))
@@ -406,9 +419,15 @@ impl BackendPool {
         fresh
     }
 
-    /// Requests waiting for an answer, on every connection.
+    /// Requests waiting for an answer, on every connection (retired ones
+    /// included).
     pub fn in_flight(&self) -> usize {
-        self.connections().iter().map(|c| c.in_flight()).sum()
+        let retired: usize = self.retired.borrow().iter().map(|c| c.in_flight()).sum();
+        self.connections()
+            .iter()
+            .map(|c| c.in_flight())
+            .sum::<usize>()
+            + retired
     }
 
     /// (up, unhealthy, down) connection counts.
@@ -449,7 +468,7 @@ impl BackendPool {
         let deadline = Instant::now() + self.request_timeout.get();
         if route.idempotent {
             pending.retry = Some(Rc::new(Retry {
-                service: service.clone(),
+                service: service.name.clone(),
                 balance: route.balance,
                 msg_id: header.msg_id,
                 body: body.clone(),
@@ -490,7 +509,7 @@ impl BackendPool {
         }
         let n = service.instances.len();
         let i = crate::router::pick(route.balance, pending.player, n, &service.cursor, |i| {
-            service.instances[i].conn(&room).is_some()
+            service.instances[i].has_conn(&room)
         })
         .ok_or_else(refusal)?;
         let conn = service.instances[i]
@@ -535,6 +554,17 @@ impl BackendPool {
             req_id,
             ticket,
         });
+        // Answered requests leave their entry until it falls due; when
+        // they far outnumber the live ones, drop them in one pass.
+        if deadlines.len() > 4096 && deadlines.len() > 4 * self.in_flight() {
+            deadlines.retain(|d| {
+                d.conn
+                    .pending
+                    .borrow()
+                    .get(&d.req_id)
+                    .is_some_and(|p| p.ticket == d.ticket)
+            });
+        }
     }
 
     /// A request whose connection died: send it again to another instance
@@ -547,14 +577,23 @@ impl BackendPool {
         if Instant::now() >= r.deadline || p.group != 0 {
             return Err(p);
         }
+        let Some(service) = self
+            .services
+            .borrow()
+            .iter()
+            .find(|s| s.name == r.service)
+            .cloned()
+        else {
+            return Err(p);
+        };
         let room = self.has_room();
-        let n = r.service.instances.len();
-        let Some(i) = crate::router::pick(r.balance, p.player, n, &r.service.cursor, |i| {
-            r.service.instances[i].conn(&room).is_some()
+        let n = service.instances.len();
+        let Some(i) = crate::router::pick(r.balance, p.player, n, &service.cursor, |i| {
+            service.instances[i].has_conn(&room)
         }) else {
             return Err(p);
         };
-        let Some(conn) = r.service.instances[i].conn(&room).cloned() else {
+        let Some(conn) = service.instances[i].conn(&room).cloned() else {
             return Err(p);
         };
         self.retries.set(self.retries.get() + 1);
@@ -594,6 +633,10 @@ impl BackendPool {
             if pending.get(&d.req_id).is_some_and(|p| p.ticket == d.ticket) {
                 if let Some(p) = pending.remove(&d.req_id) {
                     out.push(p);
+                }
+                if pending.is_empty() && d.conn.retired.get() {
+                    // Its last request ended by deadline: let it close.
+                    d.conn.retire_wake.notify();
                 }
             }
         }
@@ -847,5 +890,82 @@ async fn read_answers<S: AnswerSink>(
             ReadMore::Data(_) => {}
             ReadMore::Err(e) => return e.to_string(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Balance;
+    use crate::router::Route;
+
+    fn route(balance: Balance) -> Route {
+        Route {
+            first: 1,
+            last: 1,
+            service: 0,
+            auth: false,
+            login: false,
+            balance,
+            idempotent: false,
+        }
+    }
+
+    #[test]
+    fn every_connection_of_an_instance_takes_requests() {
+        let addr: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+        let pool = BackendPool::new(
+            vec![("s".into(), vec![addr], 2)],
+            Duration::from_secs(5),
+            (100, 1 << 20),
+        );
+        for balance in [Balance::RoundRobin, Balance::HashPlayer] {
+            for i in 0..10 {
+                let p = Pending::new(1, 7, i, 1, false);
+                pool.send(
+                    &route(balance),
+                    &Header::new(Kind::Request),
+                    &Bytes::new(),
+                    p,
+                )
+                .expect("send");
+            }
+        }
+        let per: Vec<usize> = pool.connections().iter().map(|c| c.in_flight()).collect();
+        assert_eq!(per, vec![10, 10], "requests spread over both connections");
+    }
+
+    #[test]
+    fn the_earliest_deadline_comes_first_whatever_the_order() {
+        let addr: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+        let pool = BackendPool::new(
+            vec![("s".into(), vec![addr], 1)],
+            Duration::from_secs(3),
+            (100, 1 << 20),
+        );
+        let send = |req| {
+            pool.send(
+                &route(Balance::RoundRobin),
+                &Header::new(Kind::Request),
+                &Bytes::new(),
+                Pending::new(1, 0, req, 1, false),
+            )
+            .expect("send")
+        };
+        send(1);
+        let late = pool.next_deadline().expect("deadline");
+        pool.reload(
+            vec![("s".into(), vec![addr], 1)],
+            Duration::from_millis(300),
+            (100, 1 << 20),
+        );
+        send(2);
+        let early = pool.next_deadline().expect("deadline");
+        assert!(
+            early + Duration::from_secs(2) < late,
+            "the shorter timeout is due first"
+        );
+        let gone = pool.expired(early);
+        assert_eq!(gone.iter().map(|p| p.req_id).collect::<Vec<_>>(), vec![2]);
     }
 }

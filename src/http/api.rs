@@ -231,7 +231,13 @@ async fn push(ctx: &ShardCtx, req: &Request) -> Response {
         })
         .await;
         match got {
-            Some(c) => total.add(c),
+            Some(Some(c)) => total.add(c),
+            Some(None) => {
+                return Response::error(
+                    503,
+                    "the gateway is draining; some players may have the push",
+                )
+            }
             None => {
                 return Response::error(
                     503,
@@ -252,7 +258,7 @@ async fn broadcast(ctx: &ShardCtx, req: &Request) -> Response {
     let body: Bytes = req.body.clone();
     let counts = ask_all(
         ctx,
-        || ctx.broadcast(msg_id, &body),
+        || Some(ctx.broadcast(msg_id, &body)),
         |reply| ShardMsg::Broadcast {
             msg_id,
             body: body.clone(),
@@ -264,7 +270,15 @@ async fn broadcast(ctx: &ShardCtx, req: &Request) -> Response {
         Ok(all) => {
             let mut total = PushCounts::default();
             for c in all {
-                total.add(c);
+                match c {
+                    Some(c) => total.add(c),
+                    None => {
+                        return Response::error(
+                            503,
+                            "the gateway is draining; some players may have the push",
+                        )
+                    }
+                }
             }
             Response::json(200, counts_json(&total))
         }
