@@ -185,7 +185,19 @@ fn an_unresponsive_instance_leaves_rotation() {
         c.backend.health_timeout = Duration::from_millis(150);
         c.backend.request_timeout = Duration::from_millis(500);
     });
-    std::thread::sleep(Duration::from_millis(400));
+    // Wait (up to 5 s, for a loaded machine) until the hung instance has
+    // missed its health check.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !common::http(gw.http_addr, "GET", "/metrics", b"")
+        .1
+        .contains("slg_backend_connections{shard=\"0\",state=\"unhealthy\"} 1")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the hung instance never left rotation"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let mut c = Client::connect(gw.client_addr).expect("connect");
     for _ in 0..10 {
         assert_eq!(

@@ -40,12 +40,13 @@ fn a_flooding_session_gets_overloaded_and_others_carry_on() {
     flood.login_demo(1).expect("login");
     let mut calm = h.client();
     calm.login_demo(2).expect("login");
-    let reqs = burst(&mut flood, 20, DELAY, b"300");
-    // The calm client is served at once while the flood waits on the backend.
+    let reqs = burst(&mut flood, 20, DELAY, b"1000");
+    // The calm client is served at once while the flood waits on the
+    // backend (bound generous for a loaded CI machine).
     let t = Instant::now();
     assert_eq!(calm.request(ECHO, b"hi").expect("echo").header.code, 0);
     assert!(
-        t.elapsed() < Duration::from_millis(250),
+        t.elapsed() < Duration::from_millis(800),
         "calm client delayed {:?}",
         t.elapsed()
     );
