@@ -72,6 +72,9 @@ pub struct Config {
     /// Backpressure: in-flight bounds and the per-session rate limit.
     #[serde(default)]
     pub limits: Limits,
+    /// Several gateways as one, on Redis (None: this gateway alone).
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
     /// An idle shard spins this long before it sleeps in the kernel.
     #[serde(default, with = "humantime_serde")]
     pub park_spin: Option<Duration>,
@@ -103,6 +106,48 @@ fn default_log() -> String {
 pub struct OutboxLimits {
     pub max_frames: usize,
     pub max_bytes: usize,
+}
+
+/// This gateway's place in a cluster.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Redis URL, `redis://host:port/db`.
+    pub redis: String,
+    /// This gateway's name in the cluster (unique).
+    pub gateway_id: String,
+    /// The client address other gateways send players to (`host:port`).
+    pub advertise: String,
+    /// This gateway's lease: if it cannot renew it for this long, others
+    /// take its players over.
+    #[serde(with = "humantime_serde", default = "default_lease")]
+    pub lease: Duration,
+    /// Key prefix in Redis.
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+    /// What a login or resume does while Redis cannot be reached.
+    #[serde(default)]
+    pub when_redis_down: RedisDown,
+}
+
+/// Behaviour while Redis is unreachable.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum RedisDown {
+    /// Refuse logins and resumes of players this gateway does not hold
+    /// (BACKEND_UNAVAILABLE / RESUME_REJECTED); sessions already here go on.
+    #[default]
+    Refuse,
+    /// Serve them from this gateway alone: the player may then have a
+    /// session on two gateways until Redis is back.
+    Local,
+}
+
+fn default_lease() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_prefix() -> String {
+    "slg:".into()
 }
 
 /// Backpressure and fairness.
@@ -381,6 +426,24 @@ impl Config {
         positive("player_linger", self.player_linger)?;
         positive("token_lifetime", self.token_lifetime)?;
         positive("drain_timeout", self.drain_timeout)?;
+        if let Some(c) = &self.cluster {
+            if !c.redis.starts_with("redis://") {
+                return Err(invalid(
+                    "cluster.redis",
+                    format!("must be a redis:// URL, got {:?}", c.redis),
+                ));
+            }
+            if c.gateway_id.is_empty() || c.gateway_id.contains(char::is_whitespace) {
+                return Err(invalid(
+                    "cluster.gateway_id",
+                    "must be a non-empty name without spaces",
+                ));
+            }
+            if c.advertise.parse::<SocketAddr>().is_err() && !c.advertise.contains(':') {
+                return Err(invalid("cluster.advertise", "must be host:port"));
+            }
+            positive("cluster.lease", c.lease)?;
+        }
         if self.snapshot_dir.as_deref() == Some("") {
             return Err(invalid(
                 "snapshot_dir",

@@ -59,6 +59,7 @@ pub struct Gateway {
     cfg: Config,
     /// Players loaded from a snapshot at start.
     pub restored: usize,
+    cluster: Option<crate::cluster::runtime::ClusterRuntime>,
 }
 
 /// How a drain ended.
@@ -83,6 +84,7 @@ struct ShardStart {
     events: flume::Sender<GatewayEvent>,
     /// restore[i]: the players homed on shard i, from the snapshot.
     restore: Arc<Vec<flume::Receiver<Vec<PlayerImage>>>>,
+    cluster: Option<crate::cluster::runtime::ClusterHandle>,
 }
 
 impl Clone for ShardStart {
@@ -96,6 +98,7 @@ impl Clone for ShardStart {
             ready: self.ready.clone(),
             events: self.events.clone(),
             restore: self.restore.clone(),
+            cluster: self.cluster.clone(),
         }
     }
 }
@@ -186,6 +189,10 @@ impl Gateway {
         let events = flume::unbounded();
         let drain_timeout = cfg.drain_timeout;
         let kept = cfg.clone();
+        let cluster = cfg
+            .cluster
+            .as_ref()
+            .map(crate::cluster::runtime::ClusterRuntime::handle);
         let start = ShardStart {
             cfg: Arc::new(cfg),
             client_addr,
@@ -195,6 +202,7 @@ impl Gateway {
             ready: ready_tx,
             events: events.0.clone(),
             restore: Arc::new(restore),
+            cluster: cluster.as_ref().map(|(h, _)| h.clone()),
         };
         let shards = shards::start(&shards_cfg, move |shard: shards::Shard<ShardMsg>| {
             run_shard(shard, start)
@@ -219,6 +227,13 @@ impl Gateway {
         }
         drop(client_res);
         drop(http_res);
+        let cluster =
+            match (kept.cluster.as_ref(), cluster) {
+                (Some(c), Some((handle, rx))) => Some(
+                    crate::cluster::runtime::ClusterRuntime::start(c, handle, rx, shards.senders()),
+                ),
+                _ => None,
+            };
         Ok(Gateway {
             client_addr,
             http_addr,
@@ -229,6 +244,7 @@ impl Gateway {
             drain_timeout,
             cfg: kept,
             restored,
+            cluster,
         })
     }
 
@@ -428,7 +444,10 @@ impl Gateway {
     }
 
     /// Wait for every shard to end (after a stop from elsewhere).
-    pub fn join(self) -> Vec<ShardReport> {
+    pub fn join(mut self) -> Vec<ShardReport> {
+        if let Some(c) = self.cluster.take() {
+            c.stop();
+        }
         self.shards
             .join()
             .into_iter()
@@ -453,6 +472,7 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
         ready,
         events,
         restore,
+        cluster,
     } = start;
     let (id, count, mesh, inbox, stop, _stop_handle) = shard.into_parts();
     let listener = match crate::net::listen_reuseport(client_addr) {
@@ -486,7 +506,9 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
         http_conns,
     );
     ctx.events = Some(events);
+    ctx.cluster = cluster;
     let ctx = Rc::new(ctx);
+    *ctx.this.borrow_mut() = Rc::downgrade(&ctx);
     if let Some(images) = restore.get(id).and_then(|rx| rx.try_recv().ok()) {
         if !images.is_empty() {
             let (loaded, dropped) = ctx.restore(&images);
@@ -620,6 +642,7 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
                         }
                         let _ = reply.send(n);
                     }
+                    Some(ShardMsg::GiveAway { player, to }) => ctx.give_away(player, &to),
                     Some(ShardMsg::Drain { force, reply }) => {
                         if force {
                             ctx.forced.set(true);

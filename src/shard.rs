@@ -68,6 +68,8 @@ pub enum ShardMsg {
         cfg: Arc<Config>,
         reply: flume::Sender<usize>,
     },
+    /// Another gateway takes `player` over: let it go to gateway `to`.
+    GiveAway { player: u64, to: String },
     /// Drain (or, with `force`, stop draining and finish now); the shard
     /// answers once, with its players.
     Drain {
@@ -263,6 +265,10 @@ pub struct ShardCtx {
     pub force_wake: shards::Notify,
     /// Where `POST /v1/drain` goes (the process's coordinator).
     pub events: Option<flume::Sender<GatewayEvent>>,
+    /// The cluster's control threads (None: this gateway alone).
+    pub cluster: Option<crate::cluster::runtime::ClusterHandle>,
+    /// This context's own `Rc`, for tasks it spawns.
+    pub this: RefCell<std::rc::Weak<ShardCtx>>,
 }
 
 impl ShardCtx {
@@ -303,6 +309,8 @@ impl ShardCtx {
             drained: Cell::new(false),
             force_wake: shards::Notify::new(),
             events: None,
+            cluster: None,
+            this: RefCell::new(std::rc::Weak::new()),
             cfg: RefCell::new(cfg),
         }
     }
@@ -458,6 +466,21 @@ impl ShardCtx {
             // through the next gateway.
             return self.kick(sid, Code::Shutdown);
         }
+        // In a cluster, a player this gateway does not hold is claimed (and
+        // fetched from its holder) first; that waits on Redis, off the shard.
+        if let Some(cluster) = self.cluster.clone() {
+            if !self.players.borrow().contains_key(&arrival.player()) {
+                if let Some(ctx) = self.this.borrow().upgrade() {
+                    glommio::spawn_local(arrive_clustered(ctx, cluster, sid, arrival)).detach();
+                    return;
+                }
+            }
+        }
+        self.arrive_here(sid, arrival);
+    }
+
+    /// Complete a login or resume with the player (if any) in this table.
+    pub fn arrive_here(&self, sid: SessionId, arrival: Arrival) {
         match arrival {
             Arrival::Login { player, reply } => self.login(sid, player, reply),
             Arrival::Resume {
@@ -668,6 +691,7 @@ impl ShardCtx {
         self.close(sid, "BYE");
         if let Some(p) = player {
             self.players.borrow_mut().remove(&p);
+            self.released(p);
             tracing::info!(session = sid, player = p, "bye: player ended");
         }
     }
@@ -940,13 +964,18 @@ impl ShardCtx {
         let linger = self.cfg().player_linger;
         let mut players = self.players.borrow_mut();
         let before = players.len();
+        let mut ended = Vec::new();
         players.retain(|id, p| {
             let keep = !p.expired(now, linger);
             if !keep {
                 tracing::info!(player = id, "player ended: linger expired");
+                ended.push(*id);
             }
             keep
         });
+        for id in ended {
+            self.released(id);
+        }
         let ended = before - players.len();
         if ended > 0 {
             add(&self.stats.players_expired, ended as u64);
@@ -1157,6 +1186,67 @@ impl ShardCtx {
         s.mesh_backlog = self.mesh.stats().backlog;
         (s.backends_up, s.backends_unhealthy, s.backends_down) = b.health();
         s
+    }
+
+    /// A login or resume that cannot be served (the cluster could not give
+    /// this gateway the player): the session stays open, logged out.
+    pub fn refuse_arrival(&self, sid: SessionId, arrival: Arrival) {
+        if let Some(e) = self.sessions.borrow_mut().get_mut(&sid) {
+            e.session.binding_failed();
+        }
+        match arrival {
+            Arrival::Login { reply, .. } => {
+                bump(&self.stats.logins_rejected);
+                self.respond(
+                    sid,
+                    reply.req_id,
+                    reply.msg_id,
+                    Code::BackendUnavailable.into(),
+                    &[],
+                );
+            }
+            Arrival::Resume { .. } => self.reject_resume(sid, Code::ResumeRejected),
+        }
+    }
+
+    /// Another gateway takes `player` over: its session here is kicked
+    /// (`REPLACED`) and its state goes to gateway `to`.
+    pub fn give_away(&self, player: u64, to: &str) {
+        let Some(cluster) = self.cluster.clone() else {
+            return;
+        };
+        let session = self.players.borrow().get(&player).and_then(|p| p.session);
+        if let Some(sid) = session {
+            self.kick(sid, Code::Replaced);
+        }
+        let image = self.players.borrow_mut().remove(&player).and_then(|p| {
+            let img = crate::snapshot::Image {
+                taken_unix_ms: crate::snapshot::unix_ms_now(),
+                shards: 1,
+                players: vec![p.to_image(Instant::now(), crate::snapshot::unix_ms_now())],
+            };
+            img.encode().ok()
+        });
+        tracing::info!(
+            player,
+            to,
+            with_state = image.is_some(),
+            "player handed to another gateway"
+        );
+        let _ = cluster.cmds.send(crate::cluster::runtime::Cmd::Give {
+            player,
+            to: to.to_string(),
+            image,
+        });
+    }
+
+    /// The player ended here: tell the cluster.
+    fn released(&self, player: u64) {
+        if let Some(c) = &self.cluster {
+            let _ = c
+                .cmds
+                .send(crate::cluster::runtime::Cmd::Release { player });
+        }
     }
 
     // ----- drain and snapshots ------------------------------------------
@@ -1377,4 +1467,90 @@ pub fn new_secret() -> [u8; SECRET_LEN] {
         std::process::abort();
     }
     t
+}
+
+/// In a cluster: claim the player (fetching its state from the gateway
+/// that holds it), then complete the login or resume here.
+async fn arrive_clustered(
+    ctx: Rc<ShardCtx>,
+    cluster: crate::cluster::runtime::ClusterHandle,
+    sid: SessionId,
+    arrival: Arrival,
+) {
+    use crate::cluster::runtime::Cmd;
+    use crate::cluster::Claim;
+    let player = arrival.player();
+    let wait = |d: std::time::Duration| glommio::timer::sleep(d);
+    let (tx, rx) = flume::bounded(1);
+    let claim = if cluster.cmds.send(Cmd::Claim { player, reply: tx }).is_ok() {
+        futures_lite::future::or(async { rx.recv_async().await.ok() }, async {
+            wait(std::time::Duration::from_secs(5)).await;
+            None
+        })
+        .await
+        .unwrap_or_else(|| Err("the cluster did not answer".into()))
+    } else {
+        Err("the cluster is stopped".into())
+    };
+    let outcome: Result<(), String> = match claim {
+        Ok(Claim::Granted { .. }) => Ok(()),
+        Ok(Claim::TakenOver { from, .. }) => {
+            // Its gateway died without handing it over: what it held is
+            // lost, and a fresh login will say so (a new life).
+            tracing::warn!(
+                player,
+                from,
+                "player taken over from a gateway whose lease lapsed"
+            );
+            Ok(())
+        }
+        Ok(Claim::Held { by, .. }) => {
+            let (tx, rx) = flume::bounded(1);
+            let fetched = if cluster
+                .cmds
+                .send(Cmd::Fetch {
+                    player,
+                    from: by.clone(),
+                    reply: tx,
+                })
+                .is_ok()
+            {
+                futures_lite::future::or(async { rx.recv_async().await.ok() }, async {
+                    wait(
+                        crate::cluster::runtime::HANDOVER_WAIT + std::time::Duration::from_secs(2),
+                    )
+                    .await;
+                    None
+                })
+                .await
+                .unwrap_or_else(|| Err("the hand-over did not finish".into()))
+            } else {
+                Err("the cluster is stopped".into())
+            };
+            match fetched {
+                Ok(Some(bytes)) => match crate::snapshot::Image::decode(&bytes) {
+                    Ok(img) => {
+                        ctx.restore(&img.players);
+                        tracing::info!(player, from = by, "player taken over from another gateway");
+                        Ok(())
+                    }
+                    Err(e) => Err(format!("hand-over state unusable: {e}")),
+                },
+                Ok(None) => Ok(()),
+                Err(e) => Err(e),
+            }
+        }
+        Err(e) if cluster.when_redis_down == crate::config::RedisDown::Local => {
+            tracing::warn!(player, error = %e, "cluster unreachable: serving the player here alone");
+            Ok(())
+        }
+        Err(e) => Err(e),
+    };
+    match outcome {
+        Ok(()) => ctx.arrive_here(sid, arrival),
+        Err(e) => {
+            tracing::warn!(player, error = %e, "login or resume refused: the cluster could not give this gateway the player");
+            ctx.refuse_arrival(sid, arrival);
+        }
+    }
 }

@@ -146,6 +146,12 @@ impl<M: Send + 'static, R: Send + 'static> Shards<M, R> {
         let tx = self.inboxes.get(to).ok_or(MeshError::NoSuchShard(to))?;
         tx.send(msg).map_err(|_| MeshError::Closed(to))
     }
+    /// Senders into every shard's inbox, for threads outside the shards
+    /// (they wait when an inbox is full, never a shard).
+    pub fn senders(&self) -> Vec<flume::Sender<M>> {
+        self.inboxes.clone()
+    }
+
     /// A handle that raises the stop signal; cloneable, usable from any thread.
     pub fn stop_handle(&self) -> StopHandle {
         self.stop.clone()

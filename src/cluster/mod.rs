@@ -1,10 +1,9 @@
 //! The cluster's shared state in Redis: which gateway holds each player
 //! (with a fencing epoch), and each gateway's lease.
 //!
-//! This is the foundation of running several gateways as one (issue 9);
-//! the gateway does not use it yet. It is synchronous on purpose: it runs
-//! on a control thread of its own, bridged to the shards by channels, so
-//! no second async runtime touches the data path.
+//! It is synchronous on purpose: it runs on control threads of their own
+//! ([`runtime`]), bridged to the shards by channels, so no second async
+//! runtime touches the data path.
 //!
 //! Keys (prefix `slg:` by default):
 //! - `{prefix}gw:{id}`: the gateway's lease, a value with a TTL of `lease`,
@@ -15,6 +14,8 @@
 //!   with no holder). Every change is a Lua script that checks the
 //!   caller still is the holder at the epoch it knows (fencing), so a
 //!   gateway acting on stale ownership changes nothing.
+
+pub mod runtime;
 
 use std::time::Duration;
 
@@ -99,7 +100,8 @@ impl Directory {
     ) -> Result<Directory, DirError> {
         let client = redis::Client::open(url)?;
         let conn = client.get_connection_with_timeout(Duration::from_secs(2))?;
-        conn.set_read_timeout(Some(Duration::from_secs(2)))?;
+        // Long enough for the blocking pops (up to 5 s) to answer.
+        conn.set_read_timeout(Some(Duration::from_secs(8)))?;
         conn.set_write_timeout(Some(Duration::from_secs(2)))?;
         Ok(Directory {
             conn,
@@ -183,6 +185,57 @@ impl Directory {
             .arg(to)
             .invoke(&mut self.conn)?;
         Ok(u64::try_from(e).ok())
+    }
+
+    /// Leave `msg` in gateway `to`'s inbox.
+    pub fn push_inbox(&mut self, to: &str, msg: &str) -> Result<(), DirError> {
+        let key = format!("{}inbox:{to}", self.prefix);
+        redis::cmd("RPUSH")
+            .arg(&key)
+            .arg(msg)
+            .query::<()>(&mut self.conn)?;
+        Ok(())
+    }
+
+    /// The next message of this gateway's inbox, waiting up to `wait`.
+    pub fn pop_inbox(&mut self, wait: Duration) -> Result<Option<String>, DirError> {
+        let key = format!("{}inbox:{}", self.prefix, self.gateway);
+        let got: Option<(String, String)> = redis::cmd("BLPOP")
+            .arg(&key)
+            .arg(wait.as_secs_f64().max(0.01))
+            .query(&mut self.conn)?;
+        Ok(got.map(|(_, v)| v))
+    }
+
+    /// Hand the state of `player` (snapshot bytes; empty: nothing held) to
+    /// gateway `to`, which waits for it with [`take_handover`](Self::take_handover).
+    pub fn put_handover(&mut self, player: u64, to: &str, bytes: &[u8]) -> Result<(), DirError> {
+        let key = format!("{}handover:{player}:{to}", self.prefix);
+        redis::pipe()
+            .cmd("RPUSH")
+            .arg(&key)
+            .arg(bytes)
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(&key)
+            .arg(30_000)
+            .ignore()
+            .query::<()>(&mut self.conn)?;
+        Ok(())
+    }
+
+    /// Wait up to `wait` for the state of `player` handed to this gateway.
+    pub fn take_handover(
+        &mut self,
+        player: u64,
+        wait: Duration,
+    ) -> Result<Option<Vec<u8>>, DirError> {
+        let key = format!("{}handover:{player}:{}", self.prefix, self.gateway);
+        let got: Option<(String, Vec<u8>)> = redis::cmd("BLPOP")
+            .arg(&key)
+            .arg(wait.as_secs_f64().max(0.01))
+            .query(&mut self.conn)?;
+        Ok(got.map(|(_, v)| v))
     }
 
     /// Who holds `player`, at which epoch.

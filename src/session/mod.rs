@@ -151,6 +151,14 @@ impl Session {
         }
     }
 
+    /// A login accepted by the backend could not be completed (the player
+    /// could not be had): back to logged out.
+    pub fn binding_failed(&mut self) {
+        if matches!(self.state, State::Binding { .. } | State::Resuming) {
+            self.state = State::Connected;
+        }
+    }
+
     /// Bind to `player` (on its home shard).
     pub fn bind(&mut self, player: u64) {
         if self.state != State::Closing {

@@ -1,0 +1,181 @@
+//! Several gateways on one Redis: a player has one session in the whole
+//! cluster, and a login or resume on another gateway takes it over with
+//! its seq and outbox.
+//!
+//! Needs `redis-server` (.ci/run installs it and sets SLG_REQUIRE_REDIS=1).
+
+mod common;
+
+use slg_gateway::client::{Client, ClientError};
+use slg_gateway::config::{ClusterConfig, RedisDown};
+use slg_gateway::demo::DemoBackend;
+use slg_gateway::gateway::Gateway;
+use slg_gateway::protocol::Code;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const ECHO: u32 = 100;
+
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_redis() -> Option<Redis> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .ok()?;
+    let child = match Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            assert!(
+                std::env::var("SLG_REQUIRE_REDIS").is_err(),
+                "redis-server required: {e}"
+            );
+            eprintln!("redis-server not available ({e}): cluster test skipped");
+            return None;
+        }
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "redis-server did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Some(Redis { child, port })
+}
+
+fn gateway(demo: &DemoBackend, redis: &Redis, id: &str, lease: Duration) -> Gateway {
+    let mut cfg = common::config(demo.addr, 2);
+    cfg.cluster = Some(ClusterConfig {
+        redis: format!("redis://127.0.0.1:{}/", redis.port),
+        gateway_id: id.into(),
+        advertise: "127.0.0.1:1".into(),
+        lease,
+        prefix: "slg:".into(),
+        when_redis_down: RedisDown::Refuse,
+    });
+    Gateway::start(cfg).expect("gateway")
+}
+
+#[test]
+fn login_and_resume_on_another_gateway_take_the_player_over() {
+    let Some(redis) = start_redis() else { return };
+    let demo = DemoBackend::start("127.0.0.1:0".parse().expect("addr")).expect("demo");
+    let a = gateway(&demo, &redis, "gw-a", Duration::from_secs(5));
+    let b = gateway(&demo, &redis, "gw-b", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(100));
+
+    let mut c1 = Client::connect(a.client_addr).expect("connect a");
+    c1.login_demo(42).expect("login on a");
+    for i in 2..=4u64 {
+        assert_eq!(c1.request(ECHO, b"a").expect("echo").header.seq, i);
+    }
+    // A login for the same player on gateway B: A's session is replaced,
+    // and B goes on with the seq and the unacknowledged frames.
+    let mut c2 = Client::connect(b.client_addr).expect("connect b");
+    c2.set_next_req_id(c1.next_req_id() + 100);
+    let li = c2.login_demo(42).expect("login on b");
+    assert_eq!(c1.expect_kick().expect("kick"), u16::from(Code::Replaced));
+    assert_eq!((li.resume_point, li.gap), (0, false));
+    assert_eq!(li.response.header.seq, 5, "seq continues across gateways");
+    let replay: Vec<u64> = (0..4)
+        .map(|_| c2.recv().expect("replay").header.seq)
+        .collect();
+    assert_eq!(replay, vec![1, 2, 3, 4]);
+    assert_eq!(c2.request(ECHO, b"b").expect("echo").header.seq, 6);
+
+    // A resume on A with the token B issued: A takes the player back.
+    let token = li.token.clone();
+    let next = c2.next_req_id();
+    drop(c2);
+    std::thread::sleep(Duration::from_millis(50));
+    let mut c3 = Client::connect(a.client_addr).expect("connect a");
+    c3.set_next_req_id(next + 100);
+    let r = c3.resume(&token, 6).expect("resume on a with b's token");
+    assert_eq!(r.resume_point, 6);
+    assert_eq!(c3.request(ECHO, b"a again").expect("echo").header.seq, 7);
+
+    a.stop();
+    b.stop();
+    demo.stop();
+}
+
+#[test]
+fn a_dead_gateways_players_can_log_in_elsewhere_after_its_lease() {
+    let Some(redis) = start_redis() else { return };
+    let demo = DemoBackend::start("127.0.0.1:0".parse().expect("addr")).expect("demo");
+    let lease = Duration::from_millis(600);
+    let a = gateway(&demo, &redis, "gw-a", lease);
+    let b = gateway(&demo, &redis, "gw-b", lease);
+    std::thread::sleep(Duration::from_millis(100));
+    let mut c1 = Client::connect(a.client_addr).expect("connect a");
+    c1.login_demo(7).expect("login on a");
+    c1.request(ECHO, b"x").expect("echo");
+    // Gateway A goes away without handing anything over.
+    a.stop();
+    drop(c1);
+    // While its lease still runs, B cannot get the player from it.
+    let mut c2 = Client::connect(b.client_addr).expect("connect b");
+    match c2.login_demo(7) {
+        Err(ClientError::LoginRejected(code)) => {
+            assert_eq!(code, u16::from(Code::BackendUnavailable))
+        }
+        other => panic!("expected a refusal while A's lease runs: {other:?}"),
+    }
+    // Once it lapsed, B takes the player over: a new life (A's unacked
+    // state died with A).
+    std::thread::sleep(lease + Duration::from_millis(300));
+    let li = c2.login_demo(7).expect("login on b after the lease");
+    assert_eq!(li.response.header.seq, 1);
+    b.stop();
+    demo.stop();
+}
+
+#[test]
+fn redis_going_away_refuses_new_players_and_keeps_sessions() {
+    let Some(mut redis) = start_redis() else {
+        return;
+    };
+    let demo = DemoBackend::start("127.0.0.1:0".parse().expect("addr")).expect("demo");
+    let a = gateway(&demo, &redis, "gw-a", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(100));
+    let mut c1 = Client::connect(a.client_addr).expect("connect");
+    c1.login_demo(9).expect("login");
+    let _ = redis.child.kill();
+    let _ = redis.child.wait();
+    // The session here goes on.
+    assert_eq!(c1.request(ECHO, b"still").expect("echo").header.code, 0);
+    // A new player cannot be claimed: refused, the connection stays usable.
+    let mut c2 = Client::connect(a.client_addr).expect("connect");
+    match c2.login_demo(10) {
+        Err(ClientError::LoginRejected(code)) => {
+            assert_eq!(code, u16::from(Code::BackendUnavailable))
+        }
+        other => panic!("expected a refusal without redis: {other:?}"),
+    }
+    assert_eq!(c2.request(2, b"open").expect("echo").header.code, 0);
+    a.stop();
+    demo.stop();
+}
