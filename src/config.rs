@@ -118,6 +118,10 @@ pub struct ClusterConfig {
     pub gateway_id: String,
     /// The client address other gateways send players to (`host:port`).
     pub advertise: String,
+    /// The HTTP address other gateways forward pushes to (`host:port`);
+    /// None: the address `http_listen` bound.
+    #[serde(default)]
+    pub http_advertise: Option<String>,
     /// This gateway's lease: if it cannot renew it for this long, others
     /// take its players over.
     #[serde(with = "humantime_serde", default = "default_lease")]

@@ -227,13 +227,18 @@ impl Gateway {
         }
         drop(client_res);
         drop(http_res);
-        let cluster =
-            match (kept.cluster.as_ref(), cluster) {
-                (Some(c), Some((handle, rx))) => Some(
-                    crate::cluster::runtime::ClusterRuntime::start(c, handle, rx, shards.senders()),
-                ),
-                _ => None,
-            };
+        let cluster = match (kept.cluster.as_ref(), cluster) {
+            (Some(c), Some((handle, rx))) => Some(crate::cluster::runtime::ClusterRuntime::start(
+                c,
+                c.http_advertise
+                    .clone()
+                    .unwrap_or_else(|| http_addr.to_string()),
+                handle,
+                rx,
+                shards.senders(),
+            )),
+            _ => None,
+        };
         Ok(Gateway {
             client_addr,
             http_addr,

@@ -100,7 +100,7 @@ pub enum GatewayEvent {
 }
 
 /// What a push did, player by player (PROTOCOL.md section 5).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PushCounts {
     /// Players with a live session: the frame is queued to it.
     pub delivered: u64,
@@ -108,6 +108,8 @@ pub struct PushCounts {
     pub cached: u64,
     /// Players not held here: dropped.
     pub offline: u64,
+    /// Which players were offline here (a cluster forwards to their holder).
+    pub offline_players: Vec<u64>,
 }
 
 impl PushCounts {
@@ -115,6 +117,7 @@ impl PushCounts {
         self.delivered += o.delivered;
         self.cached += o.cached;
         self.offline += o.offline;
+        self.offline_players.extend(o.offline_players);
     }
 }
 
@@ -1008,7 +1011,10 @@ impl ShardCtx {
                 .get(&player)
                 .map(|p| p.session.is_some());
             match online {
-                None => counts.offline += 1,
+                None => {
+                    counts.offline += 1;
+                    counts.offline_players.push(player);
+                }
                 Some(online) => {
                     self.deliver(player, h, body);
                     if online {

@@ -72,6 +72,7 @@ fn gateway(demo: &DemoBackend, redis: &Redis, id: &str, lease: Duration) -> Gate
         redis: format!("redis://127.0.0.1:{}/", redis.port),
         gateway_id: id.into(),
         advertise: "127.0.0.1:1".into(),
+        http_advertise: None,
         lease,
         prefix: "slg:".into(),
         when_redis_down: RedisDown::Refuse,
@@ -177,5 +178,55 @@ fn redis_going_away_refuses_new_players_and_keeps_sessions() {
     }
     assert_eq!(c2.request(2, b"open").expect("echo").header.code, 0);
     a.stop();
+    demo.stop();
+}
+
+#[test]
+fn a_push_to_any_gateway_reaches_the_player_where_it_is() {
+    let Some(redis) = start_redis() else { return };
+    let demo = DemoBackend::start("127.0.0.1:0".parse().expect("addr")).expect("demo");
+    let a = gateway(&demo, &redis, "gw-a", Duration::from_secs(5));
+    let b = gateway(&demo, &redis, "gw-b", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(150));
+    let mut on_a = Client::connect(a.client_addr).expect("connect a");
+    on_a.login_demo(1).expect("login");
+    let mut on_b = Client::connect(b.client_addr).expect("connect b");
+    on_b.login_demo(2).expect("login");
+    // Posted to A: player 1 is here, player 2 on B, player 3 nowhere.
+    let (status, text) = common::http(a.http_addr, "POST", "/v1/push?players=1,2,3&msg=77", b"hi");
+    assert_eq!(status, 200, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+    assert_eq!(
+        (
+            v["delivered"].as_u64(),
+            v["cached"].as_u64(),
+            v["offline"].as_u64()
+        ),
+        (Some(2), Some(0), Some(1))
+    );
+    for c in [&mut on_a, &mut on_b] {
+        let p = c
+            .wait_for(|f| f.header.kind == slg_gateway::protocol::Kind::Push)
+            .expect("push");
+        assert_eq!(
+            (p.header.seq, p.header.msg_id, &p.body[..]),
+            (2, 77, &b"hi"[..])
+        );
+    }
+    // A broadcast posted to B covers both gateways.
+    let (status, text) = common::http(b.http_addr, "POST", "/v1/broadcast?msg=78", b"all");
+    assert_eq!(status, 200, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+    assert_eq!(v["delivered"].as_u64(), Some(2), "{text}");
+    for c in [&mut on_a, &mut on_b] {
+        let p = c
+            .wait_for(|f| {
+                f.header.kind == slg_gateway::protocol::Kind::Push && f.header.msg_id == 78
+            })
+            .expect("push");
+        assert_eq!(p.header.seq, 3);
+    }
+    a.stop();
+    b.stop();
     demo.stop();
 }

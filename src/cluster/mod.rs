@@ -135,6 +135,55 @@ impl Directory {
         Ok(())
     }
 
+    /// Announce this gateway and the HTTP address it takes forwarded
+    /// pushes on (expires with the lease).
+    pub fn register(&mut self, http: &str) -> Result<(), DirError> {
+        let ms = self.lease.as_millis().max(1) as u64;
+        redis::pipe()
+            .cmd("SADD")
+            .arg(format!("{}gateways", self.prefix))
+            .arg(&self.gateway)
+            .ignore()
+            .cmd("SET")
+            .arg(format!("{}gwhttp:{}", self.prefix, self.gateway))
+            .arg(http)
+            .arg("PX")
+            .arg(ms)
+            .ignore()
+            .query::<()>(&mut self.conn)?;
+        Ok(())
+    }
+
+    /// Every other live gateway, with its HTTP address.
+    pub fn peers(&mut self) -> Result<Vec<(String, String)>, DirError> {
+        let ids: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(format!("{}gateways", self.prefix))
+            .query(&mut self.conn)?;
+        let mut out = Vec::new();
+        for id in ids.into_iter().filter(|i| *i != self.gateway) {
+            let http: Option<String> = redis::cmd("GET")
+                .arg(format!("{}gwhttp:{id}", self.prefix))
+                .query(&mut self.conn)?;
+            if let Some(h) = http {
+                out.push((id, h));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The holders of `players` (None: nobody).
+    pub fn holders(&mut self, players: &[u64]) -> Result<Vec<Option<String>>, DirError> {
+        let mut pipe = redis::pipe();
+        for p in players {
+            pipe.cmd("HGET").arg(self.player_key(*p)).arg("gw");
+        }
+        let got: Vec<Option<String>> = pipe.query(&mut self.conn)?;
+        Ok(got
+            .into_iter()
+            .map(|g| g.filter(|g| !g.is_empty()))
+            .collect())
+    }
+
     /// Whether gateway `id` holds a live lease.
     pub fn alive(&mut self, id: &str) -> Result<bool, DirError> {
         let key = format!("{}{id}", self.gateway_prefix());

@@ -40,6 +40,24 @@ pub enum Cmd {
     Release { player: u64 },
     /// `player` is this gateway's at `epoch` (after a fetch).
     Claimed { player: u64, epoch: u64 },
+    /// Which other gateways hold some of `players`: (HTTP address, players).
+    Route {
+        players: Vec<u64>,
+        reply: flume::Sender<Result<Vec<(String, Vec<u64>)>, String>>,
+    },
+    /// The HTTP addresses of every other live gateway.
+    Peers {
+        reply: flume::Sender<Result<Vec<String>, String>>,
+    },
+    /// POST `path` with `body` to another gateway's HTTP API; the answer's
+    /// push counts.
+    Forward {
+        http: String,
+        path: String,
+        body: bytes::Bytes,
+        token: Option<String>,
+        reply: flume::Sender<Result<crate::shard::PushCounts, String>>,
+    },
 }
 
 /// What the shards hold to reach the cluster's control threads.
@@ -74,6 +92,7 @@ impl ClusterRuntime {
     /// of other gateways).
     pub fn start(
         cfg: &ClusterConfig,
+        http: String,
         handle: ClusterHandle,
         rx: flume::Receiver<Cmd>,
         shards: Vec<flume::Sender<ShardMsg>>,
@@ -83,7 +102,7 @@ impl ClusterRuntime {
         {
             let (cfg, stop, tx) = (cfg.clone(), stop.clone(), handle.cmds.clone());
             threads.push(std::thread::spawn(move || {
-                command_loop(&cfg, &rx, &tx, &stop)
+                command_loop(&cfg, &http, &rx, &tx, &stop)
             }));
         }
         {
@@ -118,6 +137,7 @@ fn connect(cfg: &ClusterConfig) -> Option<Directory> {
 
 fn command_loop(
     cfg: &ClusterConfig,
+    http: &str,
     rx: &flume::Receiver<Cmd>,
     tx: &flume::Sender<Cmd>,
     stop: &AtomicBool,
@@ -133,7 +153,7 @@ fn command_loop(
                 dir = connect(cfg);
             }
             if let Some(d) = dir.as_mut() {
-                if let Err(e) = d.heartbeat() {
+                if let Err(e) = d.heartbeat().and_then(|()| d.register(http)) {
                     tracing::warn!(error = %e, "cluster: lease not renewed");
                     dir = None;
                 }
@@ -153,10 +173,14 @@ fn command_loop(
             dir = connect(cfg);
         }
         let Some(d) = dir.as_mut() else {
-            if let Cmd::Claim { reply, .. } = cmd {
-                let _ = reply.send(Err("redis unreachable".into()));
-            } else if let Cmd::Fetch { reply, .. } = cmd {
-                let _ = reply.send(Err("redis unreachable".into()));
+            let down = || "redis unreachable".to_string();
+            match cmd {
+                Cmd::Claim { reply, .. } => drop(reply.send(Err(down()))),
+                Cmd::Fetch { reply, .. } => drop(reply.send(Err(down()))),
+                Cmd::Route { reply, .. } => drop(reply.send(Err(down()))),
+                Cmd::Peers { reply } => drop(reply.send(Err(down()))),
+                Cmd::Forward { reply, .. } => drop(reply.send(Err(down()))),
+                _ => {}
             }
             continue;
         };
@@ -189,6 +213,30 @@ fn command_loop(
                     .put_handover(player, &to, image.as_deref().unwrap_or(&[]))
                     .is_err();
                 failed
+            }
+            Cmd::Route { players, reply } => {
+                let r = route(d, &players);
+                let failed = r.is_err();
+                let _ = reply.send(r.map_err(|e| e.to_string()));
+                failed
+            }
+            Cmd::Peers { reply } => {
+                let r = d.peers().map(|v| v.into_iter().map(|(_, h)| h).collect());
+                let failed = r.is_err();
+                let _ = reply.send(r.map_err(|e| e.to_string()));
+                failed
+            }
+            Cmd::Forward {
+                http,
+                path,
+                body,
+                token,
+                reply,
+            } => {
+                std::thread::spawn(move || {
+                    let _ = reply.send(forward(&http, &path, &body, token.as_deref()));
+                });
+                false
             }
             Cmd::Fetch {
                 player,
@@ -275,4 +323,63 @@ fn inbox_loop(cfg: &ClusterConfig, shards: &[flume::Sender<ShardMsg>], stop: &At
             }
         }
     }
+}
+
+/// Group `players` by the other live gateway holding them: (HTTP address, players).
+fn route(d: &mut Directory, players: &[u64]) -> Result<Vec<(String, Vec<u64>)>, super::DirError> {
+    let peers: HashMap<String, String> = d.peers()?.into_iter().collect();
+    let holders = d.holders(players)?;
+    let mut by: HashMap<String, Vec<u64>> = HashMap::new();
+    for (p, h) in players.iter().zip(holders) {
+        if let Some(http) = h.and_then(|h| peers.get(&h).cloned()) {
+            by.entry(http).or_default().push(*p);
+        }
+    }
+    Ok(by.into_iter().collect())
+}
+
+/// POST to another gateway's HTTP API; its push counts.
+fn forward(
+    http: &str,
+    path: &str,
+    body: &[u8],
+    token: Option<&str>,
+) -> Result<crate::shard::PushCounts, String> {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = http
+        .parse()
+        .map_err(|_| format!("bad peer address {http:?}"))?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .map_err(|e| e.to_string())?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: {http}\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).map_err(|e| e.to_string())?;
+    s.write_all(body).map_err(|e| e.to_string())?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or("no answer from the peer")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(format!(
+            "peer answered {}",
+            head.lines().next().unwrap_or("")
+        ));
+    }
+    let v: serde_json::Value = serde_json::from_str(body).map_err(|e| e.to_string())?;
+    let n = |k: &str| v[k].as_u64().unwrap_or(0);
+    Ok(crate::shard::PushCounts {
+        delivered: n("delivered"),
+        cached: n("cached"),
+        offline: n("offline"),
+        offline_players: Vec::new(),
+    })
 }

@@ -246,7 +246,112 @@ async fn push(ctx: &ShardCtx, req: &Request) -> Response {
             }
         }
     }
+    // In a cluster, players this gateway does not hold may be held by
+    // another: the push goes there, and its counts join ours.
+    if let Some(cluster) = &ctx.cluster {
+        if req.param("local") != Some("1") && !total.offline_players.is_empty() {
+            let players = std::mem::take(&mut total.offline_players);
+            match push_elsewhere(ctx, cluster, players, msg_id, &body).await {
+                Ok(remote) => {
+                    let moved = remote.delivered + remote.cached;
+                    total.delivered += remote.delivered;
+                    total.cached += remote.cached;
+                    total.offline = total.offline.saturating_sub(moved);
+                }
+                Err(r) => return r,
+            }
+        }
+    }
     Response::json(200, counts_json(&total))
+}
+
+/// Ask the cluster's control thread; the answer or a 503.
+async fn ask_cluster<T: Send + 'static>(
+    cluster: &crate::cluster::runtime::ClusterHandle,
+    make: impl FnOnce(flume::Sender<Result<T, String>>) -> crate::cluster::runtime::Cmd,
+) -> Result<T, Response> {
+    let (tx, rx) = flume::bounded(1);
+    if cluster.cmds.send(make(tx)).is_err() {
+        return Err(Response::error(503, "the cluster is stopped"));
+    }
+    futures_lite::future::or(async { rx.recv_async().await.ok() }, async {
+        glommio::timer::sleep(SHARD_REPLY).await;
+        None
+    })
+    .await
+    .unwrap_or_else(|| Err("the cluster did not answer in time".into()))
+    .map_err(|e| Response::error(503, &format!("cluster: {e}")))
+}
+
+/// Forward `path` to every gateway in `targets` (HTTP addresses); the sum
+/// of their counts.
+async fn forward_all(
+    ctx: &ShardCtx,
+    cluster: &crate::cluster::runtime::ClusterHandle,
+    targets: Vec<(String, String)>,
+    body: &Bytes,
+) -> Result<PushCounts, Response> {
+    use crate::cluster::runtime::Cmd;
+    let token = ctx.cfg().push_token.clone();
+    let mut waiting = Vec::new();
+    for (http, path) in targets {
+        let (tx, rx) = flume::bounded(1);
+        let cmd = Cmd::Forward {
+            http,
+            path,
+            body: body.clone(),
+            token: token.clone(),
+            reply: tx,
+        };
+        if cluster.cmds.send(cmd).is_err() {
+            return Err(Response::error(503, "the cluster is stopped"));
+        }
+        waiting.push(rx);
+    }
+    let mut total = PushCounts::default();
+    for rx in waiting {
+        let got = futures_lite::future::or(async { rx.recv_async().await.ok() }, async {
+            glommio::timer::sleep(SHARD_REPLY).await;
+            None
+        })
+        .await;
+        match got {
+            Some(Ok(c)) => total.add(c),
+            Some(Err(e)) => return Err(Response::error(503, &format!("another gateway: {e}"))),
+            None => {
+                return Err(Response::error(
+                    503,
+                    "another gateway did not answer in time",
+                ))
+            }
+        }
+    }
+    Ok(total)
+}
+
+async fn push_elsewhere(
+    ctx: &ShardCtx,
+    cluster: &crate::cluster::runtime::ClusterHandle,
+    players: Vec<u64>,
+    msg_id: u32,
+    body: &Bytes,
+) -> Result<PushCounts, Response> {
+    let routes = ask_cluster(cluster, |reply| crate::cluster::runtime::Cmd::Route {
+        players,
+        reply,
+    })
+    .await?;
+    let targets = routes
+        .into_iter()
+        .map(|(http, ps)| {
+            let list: Vec<String> = ps.iter().map(u64::to_string).collect();
+            (
+                http,
+                format!("/v1/push?players={}&msg={msg_id}&local=1", list.join(",")),
+            )
+        })
+        .collect();
+    forward_all(ctx, cluster, targets, body).await
 }
 
 /// `POST /v1/broadcast?msg=2001`
@@ -277,6 +382,24 @@ async fn broadcast(ctx: &ShardCtx, req: &Request) -> Response {
                             503,
                             "the gateway is draining; some players may have the push",
                         )
+                    }
+                }
+            }
+            if let Some(cluster) = &ctx.cluster {
+                if req.param("local") != Some("1") {
+                    let peers = match ask_cluster(cluster, |reply| {
+                        crate::cluster::runtime::Cmd::Peers { reply }
+                    })
+                    .await
+                    {
+                        Ok(p) => p,
+                        Err(r) => return r,
+                    };
+                    let path = format!("/v1/broadcast?msg={msg_id}&local=1");
+                    let targets = peers.into_iter().map(|h| (h, path.clone())).collect();
+                    match forward_all(ctx, cluster, targets, &body).await {
+                        Ok(remote) => total.add(remote),
+                        Err(r) => return r,
                     }
                 }
             }
