@@ -16,6 +16,9 @@ use std::time::{Duration, Instant};
 /// How long a gateway waits for another to hand a player over.
 pub const HANDOVER_WAIT: Duration = Duration::from_secs(3);
 
+/// Players grouped by the gateway holding them: (its HTTP address, players).
+pub type Routes = Vec<(String, Vec<u64>)>;
+
 /// Requests of the shards to the command thread.
 pub enum Cmd {
     /// Claim `player` for this gateway.
@@ -43,7 +46,7 @@ pub enum Cmd {
     /// Which other gateways hold some of `players`: (HTTP address, players).
     Route {
         players: Vec<u64>,
-        reply: flume::Sender<Result<Vec<(String, Vec<u64>)>, String>>,
+        reply: flume::Sender<Result<Routes, String>>,
     },
     /// The HTTP addresses of every other live gateway.
     Peers {
@@ -326,7 +329,7 @@ fn inbox_loop(cfg: &ClusterConfig, shards: &[flume::Sender<ShardMsg>], stop: &At
 }
 
 /// Group `players` by the other live gateway holding them: (HTTP address, players).
-fn route(d: &mut Directory, players: &[u64]) -> Result<Vec<(String, Vec<u64>)>, super::DirError> {
+fn route(d: &mut Directory, players: &[u64]) -> Result<Routes, super::DirError> {
     let peers: HashMap<String, String> = d.peers()?.into_iter().collect();
     let holders = d.holders(players)?;
     let mut by: HashMap<String, Vec<u64>> = HashMap::new();
