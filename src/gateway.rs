@@ -648,6 +648,23 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
                         let _ = reply.send(n);
                     }
                     Some(ShardMsg::GiveAway { player, to }) => ctx.give_away(player, &to),
+                    Some(ShardMsg::Adopt { image, reply }) => {
+                        let (loaded, _) = ctx.restore(&image.players);
+                        tracing::info!(
+                            shard = ctx.id,
+                            players = loaded,
+                            "migrated players adopted"
+                        );
+                        let _ = reply.send(());
+                    }
+                    Some(ShardMsg::Migrate { player, to, reply }) => {
+                        let ctx = ctx.clone();
+                        glommio::spawn_local(async move {
+                            let r = crate::shard::migrate_player(ctx, player, to).await;
+                            let _ = reply.send(r);
+                        })
+                        .detach();
+                    }
                     Some(ShardMsg::Drain { force, reply }) => {
                         if force {
                             ctx.forced.set(true);

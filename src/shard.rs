@@ -70,6 +70,18 @@ pub enum ShardMsg {
     },
     /// Another gateway takes `player` over: let it go to gateway `to`.
     GiveAway { player: u64, to: String },
+    /// A player migrated here: load it.
+    Adopt {
+        image: crate::snapshot::Image,
+        reply: flume::Sender<()>,
+    },
+    /// Move `player` to gateway `to` (an operator's migration); the answer
+    /// is the target's client address.
+    Migrate {
+        player: u64,
+        to: String,
+        reply: flume::Sender<Result<String, String>>,
+    },
     /// Drain (or, with `force`, stop draining and finish now); the shard
     /// answers once, with its players.
     Drain {
@@ -190,6 +202,8 @@ pub struct SessionEntry {
     arrival: Option<Arrival>,
     /// Resumes refused on this connection (it moves with a hand-off).
     resume_failures: u8,
+    /// Its player is migrating: read nothing more until it is done.
+    held: bool,
     /// Token bucket of the per-session rate limit: (tokens, last refill).
     bucket: (f64, Instant),
     /// Why the session is closing, for the log line of its end.
@@ -272,6 +286,9 @@ pub struct ShardCtx {
     pub cluster: Option<crate::cluster::runtime::ClusterHandle>,
     /// This context's own `Rc`, for tasks it spawns.
     pub this: RefCell<std::rc::Weak<ShardCtx>>,
+    /// Players being migrated away, with the pushes that arrived meanwhile
+    /// (they follow the player once it has moved).
+    migrating: RefCell<HashMap<u64, Vec<(u32, Bytes)>>>,
 }
 
 impl ShardCtx {
@@ -314,6 +331,7 @@ impl ShardCtx {
             events: None,
             cluster: None,
             this: RefCell::new(std::rc::Weak::new()),
+            migrating: RefCell::new(HashMap::new()),
             cfg: RefCell::new(cfg),
         }
     }
@@ -380,6 +398,7 @@ impl ShardCtx {
                 arrival: None,
                 replay_end: 0,
                 resume_failures: 0,
+                held: false,
                 bucket: (
                     self.cfg().limits.rate.map_or(0.0, |r| r.burst),
                     Instant::now(),
@@ -443,6 +462,9 @@ impl ShardCtx {
             };
             if e.session.is_closing() {
                 return Control::Close;
+            }
+            if e.held {
+                return Control::Pause;
             }
             match &e.arrival {
                 None => return Control::Continue,
@@ -1010,6 +1032,12 @@ impl ShardCtx {
                 .borrow()
                 .get(&player)
                 .map(|p| p.session.is_some());
+            if let Some(held) = self.migrating.borrow_mut().get_mut(&player) {
+                // It leaves for another gateway: the push goes with it.
+                held.push((msg_id, Bytes::copy_from_slice(body)));
+                counts.cached += 1;
+                continue;
+            }
             match online {
                 None => {
                     counts.offline += 1;
@@ -1244,6 +1272,50 @@ impl ShardCtx {
             to: to.to_string(),
             image,
         });
+    }
+
+    /// The requests of `player`'s session still at a backend.
+    fn player_inflight(&self, player: u64) -> u32 {
+        let session = self.players.borrow().get(&player).and_then(|p| p.session);
+        session
+            .and_then(|sid| self.sessions.borrow().get(&sid).map(|e| e.inflight))
+            .unwrap_or(0)
+    }
+
+    fn hold_session(&self, player: u64, held: bool) {
+        let session = self.players.borrow().get(&player).and_then(|p| p.session);
+        if let Some(sid) = session {
+            if let Some(e) = self.sessions.borrow_mut().get_mut(&sid) {
+                e.held = held;
+                e.ctl.notify();
+            }
+        }
+    }
+
+    /// Tell the client of `player` to go to `addr` with a token valid
+    /// there (`REDIRECT`), close its session, and forget the player.
+    fn redirect_away(&self, player: u64, addr: &str) {
+        let Some(p) = self.players.borrow_mut().remove(&player) else {
+            return;
+        };
+        if let Some(sid) = p.session {
+            let (secret, _) = p.token();
+            let mut token = Vec::with_capacity(crate::player::TOKEN_LEN);
+            token.extend_from_slice(&player.to_be_bytes());
+            token.extend_from_slice(&secret);
+            let mut body = BytesMut::new();
+            crate::protocol::redirect_body(&mut body, addr, &token);
+            let h = Header::new(Kind::Redirect);
+            let mut sessions = self.sessions.borrow_mut();
+            if let Some(e) = sessions.get_mut(&sid) {
+                e.out.push(|out| encode(out, &h, &body));
+                e.session.close();
+                e.close_reason = "REDIRECT";
+                e.out.close();
+                e.held = false;
+                e.ctl.notify();
+            }
+        }
     }
 
     /// The player ended here: tell the cluster.
@@ -1558,5 +1630,122 @@ async fn arrive_clustered(
             tracing::warn!(player, error = %e, "login or resume refused: the cluster could not give this gateway the player");
             ctx.refuse_arrival(sid, arrival);
         }
+    }
+}
+
+/// Migrate `player` to gateway `to`: hold its session's new requests, let
+/// those in flight finish, hand its state over through the cluster, then
+/// `REDIRECT` the client there. Any failure rolls back: the player stays.
+pub async fn migrate_player(ctx: Rc<ShardCtx>, player: u64, to: String) -> Result<String, String> {
+    let Some(cluster) = ctx.cluster.clone() else {
+        return Err("this gateway is not in a cluster".into());
+    };
+    if !ctx.players.borrow().contains_key(&player) {
+        return Err(format!("player {player} is not on this gateway"));
+    }
+    if ctx.migrating.borrow().contains_key(&player) {
+        return Err(format!("player {player} is already migrating"));
+    }
+    ctx.migrating.borrow_mut().insert(player, Vec::new());
+    ctx.hold_session(player, true);
+    let rollback = |ctx: &ShardCtx, why: String| -> Result<String, String> {
+        let held = ctx
+            .migrating
+            .borrow_mut()
+            .remove(&player)
+            .unwrap_or_default();
+        for (msg_id, body) in held {
+            let mut h = Header::new(Kind::Push);
+            h.msg_id = msg_id;
+            ctx.deliver(player, h, &body);
+        }
+        ctx.hold_session(player, false);
+        tracing::warn!(player, error = %why, "migration rolled back");
+        Err(why)
+    };
+    // Requests in flight finish first (bounded).
+    let deadline = Instant::now() + std::time::Duration::from_secs(2);
+    while ctx.player_inflight(player) > 0 {
+        if Instant::now() >= deadline {
+            return rollback(&ctx, "requests in flight did not finish in time".into());
+        }
+        glommio::timer::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let image = {
+        let players = ctx.players.borrow();
+        let Some(p) = players.get(&player) else {
+            drop(players);
+            return rollback(&ctx, "the player ended meanwhile".into());
+        };
+        crate::snapshot::Image {
+            taken_unix_ms: crate::snapshot::unix_ms_now(),
+            shards: 1,
+            players: vec![p.to_image(Instant::now(), crate::snapshot::unix_ms_now())],
+        }
+        .encode()
+    };
+    let image = match image {
+        Ok(b) => b,
+        Err(e) => return rollback(&ctx, e.to_string()),
+    };
+    let (tx, rx) = flume::bounded(1);
+    let cmd = crate::cluster::runtime::Cmd::Migrate {
+        player,
+        to: to.clone(),
+        image,
+        reply: tx,
+    };
+    if cluster.cmds.send(cmd).is_err() {
+        return rollback(&ctx, "the cluster is stopped".into());
+    }
+    let answer = futures_lite::future::or(async { rx.recv_async().await.ok() }, async {
+        glommio::timer::sleep(
+            crate::cluster::runtime::MIGRATE_WAIT + std::time::Duration::from_secs(2),
+        )
+        .await;
+        None
+    })
+    .await;
+    match answer {
+        Some(Ok(addr)) => {
+            let held = ctx
+                .migrating
+                .borrow_mut()
+                .remove(&player)
+                .unwrap_or_default();
+            ctx.redirect_away(player, &addr);
+            tracing::info!(player, to, addr, "player migrated");
+            // Pushes that came meanwhile follow it to its new gateway.
+            if !held.is_empty() {
+                let (rtx, rrx) = flume::bounded(1);
+                let _ = cluster.cmds.send(crate::cluster::runtime::Cmd::Route {
+                    players: vec![player],
+                    reply: rtx,
+                });
+                if let Ok(Ok(routes)) = rrx.recv_async().await {
+                    for (http, _) in routes {
+                        for (msg_id, body) in &held {
+                            let (ftx, _frx) = flume::bounded(1);
+                            let _ = cluster.cmds.send(crate::cluster::runtime::Cmd::Forward {
+                                http: http.clone(),
+                                path: format!("/v1/push?players={player}&msg={msg_id}&local=1"),
+                                body: body.clone(),
+                                token: ctx.cfg().push_token.clone(),
+                                reply: ftx,
+                            });
+                        }
+                    }
+                } else {
+                    tracing::error!(
+                        player,
+                        pushes = held.len(),
+                        "pushes held during the migration could not follow it"
+                    );
+                }
+            }
+            Ok(addr)
+        }
+        Some(Err(e)) => rollback(&ctx, e),
+        None => rollback(&ctx, "the cluster did not answer in time".into()),
     }
 }

@@ -68,10 +68,16 @@ fn start_redis() -> Option<Redis> {
 
 fn gateway(demo: &DemoBackend, redis: &Redis, id: &str, lease: Duration) -> Gateway {
     let mut cfg = common::config(demo.addr, 2);
+    // A fixed port, so the gateway can advertise its client address.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port");
+    cfg.listen = format!("127.0.0.1:{port}");
     cfg.cluster = Some(ClusterConfig {
         redis: format!("redis://127.0.0.1:{}/", redis.port),
         gateway_id: id.into(),
-        advertise: "127.0.0.1:1".into(),
+        advertise: cfg.listen.clone(),
         http_advertise: None,
         lease,
         prefix: "slg:".into(),
@@ -228,5 +234,75 @@ fn a_push_to_any_gateway_reaches_the_player_where_it_is() {
     }
     a.stop();
     b.stop();
+    demo.stop();
+}
+
+#[test]
+fn migration_redirects_the_client_and_loses_nothing() {
+    let Some(redis) = start_redis() else { return };
+    let demo = DemoBackend::start("127.0.0.1:0".parse().expect("addr")).expect("demo");
+    let a = gateway(&demo, &redis, "gw-a", Duration::from_secs(5));
+    let b = gateway(&demo, &redis, "gw-b", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(150));
+    let mut c = Client::connect(a.client_addr).expect("connect a");
+    c.login_demo(50).expect("login");
+    for _ in 0..3 {
+        c.request(ECHO, b"before").expect("echo"); // seq 2..4
+    }
+    let (status, text) = common::http(a.http_addr, "POST", "/v1/migrate?player=50&to=gw-b", b"");
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains(&b.client_addr.to_string()), "{text}");
+    let r = c
+        .wait_for(|f| f.header.kind == slg_gateway::protocol::Kind::Redirect)
+        .expect("redirect");
+    let (addr, token) = slg_gateway::protocol::parse_redirect_body(&r.body).expect("redirect body");
+    assert_eq!(addr, b.client_addr.to_string());
+    let token = token.to_vec();
+    let last = c.last_seq;
+    let next = c.next_req_id();
+    assert!(c.is_closed());
+    // A push posted to the old gateway meanwhile follows the player.
+    let (status, text) = common::http(a.http_addr, "POST", "/v1/push?players=50&msg=90", b"after");
+    assert_eq!(status, 200, "{text}");
+    let mut c2 = Client::connect(addr.parse().expect("addr")).expect("connect b");
+    c2.set_next_req_id(next + 10);
+    let s = c2.resume(&token, last).expect("resume at the target");
+    assert_eq!(s.resume_point, last);
+    let p = c2
+        .wait_for(|f| f.header.kind == slg_gateway::protocol::Kind::Push)
+        .expect("push");
+    assert_eq!((p.header.seq, &p.body[..]), (last + 1, &b"after"[..]));
+    assert_eq!(
+        c2.request(ECHO, b"after").expect("echo").header.seq,
+        last + 2
+    );
+    a.stop();
+    b.stop();
+    demo.stop();
+}
+
+#[test]
+fn migration_to_a_dead_gateway_rolls_back() {
+    let Some(redis) = start_redis() else { return };
+    let demo = DemoBackend::start("127.0.0.1:0".parse().expect("addr")).expect("demo");
+    let a = gateway(&demo, &redis, "gw-a", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(150));
+    let mut c = Client::connect(a.client_addr).expect("connect a");
+    c.login_demo(60).expect("login");
+    c.request(ECHO, b"x").expect("echo");
+    let (status, text) = common::http(
+        a.http_addr,
+        "POST",
+        "/v1/migrate?player=60&to=gw-nobody",
+        b"",
+    );
+    assert_eq!(status, 409, "{text}");
+    // The player stayed, unharmed: the session goes on with the next seq.
+    assert_eq!(c.request(ECHO, b"still here").expect("echo").header.seq, 3);
+    // And it is still this gateway's in the directory: a login elsewhere
+    // would have to take it from here.
+    let info = common::http(a.http_addr, "GET", "/v1/players/60", b"");
+    assert_eq!(info.0, 200);
+    a.stop();
     demo.stop();
 }

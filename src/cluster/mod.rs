@@ -69,6 +69,16 @@ end
 return 0
 "#;
 
+const CAS: &str = r#"
+local h = redis.call('HMGET', KEYS[1], 'gw', 'epoch')
+if h[1] == ARGV[1] and h[2] == ARGV[2] then
+  local epoch = tonumber(h[2]) + 1
+  redis.call('HSET', KEYS[1], 'gw', ARGV[3], 'epoch', epoch)
+  return epoch
+end
+return -1
+"#;
+
 const TRANSFER: &str = r#"
 local h = redis.call('HMGET', KEYS[1], 'gw', 'epoch')
 if h[1] == ARGV[1] and h[2] == ARGV[2] then
@@ -88,6 +98,7 @@ pub struct Directory {
     claim: redis::Script,
     release: redis::Script,
     transfer: redis::Script,
+    cas: redis::Script,
 }
 
 impl Directory {
@@ -111,6 +122,7 @@ impl Directory {
             claim: redis::Script::new(CLAIM),
             release: redis::Script::new(RELEASE),
             transfer: redis::Script::new(TRANSFER),
+            cas: redis::Script::new(CAS),
         })
     }
 
@@ -285,6 +297,55 @@ impl Directory {
             .arg(wait.as_secs_f64().max(0.01))
             .query(&mut self.conn)?;
         Ok(got.map(|(_, v)| v))
+    }
+
+    /// Give `player` back from `holder` (at `epoch`) to this gateway: the
+    /// rollback of a hand-over the other side never confirmed.
+    pub fn take_back(
+        &mut self,
+        player: u64,
+        holder: &str,
+        epoch: u64,
+    ) -> Result<Option<u64>, DirError> {
+        let e: i64 = self
+            .cas
+            .key(self.player_key(player))
+            .arg(holder)
+            .arg(epoch.to_string())
+            .arg(&self.gateway)
+            .invoke(&mut self.conn)?;
+        Ok(u64::try_from(e).ok())
+    }
+
+    /// Leave `value` on list `key` (expires in 30 s).
+    pub fn post(&mut self, key: &str, value: &str) -> Result<(), DirError> {
+        let key = format!("{}{key}", self.prefix);
+        redis::pipe()
+            .cmd("RPUSH")
+            .arg(&key)
+            .arg(value)
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(&key)
+            .arg(30_000)
+            .ignore()
+            .query::<()>(&mut self.conn)?;
+        Ok(())
+    }
+
+    /// Wait up to `wait` for a value on list `key`.
+    pub fn wait_post(&mut self, key: &str, wait: Duration) -> Result<Option<String>, DirError> {
+        let key = format!("{}{key}", self.prefix);
+        let got: Option<(String, String)> = redis::cmd("BLPOP")
+            .arg(&key)
+            .arg(wait.as_secs_f64().max(0.01))
+            .query(&mut self.conn)?;
+        Ok(got.map(|(_, v)| v))
+    }
+
+    /// This gateway's name.
+    pub fn gateway(&self) -> &str {
+        &self.gateway
     }
 
     /// Who holds `player`, at which epoch.

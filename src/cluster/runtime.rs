@@ -43,6 +43,17 @@ pub enum Cmd {
     Release { player: u64 },
     /// `player` is this gateway's at `epoch` (after a fetch).
     Claimed { player: u64, epoch: u64 },
+    /// `player` is no longer this gateway's (migrated away).
+    Forget { player: u64 },
+    /// Move `player` (its state in `image`) to gateway `to`; the answer is
+    /// the client address of `to`, once it confirmed. On failure the
+    /// player is this gateway's again.
+    Migrate {
+        player: u64,
+        to: String,
+        image: Vec<u8>,
+        reply: flume::Sender<Result<String, String>>,
+    },
     /// Which other gateways hold some of `players`: (HTTP address, players).
     Route {
         players: Vec<u64>,
@@ -109,8 +120,10 @@ impl ClusterRuntime {
             }));
         }
         {
-            let (cfg, stop) = (cfg.clone(), stop.clone());
-            threads.push(std::thread::spawn(move || inbox_loop(&cfg, &shards, &stop)));
+            let (cfg, stop, cmds) = (cfg.clone(), stop.clone(), handle.cmds.clone());
+            threads.push(std::thread::spawn(move || {
+                inbox_loop(&cfg, &shards, &cmds, &stop)
+            }));
         }
         ClusterRuntime {
             handle,
@@ -183,6 +196,7 @@ fn command_loop(
                 Cmd::Route { reply, .. } => drop(reply.send(Err(down()))),
                 Cmd::Peers { reply } => drop(reply.send(Err(down()))),
                 Cmd::Forward { reply, .. } => drop(reply.send(Err(down()))),
+                Cmd::Migrate { reply, .. } => drop(reply.send(Err(down()))),
                 _ => {}
             }
             continue;
@@ -199,6 +213,45 @@ fn command_loop(
             }
             Cmd::Claimed { player, epoch } => {
                 held.insert(player, epoch);
+                false
+            }
+            Cmd::Forget { player } => {
+                held.remove(&player);
+                false
+            }
+            Cmd::Migrate {
+                player,
+                to,
+                image,
+                reply,
+            } => {
+                match held.get(&player).copied() {
+                    None => {
+                        let _ = reply.send(Err(format!("player {player} is not held here")));
+                    }
+                    Some(epoch) => {
+                        // The directory moves at once (the target's claim then
+                        // finds it granted); the wait for the target's
+                        // confirmation happens on a thread of its own.
+                        match d.transfer(player, epoch, &to) {
+                            Ok(Some(new_epoch)) => {
+                                held.remove(&player);
+                                let (cfg, tx) = (cfg.clone(), tx.clone());
+                                std::thread::spawn(move || {
+                                    migrate(&cfg, player, &to, new_epoch, &image, &tx, &reply)
+                                });
+                            }
+                            Ok(None) => {
+                                let _ = reply.send(Err(format!(
+                                    "player {player}: fenced off (not ours any more)"
+                                )));
+                            }
+                            Err(e) => {
+                                let _ = reply.send(Err(e.to_string()));
+                            }
+                        }
+                    }
+                }
                 false
             }
             Cmd::Release { player } => match held.remove(&player) {
@@ -290,7 +343,12 @@ fn fetch(
     let _ = reply.send(outcome);
 }
 
-fn inbox_loop(cfg: &ClusterConfig, shards: &[flume::Sender<ShardMsg>], stop: &AtomicBool) {
+fn inbox_loop(
+    cfg: &ClusterConfig,
+    shards: &[flume::Sender<ShardMsg>],
+    cmds: &flume::Sender<Cmd>,
+    stop: &AtomicBool,
+) {
     let mut dir = None;
     while !stop.load(Ordering::Acquire) {
         if dir.is_none() {
@@ -310,6 +368,9 @@ fn inbox_loop(cfg: &ClusterConfig, shards: &[flume::Sender<ShardMsg>], stop: &At
                     words.next().and_then(|p| p.parse::<u64>().ok()),
                     words.next(),
                 ) {
+                    (Some("adopt"), Some(player), Some(from)) if !shards.is_empty() => {
+                        adopt(cfg, d, player, from, shards, cmds);
+                    }
                     (Some("take"), Some(player), Some(to)) if !shards.is_empty() => {
                         let home = shards::home_shard(player, shards.len());
                         let _ = shards[home].send(ShardMsg::GiveAway {
@@ -385,4 +446,102 @@ fn forward(
         offline: n("offline"),
         offline_players: Vec::new(),
     })
+}
+
+/// How long a migration waits for the target to confirm.
+pub const MIGRATE_WAIT: Duration = Duration::from_secs(3);
+
+/// Hand `player` to `to` and wait for its confirmation; without one, take
+/// the player back in the directory (the rollback).
+fn migrate(
+    cfg: &ClusterConfig,
+    player: u64,
+    to: &str,
+    epoch: u64,
+    image: &[u8],
+    tx: &flume::Sender<Cmd>,
+    reply: &flume::Sender<Result<String, String>>,
+) {
+    let Some(mut d) = connect(cfg) else {
+        let _ = reply.send(Err("redis unreachable".into()));
+        return;
+    };
+    let me = cfg.gateway_id.clone();
+    let ack_key = format!("ack:{player}:{me}");
+    let sent = d
+        .put_handover(player, to, image)
+        .and_then(|()| d.push_inbox(to, &format!("adopt {player} {me}")));
+    let confirmed = match sent {
+        Ok(()) => d.wait_post(&ack_key, MIGRATE_WAIT).ok().flatten(),
+        Err(_) => None,
+    };
+    match confirmed {
+        Some(addr) => {
+            let _ = reply.send(Ok(addr));
+        }
+        None => {
+            // Roll back: the player is ours again (unless the target took
+            // it meanwhile, which the epoch check refuses).
+            let back = d.take_back(player, to, epoch);
+            if let Ok(Some(e)) = back {
+                let _ = tx.send(Cmd::Claimed { player, epoch: e });
+            }
+            let _ = reply.send(Err(format!(
+                "gateway {to} did not take player {player} over in time (rolled back: {})",
+                matches!(back, Ok(Some(_)))
+            )));
+        }
+    }
+}
+
+/// Another gateway migrates `player` here: load its state on the home
+/// shard, make sure the directory names this gateway, and confirm with
+/// this gateway's client address.
+fn adopt(
+    cfg: &ClusterConfig,
+    d: &mut Directory,
+    player: u64,
+    from: &str,
+    shards: &[flume::Sender<ShardMsg>],
+    cmds: &flume::Sender<Cmd>,
+) {
+    let Ok(Some(bytes)) = d.take_handover(player, Duration::from_secs(1)) else {
+        tracing::warn!(player, from, "migration: no state came with the request");
+        return;
+    };
+    let Ok(image) = crate::snapshot::Image::decode(&bytes) else {
+        tracing::warn!(player, from, "migration: the state does not decode");
+        return;
+    };
+    match d.claim(player) {
+        Ok(Claim::Granted { epoch }) => {
+            let _ = cmds.send(Cmd::Claimed { player, epoch });
+        }
+        other => {
+            tracing::warn!(
+                player,
+                from,
+                ?other,
+                "migration: the directory does not give the player here"
+            );
+            return;
+        }
+    }
+    let (tx, rx) = flume::bounded(1);
+    let home = shards::home_shard(player, shards.len());
+    if shards[home]
+        .send(ShardMsg::Adopt { image, reply: tx })
+        .is_err()
+        || rx.recv_timeout(Duration::from_secs(2)).is_err()
+    {
+        tracing::warn!(
+            player,
+            from,
+            "migration: the home shard did not load the player"
+        );
+        return;
+    }
+    if let Err(e) = d.post(&format!("ack:{player}:{from}"), &cfg.advertise) {
+        tracing::warn!(player, from, error = %e, "migration: cannot confirm");
+    }
 }

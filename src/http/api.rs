@@ -47,6 +47,10 @@ async fn route(ctx: &ShardCtx, req: Request) -> Response {
             "GET" => Response::json(200, "{\"status\":\"ok\"}".into()),
             _ => Response::error(405, "use GET"),
         },
+        "/v1/migrate" => match method {
+            "POST" => migrate(ctx, &req).await,
+            _ => Response::error(405, "use POST"),
+        },
         "/v1/reload" => match method {
             "POST" => reload(ctx).await,
             _ => Response::error(405, "use POST"),
@@ -489,6 +493,59 @@ async fn list_players(ctx: &ShardCtx, req: &Request) -> Response {
         200,
         format!("{{\"players\":[{}],\"next\":{next}}}", items.join(",")),
     )
+}
+
+/// `POST /v1/migrate?player=42&to=gw-b`: move a player to another gateway
+/// of the cluster; its client is redirected there. 200 with the target's
+/// address, or 409 with why (the player stays, unharmed).
+async fn migrate(ctx: &ShardCtx, req: &Request) -> Response {
+    let Some(player) = req.param("player").and_then(parse_player) else {
+        return Response::error(400, "player must be a positive integer");
+    };
+    let Some(to) = req.param("to").filter(|t| !t.is_empty()) else {
+        return Response::error(400, "missing to (a gateway id)");
+    };
+    if ctx.cluster.is_none() {
+        return Response::error(409, "this gateway is not in a cluster");
+    }
+    let home = shards::home_shard(player, ctx.count);
+    let (tx, rx) = flume::bounded(1);
+    if home == ctx.id {
+        if let Some(me) = ctx.this.borrow().upgrade() {
+            let to = to.to_string();
+            glommio::spawn_local(async move {
+                let r = crate::shard::migrate_player(me, player, to).await;
+                let _ = tx.send(r);
+            })
+            .detach();
+        }
+    } else {
+        let msg = ShardMsg::Migrate {
+            player,
+            to: to.to_string(),
+            reply: tx,
+        };
+        if ctx.mesh.send(home, msg).is_err() {
+            return Response::error(503, "the player's shard is stopping");
+        }
+    }
+    let answer = futures_lite::future::or(async { rx.recv_async().await.ok() }, async {
+        glommio::timer::sleep(SHARD_REPLY).await;
+        None
+    })
+    .await;
+    match answer {
+        Some(Ok(addr)) => Response::json(
+            200,
+            format!(
+                "{{\"migrated\":true,\"to\":{},\"address\":{}}}",
+                super::json_string(to),
+                super::json_string(&addr)
+            ),
+        ),
+        Some(Err(e)) => Response::error(409, &format!("not migrated: {e}")),
+        None => Response::error(503, "the migration did not finish in time"),
+    }
 }
 
 /// `POST /v1/reload`: re-read the config file (the process's coordinator
