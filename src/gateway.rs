@@ -657,6 +657,13 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
                         );
                         let _ = reply.send(());
                     }
+                    Some(ShardMsg::Evacuate { to, reply }) => {
+                        let ctx = ctx.clone();
+                        glommio::spawn_local(async move {
+                            let _ = reply.send(crate::shard::evacuate_shard(ctx, to).await);
+                        })
+                        .detach();
+                    }
                     Some(ShardMsg::Migrate { player, to, reply }) => {
                         let ctx = ctx.clone();
                         glommio::spawn_local(async move {

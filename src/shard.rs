@@ -75,6 +75,12 @@ pub enum ShardMsg {
         image: crate::snapshot::Image,
         reply: flume::Sender<()>,
     },
+    /// Move every player of the receiving shard to gateway `to`; the
+    /// answer is (migrated, failed).
+    Evacuate {
+        to: String,
+        reply: flume::Sender<(u64, u64)>,
+    },
     /// Move `player` to gateway `to` (an operator's migration); the answer
     /// is the target's client address.
     Migrate {
@@ -911,6 +917,7 @@ impl ShardCtx {
             let old = p.attach(sid);
             let token = p.issue_token(new_secret(), now, self.cfg().token_lifetime);
             let (r, gap) = p.login_point();
+            p.lost_history = false;
             let mut frames = BytesMut::new();
             Self::session_frame(player, &token, r, gap, &mut frames);
             for f in p.outbox.after(r) {
@@ -1318,6 +1325,16 @@ impl ShardCtx {
         }
     }
 
+    /// A player whose gateway died holding it starts here with nothing;
+    /// its first SESSION says `GAP`.
+    pub fn start_lost(&self, player: u64) {
+        let o = self.cfg().outbox;
+        let mut p = Player::new(player, o.max_frames, o.max_bytes, Instant::now());
+        p.life = self.new_life();
+        p.lost_history = true;
+        self.players.borrow_mut().entry(player).or_insert(p);
+    }
+
     /// The player ended here: tell the cluster.
     fn released(&self, player: u64) {
         if let Some(c) = &self.cluster {
@@ -1580,6 +1597,7 @@ async fn arrive_clustered(
                 from,
                 "player taken over from a gateway whose lease lapsed"
             );
+            ctx.start_lost(player);
             Ok(())
         }
         Ok(Claim::Held { by, .. }) => {
@@ -1748,4 +1766,28 @@ pub async fn migrate_player(ctx: Rc<ShardCtx>, player: u64, to: String) -> Resul
         Some(Err(e)) => rollback(&ctx, e),
         None => rollback(&ctx, "the cluster did not answer in time".into()),
     }
+}
+
+/// Players migrated at once per shard during an evacuation.
+pub const EVACUATE_PARALLEL: usize = 16;
+
+/// Migrate every player of this shard to `to`, `EVACUATE_PARALLEL` at a
+/// time; returns (migrated, failed).
+pub async fn evacuate_shard(ctx: Rc<ShardCtx>, to: String) -> (u64, u64) {
+    let ids: Vec<u64> = ctx.players.borrow().keys().copied().collect();
+    let (mut ok, mut failed) = (0, 0);
+    for chunk in ids.chunks(EVACUATE_PARALLEL) {
+        let tasks: Vec<_> = chunk
+            .iter()
+            .map(|&p| glommio::spawn_local(migrate_player(ctx.clone(), p, to.clone())))
+            .collect();
+        for t in tasks {
+            if t.await.is_ok() {
+                ok += 1;
+            } else {
+                failed += 1;
+            }
+        }
+    }
+    (ok, failed)
 }

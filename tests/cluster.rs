@@ -155,6 +155,11 @@ fn a_dead_gateways_players_can_log_in_elsewhere_after_its_lease() {
     // state died with A).
     std::thread::sleep(lease + Duration::from_millis(300));
     let li = c2.login_demo(7).expect("login on b after the lease");
+    // What only A held is gone, and the client is told so.
+    assert!(
+        li.gap,
+        "SESSION says GAP after a takeover from a dead gateway"
+    );
     assert_eq!(li.response.header.seq, 1);
     b.stop();
     demo.stop();
@@ -304,5 +309,50 @@ fn migration_to_a_dead_gateway_rolls_back() {
     let info = common::http(a.http_addr, "GET", "/v1/players/60", b"");
     assert_eq!(info.0, 200);
     a.stop();
+    demo.stop();
+}
+
+#[test]
+fn evacuation_moves_every_player_and_each_resumes_at_the_target() {
+    let Some(redis) = start_redis() else { return };
+    let demo = DemoBackend::start("127.0.0.1:0".parse().expect("addr")).expect("demo");
+    let a = gateway(&demo, &redis, "gw-a", Duration::from_secs(5));
+    let b = gateway(&demo, &redis, "gw-b", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(150));
+    let mut clients: Vec<(u64, Client)> = (200..240u64)
+        .map(|p| {
+            let mut c = Client::connect(a.client_addr).expect("connect");
+            c.login_demo(p).expect("login");
+            c.request(ECHO, b"x").expect("echo");
+            (p, c)
+        })
+        .collect();
+    let (status, text) = common::http(a.http_addr, "POST", "/v1/evacuate?to=gw-b", b"");
+    assert_eq!(status, 200, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+    assert_eq!(
+        (v["migrated"].as_u64(), v["failed"].as_u64()),
+        (Some(40), Some(0)),
+        "{text}"
+    );
+    for (p, c) in clients.iter_mut() {
+        let r = c
+            .wait_for(|f| f.header.kind == slg_gateway::protocol::Kind::Redirect)
+            .expect("redirect");
+        let (addr, token) = slg_gateway::protocol::parse_redirect_body(&r.body).expect("body");
+        let mut n = Client::connect(addr.parse().expect("addr")).expect("connect b");
+        n.set_next_req_id(c.next_req_id() + 10);
+        let s = n
+            .resume(token, c.last_seq)
+            .unwrap_or_else(|e| panic!("player {p}: {e}"));
+        assert_eq!(s.resume_point, 2);
+        assert_eq!(
+            n.request(ECHO, b"y").expect("echo").header.seq,
+            3,
+            "player {p}"
+        );
+    }
+    a.stop();
+    b.stop();
     demo.stop();
 }

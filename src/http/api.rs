@@ -47,6 +47,10 @@ async fn route(ctx: &ShardCtx, req: Request) -> Response {
             "GET" => Response::json(200, "{\"status\":\"ok\"}".into()),
             _ => Response::error(405, "use GET"),
         },
+        "/v1/evacuate" => match method {
+            "POST" => evacuate(ctx, &req).await,
+            _ => Response::error(405, "use POST"),
+        },
         "/v1/migrate" => match method {
             "POST" => migrate(ctx, &req).await,
             _ => Response::error(405, "use POST"),
@@ -546,6 +550,60 @@ async fn migrate(ctx: &ShardCtx, req: &Request) -> Response {
         Some(Err(e)) => Response::error(409, &format!("not migrated: {e}")),
         None => Response::error(503, "the migration did not finish in time"),
     }
+}
+
+/// `POST /v1/evacuate?to=gw-b`: migrate every player of this gateway to
+/// another, a bounded number at a time per shard; the counts when done.
+async fn evacuate(ctx: &ShardCtx, req: &Request) -> Response {
+    let Some(to) = req.param("to").filter(|t| !t.is_empty()) else {
+        return Response::error(400, "missing to (a gateway id)");
+    };
+    if ctx.cluster.is_none() {
+        return Response::error(409, "this gateway is not in a cluster");
+    }
+    let t0 = std::time::Instant::now();
+    let (tx, rx) = flume::unbounded();
+    for shard in 0..ctx.count {
+        let msg = ShardMsg::Evacuate {
+            to: to.to_string(),
+            reply: tx.clone(),
+        };
+        let sent = if shard == ctx.id {
+            match ctx.this.borrow().upgrade() {
+                Some(me) => {
+                    let (to, tx) = (to.to_string(), tx.clone());
+                    glommio::spawn_local(async move {
+                        let _ = tx.send(crate::shard::evacuate_shard(me, to).await);
+                    })
+                    .detach();
+                    true
+                }
+                None => false,
+            }
+        } else {
+            ctx.mesh.send(shard, msg).is_ok()
+        };
+        if !sent {
+            return Response::error(503, "a shard is stopping");
+        }
+    }
+    let (mut ok, mut failed) = (0, 0);
+    for _ in 0..ctx.count {
+        match rx.recv_async().await {
+            Ok((o, f)) => {
+                ok += o;
+                failed += f;
+            }
+            Err(_) => return Response::error(503, "a shard did not answer"),
+        }
+    }
+    Response::json(
+        200,
+        format!(
+            "{{\"migrated\":{ok},\"failed\":{failed},\"seconds\":{:.3}}}",
+            t0.elapsed().as_secs_f64()
+        ),
+    )
 }
 
 /// `POST /v1/reload`: re-read the config file (the process's coordinator

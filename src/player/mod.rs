@@ -55,6 +55,9 @@ pub struct Player {
     /// Which life of this player id this is (set by the shard, unique per
     /// shard): answers to requests of an earlier life are dropped.
     pub life: u64,
+    /// Taken over from a gateway that died holding it: what it held is
+    /// lost, and the next SESSION says `GAP`.
+    pub lost_history: bool,
     /// Last seq assigned (0: none yet).
     seq: u64,
     /// Highest seq the client acknowledged.
@@ -73,6 +76,7 @@ impl Player {
         Player {
             id,
             life: 0,
+            lost_history: false,
             seq: 0,
             acked: 0,
             outbox: Outbox::new(max_frames, max_bytes),
@@ -179,6 +183,9 @@ impl Player {
     /// retained frame when frames after the ack were evicted.
     pub fn login_point(&self) -> (u64, bool) {
         let evicted = self.outbox.evicted_through();
+        if self.lost_history {
+            return (self.acked.max(evicted), true);
+        }
         if evicted > self.acked {
             (evicted, true)
         } else {
@@ -255,6 +262,7 @@ impl Player {
         Player {
             id: img.id,
             life: 0,
+            lost_history: false,
             seq: img.seq,
             acked: img.acked,
             outbox: Outbox::restore(
