@@ -6,65 +6,16 @@
 
 mod common;
 
+use common::{start_redis, Redis};
+
 use slg_gateway::client::{Client, ClientError};
 use slg_gateway::config::{ClusterConfig, RedisDown};
 use slg_gateway::demo::DemoBackend;
 use slg_gateway::gateway::Gateway;
 use slg_gateway::protocol::Code;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const ECHO: u32 = 100;
-
-struct Redis {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_redis() -> Option<Redis> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .ok()?;
-    let child = match Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-    {
-        Ok(c) => c,
-        Err(e) => {
-            assert!(
-                std::env::var("SLG_REQUIRE_REDIS").is_err(),
-                "redis-server required: {e}"
-            );
-            eprintln!("redis-server not available ({e}): cluster test skipped");
-            return None;
-        }
-    };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "redis-server did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Some(Redis { child, port })
-}
 
 fn gateway(demo: &DemoBackend, redis: &Redis, id: &str, lease: Duration) -> Gateway {
     let mut cfg = common::config(demo.addr, 2);

@@ -4,70 +4,18 @@
 //! Needs `redis-server` on the PATH (.ci/run installs it and sets
 //! SLG_REQUIRE_REDIS=1, which turns a missing server into a failure).
 
+mod common;
+
+use common::start_redis;
 use slg_gateway::cluster::{Claim, Directory};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-struct Redis {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_redis() -> Option<Redis> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .ok()?;
-    let spawned = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn();
-    let child = match spawned {
-        Ok(c) => c,
-        Err(e) => {
-            assert!(
-                std::env::var("SLG_REQUIRE_REDIS").is_err(),
-                "redis-server is required here but cannot start: {e}"
-            );
-            eprintln!("redis-server not available ({e}): cluster directory test skipped");
-            return None;
-        }
-    };
-    let redis = Redis {
-        child,
-        url: format!("redis://127.0.0.1:{port}/"),
-    };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "redis-server did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Some(redis)
-}
 
 #[test]
 fn claims_leases_fencing_transfer_release() {
     let Some(redis) = start_redis() else { return };
     let lease = Duration::from_millis(300);
-    let mut a = Directory::connect(&redis.url, "gw-a", lease, "slg:").expect("connect a");
-    let mut b = Directory::connect(&redis.url, "gw-b", lease, "slg:").expect("connect b");
+    let mut a = Directory::connect(&redis.url(), "gw-a", lease, "slg:").expect("connect a");
+    let mut b = Directory::connect(&redis.url(), "gw-b", lease, "slg:").expect("connect b");
     a.heartbeat().expect("lease a");
     b.heartbeat().expect("lease b");
     assert!(a.alive("gw-b").expect("alive"));

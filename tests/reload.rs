@@ -4,14 +4,11 @@
 
 mod common;
 
-use common::{http, wait_exit, Proc, BIN};
+use common::{http, wait_exit};
 use slg_gateway::client::Client;
 use slg_gateway::demo::{DemoBackend, WHOAMI};
 use slg_gateway::protocol::Code;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// A config with service "demo" at `main`, and `extra` lines of RON put
@@ -26,30 +23,6 @@ fn config(main: SocketAddr, extra_service: &str, extra_route: &str) -> String {
             "(msgs: (200, 200), service: \"demo\", auth: true),\n    ],",
             &format!("(msgs: (200, 200), service: \"demo\", auth: true),\n{extra_route}    ],"),
         )
-}
-
-// The child is owned by the returned Proc, which kills and reaps it.
-#[allow(clippy::zombie_processes)]
-fn spawn(cfg: &Path) -> (Proc, SocketAddr, SocketAddr) {
-    let mut child = Command::new(BIN)
-        .args(["--config", cfg.to_str().expect("path"), "--shards", "2"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn gateway");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    loop {
-        let line = lines.next().expect("addresses").expect("line");
-        if let Some(rest) = line.strip_prefix("gateway listening on ") {
-            let w: Vec<&str> = rest.split_whitespace().collect();
-            std::thread::spawn(move || for _ in lines {});
-            return (
-                Proc(child),
-                w[0].parse().expect("addr"),
-                w[2].parse().expect("addr"),
-            );
-        }
-    }
 }
 
 fn who(c: &mut Client) -> (u16, String) {
@@ -77,7 +50,7 @@ fn reload_changes_services_and_routes_under_live_clients() {
         "(msgs: (200, 200), service: \"slow\", auth: true)",
     );
     std::fs::write(&path, start).expect("write");
-    let (mut gw, addr, http_addr) = spawn(&path);
+    let (mut gw, addr, http_addr) = common::spawn_gateway(&path, 2);
     let mut c = Client::connect(addr).expect("connect");
     c.login_demo(5).expect("login");
     assert_eq!(

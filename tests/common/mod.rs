@@ -217,3 +217,116 @@ pub fn config_text(backend: SocketAddr) -> String {
             &format!("instances: [\"{backend}\"]"),
         )
 }
+
+/// A redis-server of a test's own, on a free loopback port, killed on drop.
+pub struct Redis {
+    pub child: std::process::Child,
+    pub port: u16,
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Redis {
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+}
+
+/// Start redis-server on `port` (0: a free one). None when it is not
+/// installed, unless SLG_REQUIRE_REDIS is set (.ci/run sets it): then a
+/// missing server fails the test.
+pub fn start_redis_on(port: u16) -> Option<Redis> {
+    let port = if port == 0 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .ok()?
+    } else {
+        port
+    };
+    let child = match std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            assert!(
+                std::env::var("SLG_REQUIRE_REDIS").is_err(),
+                "redis-server required: {e}"
+            );
+            eprintln!("redis-server not available ({e}): test skipped");
+            return None;
+        }
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "redis-server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Some(Redis { child, port })
+}
+
+pub fn start_redis() -> Option<Redis> {
+    start_redis_on(0)
+}
+
+/// Start the gateway binary on `cfg` with `shards`; (process, client
+/// address, HTTP address) from its stdout.
+// The child is owned by the returned Proc, which kills and reaps it.
+#[allow(clippy::zombie_processes)]
+pub fn spawn_gateway(cfg: &std::path::Path, shards: usize) -> (Proc, SocketAddr, SocketAddr) {
+    let mut child = std::process::Command::new(BIN)
+        .args([
+            "--config",
+            cfg.to_str().expect("path"),
+            "--shards",
+            &shards.to_string(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn gateway");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    loop {
+        let line = lines
+            .next()
+            .expect("the gateway printed its addresses")
+            .expect("line");
+        if let Some(rest) = line.strip_prefix("gateway listening on ") {
+            let w: Vec<&str> = rest.split_whitespace().collect();
+            std::thread::spawn(move || for _ in lines {});
+            return (
+                Proc(child),
+                w[0].parse().expect("client addr"),
+                w[2].parse().expect("http addr"),
+            );
+        }
+    }
+}
+
+/// A free loopback port (for a gateway that must advertise its address).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
