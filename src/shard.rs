@@ -1741,12 +1741,12 @@ pub async fn migrate_player(ctx: Rc<ShardCtx>, player: u64, to: String) -> Resul
                     reply: rtx,
                 });
                 if let Ok(Ok(routes)) = rrx.recv_async().await {
-                    for (http, _) in routes {
+                    for (http, _) in routes.into_iter().filter(|(h, _)| !h.is_empty()) {
                         for (msg_id, body) in &held {
                             let (ftx, _frx) = flume::bounded(1);
                             let _ = cluster.cmds.send(crate::cluster::runtime::Cmd::Forward {
                                 http: http.clone(),
-                                path: format!("/v1/push?players={player}&msg={msg_id}&local=1"),
+                                path: format!("/v1/push?players={player}&msg={msg_id}&hops=1"),
                                 body: body.clone(),
                                 token: ctx.cfg().push_token.clone(),
                                 reply: ftx,

@@ -307,3 +307,193 @@ fn evacuation_moves_every_player_and_each_resumes_at_the_target() {
     b.stop();
     demo.stop();
 }
+
+#[test]
+fn migration_under_request_and_push_load_keeps_every_stream_whole() {
+    use slg_gateway::protocol::{parse_redirect_body, Kind};
+    use std::collections::{BTreeMap, HashSet};
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let Some(redis) = start_redis() else { return };
+    let demo = DemoBackend::start("127.0.0.1:0".parse().expect("addr")).expect("demo");
+    let a = gateway(&demo, &redis, "gw-a", Duration::from_secs(5));
+    let b = gateway(&demo, &redis, "gw-b", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(150));
+    const PLAYERS: u64 = 6;
+    let stop = Arc::new(AtomicBool::new(false));
+    let ready = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let players: Vec<_> = (1..=PLAYERS)
+        .map(|i| {
+            let (stop, ready, addr) = (stop.clone(), ready.clone(), a.client_addr);
+            std::thread::spawn(move || {
+                let player = 300 + i;
+                let mut c = Client::connect(addr).expect("connect");
+                let li = c.login_demo(player).expect("login");
+                ready.fetch_add(1, Ordering::AcqRel);
+                let mut token = li.token.clone();
+                let mut stream: BTreeMap<u64, (Kind, u32, Vec<u8>)> = BTreeMap::new();
+                let mut sent: Vec<u32> = Vec::new();
+                let mut redirects = 0;
+                let record = |stream: &mut BTreeMap<u64, (Kind, u32, Vec<u8>)>,
+                              f: &slg_gateway::protocol::Frame| {
+                    if f.header.seq > 0 && matches!(f.header.kind, Kind::Response | Kind::Push) {
+                        let old = stream.insert(
+                            f.header.seq,
+                            (f.header.kind, f.header.req_id, f.body.to_vec()),
+                        );
+                        assert!(old.is_none(), "player {player}: seq {} twice", f.header.seq);
+                    }
+                };
+                record(&mut stream, &li.response);
+                while !stop.load(Ordering::Acquire) {
+                    let req = c
+                        .send_request(ECHO, format!("{player}").as_bytes())
+                        .expect("send");
+                    sent.push(req);
+                    // Wait for its answer, following redirects.
+                    loop {
+                        let f = c.recv().unwrap_or_else(|e| panic!("player {player}: {e}"));
+                        record(&mut stream, &f);
+                        if f.header.kind == Kind::Response && f.header.req_id == req {
+                            break;
+                        }
+                        if f.header.kind == Kind::Redirect {
+                            redirects += 1;
+                            let (to, t) = parse_redirect_body(&f.body).expect("redirect body");
+                            let last = c.last_seq;
+                            let next = c.next_req_id();
+                            let mut n =
+                                Client::connect(to.parse().expect("addr")).expect("connect target");
+                            n.set_next_req_id(next);
+                            let s = n
+                                .resume(t, last)
+                                .unwrap_or_else(|e| panic!("player {player}: resume: {e}"));
+                            token = s.token.clone();
+                            // Replays come before the PONG.
+                            let mut h = slg_gateway::protocol::Header::new(Kind::Ping);
+                            h.seq = last;
+                            n.send(&h, &[]).expect("ping");
+                            let mut answered = false;
+                            loop {
+                                let f = n.recv().expect("replay");
+                                record(&mut stream, &f);
+                                answered |=
+                                    f.header.kind == Kind::Response && f.header.req_id == req;
+                                if f.header.kind == Kind::Pong {
+                                    break;
+                                }
+                            }
+                            c = n;
+                            if answered {
+                                break;
+                            }
+                            // The source never read it: send it again, same req_id.
+                            let mut h = slg_gateway::protocol::Header::new(Kind::Request);
+                            h.msg_id = ECHO;
+                            h.req_id = req;
+                            c.send(&h, format!("{player}").as_bytes()).expect("resend");
+                        }
+                    }
+                }
+                // Settle: everything up to the last seq.
+                std::thread::sleep(Duration::from_millis(300));
+                let end = c.ping().expect("final ping");
+                let mut rest = Vec::new();
+                c.timeout = Duration::from_millis(50);
+                while let Ok(f) = c.recv() {
+                    rest.push(f);
+                }
+                for f in &rest {
+                    record(&mut stream, f);
+                }
+                let _ = token;
+                (player, end, stream, sent, redirects)
+            })
+        })
+        .collect();
+    while ready.load(Ordering::Acquire) < PLAYERS {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Pushes to everyone, through both gateways in turn.
+    let pushed = Arc::new(Mutex::new(Vec::new()));
+    let pusher = {
+        let (stop, pushed) = (stop.clone(), pushed.clone());
+        let https = [a.http_addr, b.http_addr];
+        std::thread::spawn(move || {
+            let list: Vec<String> = (1..=PLAYERS).map(|i| (300 + i).to_string()).collect();
+            let mut k = 0;
+            while !stop.load(Ordering::Acquire) {
+                let body = format!("push-{k}");
+                let (status, text) = common::http(
+                    https[k % 2],
+                    "POST",
+                    &format!("/v1/push?players={}&msg=5", list.join(",")),
+                    body.as_bytes(),
+                );
+                assert_eq!(status, 200, "{text}");
+                assert!(
+                    text.contains("\"offline\":0"),
+                    "push {k} via {}: {text}",
+                    https[k % 2]
+                );
+                pushed.lock().expect("lock").push(body);
+                k += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    // Migrate every player a -> b, then back b -> a, while all that runs.
+    for (from, to) in [(a.http_addr, "gw-b"), (b.http_addr, "gw-a")] {
+        for i in 1..=PLAYERS {
+            let (status, text) = common::http(
+                from,
+                "POST",
+                &format!("/v1/migrate?player={}&to={to}", 300 + i),
+                b"",
+            );
+            assert_eq!(status, 200, "{text}");
+            std::thread::sleep(Duration::from_millis(30));
+        }
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    stop.store(true, Ordering::Release);
+    pusher.join().expect("pusher");
+    let pushed: HashSet<Vec<u8>> = pushed
+        .lock()
+        .expect("lock")
+        .iter()
+        .map(|s| s.clone().into_bytes())
+        .collect();
+    for t in players {
+        let (player, end, stream, sent, redirects) = t.join().expect("player");
+        assert_eq!(redirects, 2, "player {player} moved twice");
+        let seqs: Vec<u64> = stream.keys().copied().collect();
+        assert_eq!(
+            seqs,
+            (1..=end).collect::<Vec<_>>(),
+            "player {player}: stream 1..={end}"
+        );
+        for req in &sent {
+            let n = stream
+                .values()
+                .filter(|(k, r, _)| *k == Kind::Response && r == req)
+                .count();
+            assert_eq!(n, 1, "player {player}: req {req} answered {n} times");
+        }
+        let got: HashSet<Vec<u8>> = stream
+            .values()
+            .filter(|(k, _, _)| *k == Kind::Push)
+            .map(|(_, _, b)| b.clone())
+            .collect();
+        for p in &pushed {
+            assert!(
+                got.contains(p),
+                "player {player}: {} lost",
+                String::from_utf8_lossy(p)
+            );
+        }
+    }
+    a.stop();
+    b.stop();
+    demo.stop();
+}

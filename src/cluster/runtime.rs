@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 /// How long a gateway waits for another to hand a player over.
 pub const HANDOVER_WAIT: Duration = Duration::from_secs(3);
 
-/// Players grouped by the gateway holding them: (its HTTP address, players).
+/// Players grouped by the gateway holding them: (its HTTP address, players);
+/// an empty address is this gateway itself.
 pub type Routes = Vec<(String, Vec<u64>)>;
 
 /// Requests of the shards to the command thread.
@@ -391,7 +392,9 @@ fn inbox_loop(
 
 /// Group `players` by the other live gateway holding them: (HTTP address, players).
 fn route(d: &mut Directory, players: &[u64]) -> Result<Routes, super::DirError> {
-    let peers: HashMap<String, String> = d.peers()?.into_iter().collect();
+    let mut peers: HashMap<String, String> = d.peers()?.into_iter().collect();
+    // This gateway itself, as "": a player on its way here.
+    peers.insert(d.gateway().to_string(), String::new());
     let holders = d.holders(players)?;
     let mut by: HashMap<String, Vec<u64>> = HashMap::new();
     for (p, h) in players.iter().zip(holders) {

@@ -210,56 +210,23 @@ async fn push(ctx: &ShardCtx, req: &Request) -> Response {
     }
     // Everything is validated: from here on, frames get their seqs.
     let body = req.body.clone();
-    let mut waiting = Vec::new();
-    let mut total = PushCounts::default();
-    for (to, players) in by_shard.into_iter().enumerate() {
-        if players.is_empty() {
-            continue;
-        }
-        if to == ctx.id {
-            total.add(ctx.push(&players, msg_id, &body));
-            continue;
-        }
-        let (tx, rx) = flume::bounded(1);
-        let m = ShardMsg::Push {
-            players,
-            msg_id,
-            body: body.clone(),
-            reply: tx,
-        };
-        if ctx.mesh.send(to, m).is_err() {
-            return Response::error(503, "a shard is stopping");
-        }
-        waiting.push(rx);
-    }
-    for rx in waiting {
-        let got = futures_lite::future::or(async { rx.recv_async().await.ok() }, async {
-            glommio::timer::sleep(SHARD_REPLY).await;
-            None
-        })
-        .await;
-        match got {
-            Some(Some(c)) => total.add(c),
-            Some(None) => {
-                return Response::error(
-                    503,
-                    "the gateway is draining; some players may have the push",
-                )
-            }
-            None => {
-                return Response::error(
-                    503,
-                    "a shard did not answer in time; some players may have the push",
-                )
-            }
-        }
-    }
+    let mut total = match push_here(ctx, by_shard, msg_id, &body).await {
+        Ok(c) => c,
+        Err(r) => return r,
+    };
     // In a cluster, players this gateway does not hold may be held by
     // another: the push goes there, and its counts join ours.
     if let Some(cluster) = &ctx.cluster {
-        if req.param("local") != Some("1") && !total.offline_players.is_empty() {
+        if !total.offline_players.is_empty() {
             let players = std::mem::take(&mut total.offline_players);
-            match push_elsewhere(ctx, cluster, players, msg_id, &body).await {
+            // A forwarded push carries `hops`: it may chase a player that
+            // moved on (a migration) a few times, never loop; `local=1`
+            // keeps it here.
+            let hops: u32 = match req.param("local") {
+                Some("1") => MAX_HOPS,
+                _ => req.param("hops").and_then(|h| h.parse().ok()).unwrap_or(0),
+            };
+            match push_elsewhere(ctx, cluster, players, msg_id, &body, hops).await {
                 Ok(remote) => {
                     let moved = remote.delivered + remote.cached;
                     total.delivered += remote.delivered;
@@ -272,6 +239,65 @@ async fn push(ctx: &ShardCtx, req: &Request) -> Response {
     }
     Response::json(200, counts_json(&total))
 }
+
+/// One PUSH to each of the players in `by_shard` (by home shard) held on
+/// this gateway; players not held are counted offline and listed.
+async fn push_here(
+    ctx: &ShardCtx,
+    by_shard: Vec<Vec<u64>>,
+    msg_id: u32,
+    body: &Bytes,
+) -> Result<PushCounts, Response> {
+    let mut waiting = Vec::new();
+    let mut total = PushCounts::default();
+    for (to, players) in by_shard.into_iter().enumerate() {
+        if players.is_empty() {
+            continue;
+        }
+        if to == ctx.id {
+            total.add(ctx.push(&players, msg_id, body));
+            continue;
+        }
+        let (tx, rx) = flume::bounded(1);
+        let m = ShardMsg::Push {
+            players,
+            msg_id,
+            body: body.clone(),
+            reply: tx,
+        };
+        if ctx.mesh.send(to, m).is_err() {
+            return Err(Response::error(503, "a shard is stopping"));
+        }
+        waiting.push(rx);
+    }
+    for rx in waiting {
+        let got = futures_lite::future::or(async { rx.recv_async().await.ok() }, async {
+            glommio::timer::sleep(SHARD_REPLY).await;
+            None
+        })
+        .await;
+        match got {
+            Some(Some(c)) => total.add(c),
+            Some(None) => {
+                return Err(Response::error(
+                    503,
+                    "the gateway is draining; some players may have the push",
+                ))
+            }
+            None => {
+                return Err(Response::error(
+                    503,
+                    "a shard did not answer in time; some players may have the push",
+                ))
+            }
+        }
+    }
+    Ok(total)
+}
+
+/// How many times a push may be forwarded between gateways (it chases a
+/// player that is migrating).
+const MAX_HOPS: u32 = 3;
 
 /// Ask the cluster's control thread; the answer or a 503.
 async fn ask_cluster<T: Send + 'static>(
@@ -343,23 +369,52 @@ async fn push_elsewhere(
     players: Vec<u64>,
     msg_id: u32,
     body: &Bytes,
+    hops: u32,
 ) -> Result<PushCounts, Response> {
     let routes = ask_cluster(cluster, |reply| crate::cluster::runtime::Cmd::Route {
         players,
         reply,
     })
     .await?;
-    let targets = routes
+    // The directory may already name this gateway for a player whose
+    // state is still on its way here (a migration): wait for it a moment.
+    let (mine, others): (Vec<_>, Vec<_>) =
+        routes.into_iter().partition(|(http, _)| http.is_empty());
+    let mut total = PushCounts::default();
+    let mut arriving: Vec<u64> = mine.into_iter().flat_map(|(_, ps)| ps).collect();
+    for _ in 0..40 {
+        if arriving.is_empty() {
+            break;
+        }
+        glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
+        let mut by_shard: Vec<Vec<u64>> = vec![Vec::new(); ctx.count];
+        for p in arriving.drain(..) {
+            by_shard[shards::home_shard(p, ctx.count)].push(p);
+        }
+        let got = push_here(ctx, by_shard, msg_id, body).await?;
+        total.delivered += got.delivered;
+        total.cached += got.cached;
+        arriving = got.offline_players;
+    }
+    if hops >= MAX_HOPS {
+        return Ok(total);
+    }
+    let targets = others
         .into_iter()
         .map(|(http, ps)| {
             let list: Vec<String> = ps.iter().map(u64::to_string).collect();
             (
                 http,
-                format!("/v1/push?players={}&msg={msg_id}&local=1", list.join(",")),
+                format!(
+                    "/v1/push?players={}&msg={msg_id}&hops={}",
+                    list.join(","),
+                    hops + 1
+                ),
             )
         })
         .collect();
-    forward_all(ctx, cluster, targets, body).await
+    total.add(forward_all(ctx, cluster, targets, body).await?);
+    Ok(total)
 }
 
 /// `POST /v1/broadcast?msg=2001`
