@@ -139,6 +139,21 @@ fn redis_going_away_refuses_new_players_and_keeps_sessions() {
         other => panic!("expected a refusal without redis: {other:?}"),
     }
     assert_eq!(c2.request(2, b"open").expect("echo").header.code, 0);
+    // A push still reaches the player held here; the one the cluster would
+    // have to find counts offline, and the answer is not an error (an
+    // error would invite a retry that doubles the frame already sent).
+    let (status, text) = common::http(a.http_addr, "POST", "/v1/push?players=9,10&msg=79", b"p");
+    assert_eq!(status, 200, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+    assert_eq!(
+        (v["delivered"].as_u64(), v["offline"].as_u64()),
+        (Some(1), Some(1)),
+        "{text}"
+    );
+    let p = c1
+        .wait_for(|f| f.header.kind == slg_gateway::protocol::Kind::Push)
+        .expect("push");
+    assert_eq!((p.header.msg_id, &p.body[..]), (79, &b"p"[..]));
     a.stop();
     demo.stop();
 }

@@ -233,7 +233,13 @@ async fn push(ctx: &ShardCtx, req: &Request) -> Response {
                     total.cached += remote.cached;
                     total.offline = total.offline.saturating_sub(moved);
                 }
-                Err(r) => return r,
+                // Local frames already have their seqs: answering an error
+                // now would invite a retry that doubles them. The players
+                // we could not reach stay counted offline.
+                Err(r) => tracing::warn!(
+                    status = r.status,
+                    "push: cluster unreachable; players not held here counted offline"
+                ),
             }
         }
     }
