@@ -1681,8 +1681,13 @@ pub async fn migrate_player(ctx: Rc<ShardCtx>, player: u64, to: String) -> Resul
         tracing::warn!(player, error = %why, "migration rolled back");
         Err(why)
     };
-    // Requests in flight finish first (bounded).
-    let deadline = Instant::now() + std::time::Duration::from_secs(2);
+    // Requests in flight finish first: each gets its answer (or TIMEOUT)
+    // within the backend's request timeout, so after this wait no backend
+    // answer can reach this gateway for the player, and the client's
+    // contract stays simple: what the source read is answered in the
+    // replay at the target; what it never read, the client sends again.
+    let deadline =
+        Instant::now() + ctx.cfg().backend.request_timeout + std::time::Duration::from_secs(1);
     while ctx.player_inflight(player) > 0 {
         if Instant::now() >= deadline {
             return rollback(&ctx, "requests in flight did not finish in time".into());

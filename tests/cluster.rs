@@ -253,6 +253,55 @@ fn migration_redirects_the_client_and_loses_nothing() {
 }
 
 #[test]
+fn a_migration_waits_for_a_slow_request_and_its_answer_moves_with_the_player() {
+    let Some(redis) = start_redis() else { return };
+    let demo = DemoBackend::start("127.0.0.1:0".parse().expect("addr")).expect("demo");
+    let a = gateway(&demo, &redis, "gw-a", Duration::from_secs(5));
+    let b = gateway(&demo, &redis, "gw-b", Duration::from_secs(5));
+    std::thread::sleep(Duration::from_millis(150));
+    let mut c = Client::connect(a.client_addr).expect("connect a");
+    c.login_demo(51).expect("login");
+    // The demo answers msg 200 after the delay in its body (well inside
+    // the 5 s request timeout): the migration waits for it.
+    let slow = c.send_request(200, b"2500").expect("send");
+    std::thread::sleep(Duration::from_millis(100));
+    let (status, text) = common::http(a.http_addr, "POST", "/v1/migrate?player=51&to=gw-b", b"");
+    assert_eq!(status, 200, "{text}");
+    // The answer came before the REDIRECT, on the source: once.
+    let mut answers = 0;
+    let r = c
+        .wait_for(|f| {
+            f.header.kind == slg_gateway::protocol::Kind::Redirect
+                || (f.header.kind == slg_gateway::protocol::Kind::Response
+                    && f.header.req_id == slow)
+        })
+        .expect("answer or redirect");
+    let r = if r.header.kind == slg_gateway::protocol::Kind::Response {
+        answers += 1;
+        c.wait_for(|f| f.header.kind == slg_gateway::protocol::Kind::Redirect)
+            .expect("redirect")
+    } else {
+        r
+    };
+    let (addr, token) = slg_gateway::protocol::parse_redirect_body(&r.body).expect("redirect body");
+    let token = token.to_vec();
+    // Resume from before the answer: the target replays it, in seq.
+    let last = c.last_seq - answers;
+    let mut c2 = Client::connect(addr.parse().expect("addr")).expect("connect b");
+    c2.set_next_req_id(slow + 10);
+    assert_eq!(c2.resume(&token, last).expect("resume").resume_point, last);
+    let answer = c2.response_to(slow).expect("the slow answer");
+    assert_eq!((answer.header.seq, answer.header.code), (last + 1, 0));
+    assert_eq!(
+        c2.request(ECHO, b"next").expect("echo").header.seq,
+        last + 2
+    );
+    a.stop();
+    b.stop();
+    demo.stop();
+}
+
+#[test]
 fn migration_to_a_dead_gateway_rolls_back() {
     let Some(redis) = start_redis() else { return };
     let demo = DemoBackend::start("127.0.0.1:0".parse().expect("addr")).expect("demo");
