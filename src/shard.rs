@@ -1723,7 +1723,9 @@ pub async fn migrate_player(ctx: Rc<ShardCtx>, player: u64, to: String) -> Resul
     }
     let answer = futures_lite::future::or(async { rx.recv_async().await.ok() }, async {
         glommio::timer::sleep(
-            crate::cluster::runtime::MIGRATE_WAIT + std::time::Duration::from_secs(2),
+            crate::cluster::runtime::MIGRATE_WAIT
+                + crate::cluster::runtime::ADOPT_LATE_WAIT
+                + std::time::Duration::from_secs(2),
         )
         .await;
         None
@@ -1748,7 +1750,7 @@ pub async fn migrate_player(ctx: Rc<ShardCtx>, player: u64, to: String) -> Resul
                 if let Ok(Ok(routes)) = rrx.recv_async().await {
                     for (http, _) in routes.into_iter().filter(|(h, _)| !h.is_empty()) {
                         for (msg_id, body) in &held {
-                            let (ftx, _frx) = flume::bounded(1);
+                            let (ftx, frx) = flume::bounded(1);
                             let _ = cluster.cmds.send(crate::cluster::runtime::Cmd::Forward {
                                 http: http.clone(),
                                 path: format!("/v1/push?players={player}&msg={msg_id}&hops=1"),
@@ -1756,6 +1758,17 @@ pub async fn migrate_player(ctx: Rc<ShardCtx>, player: u64, to: String) -> Resul
                                 token: ctx.cfg().push_token.clone(),
                                 reply: ftx,
                             });
+                            // One at a time, so they keep their order there.
+                            if let Ok(Err(e)) | Err(e) =
+                                frx.recv_async().await.map_err(|e| e.to_string())
+                            {
+                                tracing::error!(
+                                    player,
+                                    msg_id,
+                                    error = %e,
+                                    "a push held during the migration could not follow it"
+                                );
+                            }
                         }
                     }
                 } else {

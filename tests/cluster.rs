@@ -323,6 +323,12 @@ fn migration_to_a_dead_gateway_rolls_back() {
     // would have to take it from here.
     let info = common::http(a.http_addr, "GET", "/v1/players/60", b"");
     assert_eq!(info.0, 200);
+    // Migrating or evacuating to this very gateway is refused up front.
+    for path in ["/v1/migrate?player=60&to=gw-a", "/v1/evacuate?to=gw-a"] {
+        let (status, text) = common::http(a.http_addr, "POST", path, b"");
+        assert_eq!(status, 409, "{path}: {text}");
+    }
+    assert_eq!(c.request(ECHO, b"still").expect("echo").header.seq, 4);
     a.stop();
     demo.stop();
 }

@@ -63,6 +63,17 @@ fn claims_leases_fencing_transfer_release() {
     assert_eq!(a.holder(42).expect("holder"), None);
     // Epochs never go back, even across lives of the player.
     assert_eq!(b.claim(42).expect("claim"), Claim::Granted { epoch: 4 });
+
+    // A migration's adoption and its rollback: only one of them wins.
+    assert_eq!(b.transfer(42, 4, "gw-a").expect("transfer"), Some(5));
+    assert_eq!(a.transfer(42, 5, "gw-a").expect("adopt"), Some(6));
+    assert_eq!(b.take_back(42, "gw-a", 5).expect("take back"), None);
+    assert_eq!(a.holder(42).expect("holder"), Some(("gw-a".into(), 6)));
+    // The other order: the rollback first, then the late adoption fails.
+    assert_eq!(a.transfer(42, 6, "gw-b").expect("transfer"), Some(7));
+    assert_eq!(a.take_back(42, "gw-b", 7).expect("take back"), Some(8));
+    assert_eq!(b.transfer(42, 7, "gw-b").expect("late adopt"), None);
+    assert_eq!(a.holder(42).expect("holder"), Some(("gw-a".into(), 8)));
 }
 
 #[test]

@@ -28,6 +28,9 @@ pub enum DirError {
     Protocol(String),
 }
 
+/// Lifetime of a gateway's inbox list after its last message.
+const INBOX_TTL_MS: u64 = 60_000;
+
 /// The outcome of claiming a player for this gateway.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Claim {
@@ -251,9 +254,16 @@ impl Directory {
     /// Leave `msg` in gateway `to`'s inbox.
     pub fn push_inbox(&mut self, to: &str, msg: &str) -> Result<(), DirError> {
         let key = format!("{}inbox:{to}", self.prefix);
-        redis::cmd("RPUSH")
+        // An inbox of a gateway that is gone does not stay for ever.
+        redis::pipe()
+            .cmd("RPUSH")
             .arg(&key)
             .arg(msg)
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(&key)
+            .arg(INBOX_TTL_MS)
+            .ignore()
             .query::<()>(&mut self.conn)?;
         Ok(())
     }

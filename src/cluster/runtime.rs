@@ -370,7 +370,10 @@ fn inbox_loop(
                     words.next(),
                 ) {
                     (Some("adopt"), Some(player), Some(from)) if !shards.is_empty() => {
-                        adopt(cfg, d, player, from, shards, cmds);
+                        match words.next().and_then(|e| e.parse::<u64>().ok()) {
+                            Some(epoch) => adopt(cfg, d, player, from, epoch, shards, cmds),
+                            None => tracing::warn!(message = %msg, "cluster: adopt without epoch"),
+                        }
                     }
                     (Some("take"), Some(player), Some(to)) if !shards.is_empty() => {
                         let home = shards::home_shard(player, shards.len());
@@ -454,6 +457,10 @@ fn forward(
 /// How long a migration waits for the target to confirm.
 pub const MIGRATE_WAIT: Duration = Duration::from_secs(3);
 
+/// How long a source whose take-back was refused (the target adopted the
+/// player late) waits more for the target's confirmation.
+pub const ADOPT_LATE_WAIT: Duration = Duration::from_millis(1500);
+
 /// Hand `player` to `to` and wait for its confirmation; without one, take
 /// the player back in the directory (the rollback).
 fn migrate(
@@ -470,10 +477,12 @@ fn migrate(
         return;
     };
     let me = cfg.gateway_id.clone();
-    let ack_key = format!("ack:{player}:{me}");
+    // One ack key per transfer (the epoch): a late ack of an earlier
+    // migration of the player can never confirm this one.
+    let ack_key = format!("ack:{player}:{me}:{epoch}");
     let sent = d
         .put_handover(player, to, image)
-        .and_then(|()| d.push_inbox(to, &format!("adopt {player} {me}")));
+        .and_then(|()| d.push_inbox(to, &format!("adopt {player} {me} {epoch}")));
     let confirmed = match sent {
         Ok(()) => d.wait_post(&ack_key, MIGRATE_WAIT).ok().flatten(),
         Err(_) => None,
@@ -483,11 +492,15 @@ fn migrate(
             let _ = reply.send(Ok(addr));
         }
         None => {
-            // Roll back: the player is ours again (unless the target took
-            // it meanwhile, which the epoch check refuses).
+            // Roll back: the player is ours again, unless the target
+            // adopted it meanwhile (its adoption moved the epoch on, so the
+            // take-back is refused): then its confirmation is on the way.
             let back = d.take_back(player, to, epoch);
             if let Ok(Some(e)) = back {
                 let _ = tx.send(Cmd::Claimed { player, epoch: e });
+            } else if let Ok(Some(addr)) = d.wait_post(&ack_key, ADOPT_LATE_WAIT) {
+                let _ = reply.send(Ok(addr));
+                return;
             }
             let _ = reply.send(Err(format!(
                 "gateway {to} did not take player {player} over in time (rolled back: {})",
@@ -505,6 +518,7 @@ fn adopt(
     d: &mut Directory,
     player: u64,
     from: &str,
+    epoch: u64,
     shards: &[flume::Sender<ShardMsg>],
     cmds: &flume::Sender<Cmd>,
 ) {
@@ -516,8 +530,10 @@ fn adopt(
         tracing::warn!(player, from, "migration: the state does not decode");
         return;
     };
-    match d.claim(player) {
-        Ok(Claim::Granted { epoch }) => {
+    // The source handed the player here at `epoch`; moving the epoch on
+    // fences the source's rollback off (only one of the two succeeds).
+    match d.transfer(player, epoch, &cfg.gateway_id) {
+        Ok(Some(epoch)) => {
             let _ = cmds.send(Cmd::Claimed { player, epoch });
         }
         other => {
@@ -525,7 +541,7 @@ fn adopt(
                 player,
                 from,
                 ?other,
-                "migration: the directory does not give the player here"
+                "migration: the directory does not give the player here (rolled back?)"
             );
             return;
         }
@@ -544,7 +560,7 @@ fn adopt(
         );
         return;
     }
-    if let Err(e) = d.post(&format!("ack:{player}:{from}"), &cfg.advertise) {
+    if let Err(e) = d.post(&format!("ack:{player}:{from}:{epoch}"), &cfg.advertise) {
         tracing::warn!(player, from, error = %e, "migration: cannot confirm");
     }
 }

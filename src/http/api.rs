@@ -560,6 +560,23 @@ async fn list_players(ctx: &ShardCtx, req: &Request) -> Response {
     )
 }
 
+/// The `to` of a migration or evacuation: another gateway of the cluster.
+fn migration_target<'a>(ctx: &ShardCtx, req: &'a Request) -> Result<&'a str, Response> {
+    let Some(to) = req.param("to").filter(|t| !t.is_empty()) else {
+        return Err(Response::error(400, "missing to (a gateway id)"));
+    };
+    let Some(cluster) = &ctx.cluster else {
+        return Err(Response::error(409, "this gateway is not in a cluster"));
+    };
+    if to == cluster.gateway_id {
+        return Err(Response::error(
+            409,
+            "to names this gateway: its players are here already",
+        ));
+    }
+    Ok(to)
+}
+
 /// `POST /v1/migrate?player=42&to=gw-b`: move a player to another gateway
 /// of the cluster; its client is redirected there. 200 with the target's
 /// address, or 409 with why (the player stays, unharmed).
@@ -567,12 +584,10 @@ async fn migrate(ctx: &ShardCtx, req: &Request) -> Response {
     let Some(player) = req.param("player").and_then(parse_player) else {
         return Response::error(400, "player must be a positive integer");
     };
-    let Some(to) = req.param("to").filter(|t| !t.is_empty()) else {
-        return Response::error(400, "missing to (a gateway id)");
+    let to = match migration_target(ctx, req) {
+        Ok(t) => t,
+        Err(r) => return r,
     };
-    if ctx.cluster.is_none() {
-        return Response::error(409, "this gateway is not in a cluster");
-    }
     let home = shards::home_shard(player, ctx.count);
     let (tx, rx) = flume::bounded(1);
     if home == ctx.id {
@@ -616,12 +631,10 @@ async fn migrate(ctx: &ShardCtx, req: &Request) -> Response {
 /// `POST /v1/evacuate?to=gw-b`: migrate every player of this gateway to
 /// another, a bounded number at a time per shard; the counts when done.
 async fn evacuate(ctx: &ShardCtx, req: &Request) -> Response {
-    let Some(to) = req.param("to").filter(|t| !t.is_empty()) else {
-        return Response::error(400, "missing to (a gateway id)");
+    let to = match migration_target(ctx, req) {
+        Ok(t) => t,
+        Err(r) => return r,
     };
-    if ctx.cluster.is_none() {
-        return Response::error(409, "this gateway is not in a cluster");
-    }
     let t0 = std::time::Instant::now();
     let (tx, rx) = flume::unbounded();
     for shard in 0..ctx.count {
