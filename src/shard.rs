@@ -1611,15 +1611,12 @@ async fn arrive_clustered(
                 })
                 .is_ok()
             {
-                futures_lite::future::or(async { rx.recv_async().await.ok() }, async {
-                    wait(
-                        crate::cluster::runtime::HANDOVER_WAIT + std::time::Duration::from_secs(2),
-                    )
-                    .await;
-                    None
-                })
-                .await
-                .unwrap_or_else(|| Err("the hand-over did not finish".into()))
+                // No timeout of our own: the control thread always answers
+                // (its Redis calls are bounded), and giving up before it
+                // did could drop a state it was about to hand us.
+                rx.recv_async()
+                    .await
+                    .unwrap_or_else(|_| Err("the cluster is stopped".into()))
             } else {
                 Err("the cluster is stopped".into())
             };
@@ -1721,16 +1718,10 @@ pub async fn migrate_player(ctx: Rc<ShardCtx>, player: u64, to: String) -> Resul
     if cluster.cmds.send(cmd).is_err() {
         return rollback(&ctx, "the cluster is stopped".into());
     }
-    let answer = futures_lite::future::or(async { rx.recv_async().await.ok() }, async {
-        glommio::timer::sleep(
-            crate::cluster::runtime::MIGRATE_WAIT
-                + crate::cluster::runtime::ADOPT_LATE_WAIT
-                + std::time::Duration::from_secs(2),
-        )
-        .await;
-        None
-    })
-    .await;
+    // No timeout of our own: the control thread always answers (its waits
+    // are bounded), and only its answer says whether the target took the
+    // player; rolling back before it could leave the player on both.
+    let answer = rx.recv_async().await.ok();
     match answer {
         Some(Ok(addr)) => {
             let held = ctx
@@ -1782,7 +1773,7 @@ pub async fn migrate_player(ctx: Rc<ShardCtx>, player: u64, to: String) -> Resul
             Ok(addr)
         }
         Some(Err(e)) => rollback(&ctx, e),
-        None => rollback(&ctx, "the cluster did not answer in time".into()),
+        None => rollback(&ctx, "the cluster is stopped".into()),
     }
 }
 

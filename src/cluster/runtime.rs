@@ -231,8 +231,8 @@ fn command_loop(
                         let _ = reply.send(Err(format!("player {player} is not held here")));
                     }
                     Some(epoch) => {
-                        // The directory moves at once (the target's claim then
-                        // finds it granted); the wait for the target's
+                        // The directory moves at once (the target's adoption
+                        // then moves the epoch on); the wait for the target's
                         // confirmation happens on a thread of its own.
                         match d.transfer(player, epoch, &to) {
                             Ok(Some(new_epoch)) => {
