@@ -8,7 +8,7 @@ use super::{Claim, Directory};
 use crate::config::ClusterConfig;
 use crate::shard::ShardMsg;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -162,6 +162,8 @@ fn command_loop(
     let mut dir = connect(cfg);
     // Players this gateway holds, with the epoch it holds them at.
     let mut held: HashMap<u64, u64> = HashMap::new();
+    // Worker threads (forwards, hand-overs, migrations) alive now.
+    let workers = Arc::new(AtomicUsize::new(0));
     let beat = (cfg.lease / 3).max(Duration::from_millis(10));
     let mut next_beat = Instant::now();
     while !stop.load(Ordering::Acquire) {
@@ -230,6 +232,9 @@ fn command_loop(
                     None => {
                         let _ = reply.send(Err(format!("player {player} is not held here")));
                     }
+                    Some(_) if workers.load(Ordering::Acquire) >= MAX_WORKERS => {
+                        let _ = reply.send(Err(busy()));
+                    }
                     Some(epoch) => {
                         // The directory moves at once (the target's adoption
                         // then moves the epoch on); the wait for the target's
@@ -238,7 +243,9 @@ fn command_loop(
                             Ok(Some(new_epoch)) => {
                                 held.remove(&player);
                                 let (cfg, tx) = (cfg.clone(), tx.clone());
+                                let slot = Worker::take(&workers);
                                 std::thread::spawn(move || {
+                                    let _slot = slot;
                                     migrate(&cfg, player, &to, new_epoch, &image, &tx, &reply)
                                 });
                             }
@@ -283,6 +290,10 @@ fn command_loop(
                 let _ = reply.send(r.map_err(|e| e.to_string()));
                 failed
             }
+            Cmd::Forward { reply, .. } if workers.load(Ordering::Acquire) >= MAX_WORKERS => {
+                let _ = reply.send(Err(busy()));
+                false
+            }
             Cmd::Forward {
                 http,
                 path,
@@ -290,7 +301,9 @@ fn command_loop(
                 token,
                 reply,
             } => {
+                let slot = Worker::take(&workers);
                 std::thread::spawn(move || {
+                    let _slot = slot;
                     let _ = reply.send(forward(&http, &path, &body, token.as_deref()));
                 });
                 false
@@ -302,9 +315,18 @@ fn command_loop(
             } => {
                 // Wait for the other gateway on a thread of its own, so
                 // other commands go on meanwhile.
-                let (cfg, tx) = (cfg.clone(), tx.clone());
-                std::thread::spawn(move || fetch(&cfg, player, &from, &tx, &reply));
-                false
+                if workers.load(Ordering::Acquire) >= MAX_WORKERS {
+                    let _ = reply.send(Err(busy()));
+                    false
+                } else {
+                    let (cfg, tx) = (cfg.clone(), tx.clone());
+                    let slot = Worker::take(&workers);
+                    std::thread::spawn(move || {
+                        let _slot = slot;
+                        fetch(&cfg, player, &from, &tx, &reply)
+                    });
+                    false
+                }
             }
         };
         if failed {
@@ -409,6 +431,35 @@ fn route(d: &mut Directory, players: &[u64]) -> Result<Routes, super::DirError> 
 }
 
 /// POST to another gateway's HTTP API; its push counts.
+/// Most worker threads at once; beyond, a command is refused ("busy")
+/// rather than letting remote load start threads without bound.
+pub const MAX_WORKERS: usize = 256;
+
+fn busy() -> String {
+    "the cluster's worker threads are all busy".into()
+}
+
+/// One worker thread's place in the count; freed when dropped.
+struct Worker(Arc<AtomicUsize>);
+
+impl Worker {
+    fn take(count: &Arc<AtomicUsize>) -> Worker {
+        count.fetch_add(1, Ordering::AcqRel);
+        Worker(count.clone())
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Longest answer a peer's push API may give to a forwarded push.
+const FORWARD_ANSWER_MAX: usize = 64 * 1024;
+/// Longest a forwarded push may take in all.
+const FORWARD_DEADLINE: Duration = Duration::from_secs(10);
+
 fn forward(
     http: &str,
     path: &str,
@@ -421,8 +472,7 @@ fn forward(
         .map_err(|_| format!("bad peer address {http:?}"))?;
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
         .map_err(|e| e.to_string())?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))
-        .map_err(|e| e.to_string())?;
+    let deadline = Instant::now() + FORWARD_DEADLINE;
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
@@ -432,8 +482,24 @@ fn forward(
     );
     s.write_all(head.as_bytes()).map_err(|e| e.to_string())?;
     s.write_all(body).map_err(|e| e.to_string())?;
+    // Bounded in bytes and in time, however the peer trickles.
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw).map_err(|e| e.to_string())?;
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err("the peer did not answer in time".into());
+        }
+        s.set_read_timeout(Some(left)).map_err(|e| e.to_string())?;
+        let n = s.read(&mut buf).map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        raw.extend_from_slice(&buf[..n]);
+        if raw.len() > FORWARD_ANSWER_MAX {
+            return Err("the peer's answer is too long".into());
+        }
+    }
     let text = String::from_utf8_lossy(&raw);
     let (head, body) = text
         .split_once("\r\n\r\n")
@@ -562,5 +628,57 @@ fn adopt(
     }
     if let Err(e) = d.post(&format!("ack:{player}:{from}:{epoch}"), &cfg.advertise) {
         tracing::warn!(player, from, error = %e, "migration: cannot confirm");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Write};
+
+    /// A one-shot peer that reads the request head and answers `answer`.
+    fn peer(answer: Vec<u8>) -> String {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        std::thread::spawn(move || {
+            if let Ok((mut s, _)) = l.accept() {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf);
+                let _ = s.write_all(&answer);
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn forward_reads_a_peers_counts() {
+        let body = br#"{"delivered":2,"cached":1,"offline":3}"#;
+        let mut answer =
+            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+        answer.extend_from_slice(body);
+        let c = forward(&peer(answer), "/v1/push?players=1&msg=1", b"x", None).expect("counts");
+        assert_eq!((c.delivered, c.cached, c.offline), (2, 1, 3));
+    }
+
+    #[test]
+    fn forward_refuses_an_endless_answer_and_a_refusal() {
+        let mut long = b"HTTP/1.1 200 OK\r\n\r\n".to_vec();
+        long.resize(FORWARD_ANSWER_MAX * 2, b' ');
+        let e = forward(&peer(long), "/v1/push?players=1&msg=1", b"", None).expect_err("long");
+        assert!(e.contains("too long"), "{e}");
+        let no = b"HTTP/1.1 401 Unauthorized\r\n\r\n{}".to_vec();
+        let e = forward(&peer(no), "/v1/push?players=1&msg=1", b"", None).expect_err("401");
+        assert!(e.contains("401"), "{e}");
+    }
+
+    #[test]
+    fn worker_slots_are_counted_and_freed() {
+        let n = Arc::new(AtomicUsize::new(0));
+        let a = Worker::take(&n);
+        let b = Worker::take(&n);
+        assert_eq!(n.load(Ordering::Acquire), 2);
+        drop(a);
+        std::thread::spawn(move || drop(b)).join().expect("join");
+        assert_eq!(n.load(Ordering::Acquire), 0);
     }
 }
