@@ -74,6 +74,14 @@ fn claims_leases_fencing_transfer_release() {
     assert_eq!(a.take_back(42, "gw-b", 7).expect("take back"), Some(8));
     assert_eq!(b.transfer(42, 7, "gw-b").expect("late adopt"), None);
     assert_eq!(a.holder(42).expect("holder"), Some(("gw-a".into(), 8)));
+
+    // A hand-over request is served once, and only while its asker waits.
+    b.want(42, Duration::from_secs(5)).expect("want");
+    assert!(a.wanted(42, "gw-b").expect("wanted"));
+    assert!(!a.wanted(42, "gw-b").expect("wanted"), "served once");
+    b.want(43, Duration::from_millis(50)).expect("want");
+    std::thread::sleep(Duration::from_millis(120));
+    assert!(!a.wanted(43, "gw-b").expect("wanted"), "the asker gave up");
 }
 
 #[test]

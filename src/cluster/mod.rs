@@ -208,6 +208,26 @@ impl Directory {
             == 1)
     }
 
+    /// Say that this gateway waits for `player`'s state for `ttl`: a
+    /// "take" message read after that is stale and must be ignored.
+    pub fn want(&mut self, player: u64, ttl: Duration) -> Result<(), DirError> {
+        let key = format!("{}want:{player}:{}", self.prefix, self.gateway);
+        redis::cmd("SET")
+            .arg(&key)
+            .arg(1)
+            .arg("PX")
+            .arg(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1))
+            .query::<()>(&mut self.conn)?;
+        Ok(())
+    }
+
+    /// Whether gateway `by` still waits for `player`'s state (and from now
+    /// on no longer: one hand-over per request).
+    pub fn wanted(&mut self, player: u64, by: &str) -> Result<bool, DirError> {
+        let key = format!("{}want:{player}:{by}", self.prefix);
+        Ok(redis::cmd("DEL").arg(&key).query::<u64>(&mut self.conn)? == 1)
+    }
+
     /// Claim `player` for this gateway.
     pub fn claim(&mut self, player: u64) -> Result<Claim, DirError> {
         let (kind, epoch, other): (String, String, String) = self

@@ -345,7 +345,8 @@ fn fetch(
 ) {
     let outcome = (|| -> Result<Option<Vec<u8>>, String> {
         let mut d = connect(cfg).ok_or("redis unreachable")?;
-        d.push_inbox(from, &format!("take {player} {}", cfg.gateway_id))
+        d.want(player, HANDOVER_WAIT)
+            .and_then(|()| d.push_inbox(from, &format!("take {player} {}", cfg.gateway_id)))
             .map_err(|e| e.to_string())?;
         let bytes = d
             .take_handover(player, HANDOVER_WAIT)
@@ -398,11 +399,28 @@ fn inbox_loop(
                         }
                     }
                     (Some("take"), Some(player), Some(to)) if !shards.is_empty() => {
-                        let home = shards::home_shard(player, shards.len());
-                        let _ = shards[home].send(ShardMsg::GiveAway {
-                            player,
-                            to: to.to_string(),
-                        });
+                        // A request read late (the asker gave up) would hand
+                        // the state to nobody: only a live one is served.
+                        match d.wanted(player, to) {
+                            Ok(true) => {
+                                let home = shards::home_shard(player, shards.len());
+                                let _ = shards[home].send(ShardMsg::GiveAway {
+                                    player,
+                                    to: to.to_string(),
+                                });
+                            }
+                            Ok(false) => tracing::warn!(
+                                player,
+                                to,
+                                "cluster: a stale hand-over request ignored"
+                            ),
+                            Err(e) => tracing::warn!(
+                                player,
+                                to,
+                                error = %e,
+                                "cluster: hand-over request not checked; ignored"
+                            ),
+                        }
                     }
                     _ => tracing::warn!(message = %msg, "cluster: unknown inbox message"),
                 }
