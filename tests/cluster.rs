@@ -154,6 +154,11 @@ fn redis_going_away_refuses_new_players_and_keeps_sessions() {
         .wait_for(|f| f.header.kind == slg_gateway::protocol::Kind::Push)
         .expect("push");
     assert_eq!((p.header.msg_id, &p.body[..]), (79, &b"p"[..]));
+    // A broadcast too: the local players count, the rest is logged.
+    let (status, text) = common::http(a.http_addr, "POST", "/v1/broadcast?msg=80", b"b");
+    assert_eq!(status, 200, "{text}");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+    assert_eq!(v["delivered"].as_u64(), Some(1), "{text}");
     a.stop();
     demo.stop();
 }

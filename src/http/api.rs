@@ -324,7 +324,7 @@ async fn ask_cluster<T: Send + 'static>(
 }
 
 /// Forward `path` to every gateway in `targets` (HTTP addresses); the sum
-/// of their counts.
+/// of the counts of those that answered.
 async fn forward_all(
     ctx: &ShardCtx,
     cluster: &crate::cluster::runtime::ClusterHandle,
@@ -355,15 +355,13 @@ async fn forward_all(
             None
         })
         .await;
+        // A peer that failed counts nothing: its players stay offline in
+        // the answer, and what the others delivered still counts (an
+        // error now would invite a retry that doubles their frames).
         match got {
             Some(Ok(c)) => total.add(c),
-            Some(Err(e)) => return Err(Response::error(503, &format!("another gateway: {e}"))),
-            None => {
-                return Err(Response::error(
-                    503,
-                    "another gateway did not answer in time",
-                ))
-            }
+            Some(Err(e)) => tracing::warn!(error = %e, "push: another gateway failed"),
+            None => tracing::warn!("push: another gateway did not answer in time"),
         }
     }
     Ok(total)
@@ -456,19 +454,27 @@ async fn broadcast(ctx: &ShardCtx, req: &Request) -> Response {
             }
             if let Some(cluster) = &ctx.cluster {
                 if req.param("local") != Some("1") {
-                    let peers = match ask_cluster(cluster, |reply| {
+                    // The local players have it already: whatever fails
+                    // from here on is logged, never answered as an error
+                    // (a retry would send them the frame twice).
+                    let path = format!("/v1/broadcast?msg={msg_id}&local=1");
+                    let remote = match ask_cluster(cluster, |reply| {
                         crate::cluster::runtime::Cmd::Peers { reply }
                     })
                     .await
                     {
-                        Ok(p) => p,
-                        Err(r) => return r,
+                        Ok(peers) => {
+                            let targets = peers.into_iter().map(|h| (h, path.clone())).collect();
+                            forward_all(ctx, cluster, targets, &body).await
+                        }
+                        Err(r) => Err(r),
                     };
-                    let path = format!("/v1/broadcast?msg={msg_id}&local=1");
-                    let targets = peers.into_iter().map(|h| (h, path.clone())).collect();
-                    match forward_all(ctx, cluster, targets, &body).await {
+                    match remote {
                         Ok(remote) => total.add(remote),
-                        Err(r) => return r,
+                        Err(r) => tracing::warn!(
+                            status = r.status,
+                            "broadcast: the other gateways could not be reached"
+                        ),
                     }
                 }
             }
