@@ -663,6 +663,11 @@ mod tests {
                 let mut buf = [0u8; 1024];
                 let _ = s.read(&mut buf);
                 let _ = s.write_all(&answer);
+                // Read what is left of the request before closing: a close
+                // with unread bytes would reset the connection.
+                let _ = s.shutdown(std::net::Shutdown::Write);
+                let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                while matches!(s.read(&mut buf), Ok(n) if n > 0) {}
             }
         });
         addr
