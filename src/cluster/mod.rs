@@ -72,17 +72,9 @@ end
 return 0
 "#;
 
+/// Move a player from holder ARGV[1] at epoch ARGV[2] to ARGV[3], raising
+/// the epoch: transfer, adoption and take-back are all this one step.
 const CAS: &str = r#"
-local h = redis.call('HMGET', KEYS[1], 'gw', 'epoch')
-if h[1] == ARGV[1] and h[2] == ARGV[2] then
-  local epoch = tonumber(h[2]) + 1
-  redis.call('HSET', KEYS[1], 'gw', ARGV[3], 'epoch', epoch)
-  return epoch
-end
-return -1
-"#;
-
-const TRANSFER: &str = r#"
 local h = redis.call('HMGET', KEYS[1], 'gw', 'epoch')
 if h[1] == ARGV[1] and h[2] == ARGV[2] then
   local epoch = tonumber(h[2]) + 1
@@ -100,7 +92,6 @@ pub struct Directory {
     prefix: String,
     claim: redis::Script,
     release: redis::Script,
-    transfer: redis::Script,
     cas: redis::Script,
 }
 
@@ -124,7 +115,6 @@ impl Directory {
             prefix: prefix.to_string(),
             claim: redis::Script::new(CLAIM),
             release: redis::Script::new(RELEASE),
-            transfer: redis::Script::new(TRANSFER),
             cas: redis::Script::new(CAS),
         })
     }
@@ -261,10 +251,23 @@ impl Directory {
     /// Hand `player` to gateway `to`, if this gateway still holds it at
     /// `epoch`; returns the new epoch, or None when fenced off.
     pub fn transfer(&mut self, player: u64, epoch: u64, to: &str) -> Result<Option<u64>, DirError> {
+        let me = self.gateway.clone();
+        self.cas(player, &me, epoch, to)
+    }
+
+    /// `player` from `holder` at `epoch` to `to`; the new epoch, or None
+    /// when the directory says otherwise.
+    fn cas(
+        &mut self,
+        player: u64,
+        holder: &str,
+        epoch: u64,
+        to: &str,
+    ) -> Result<Option<u64>, DirError> {
         let e: i64 = self
-            .transfer
+            .cas
             .key(self.player_key(player))
-            .arg(&self.gateway)
+            .arg(holder)
             .arg(epoch.to_string())
             .arg(to)
             .invoke(&mut self.conn)?;
@@ -337,14 +340,8 @@ impl Directory {
         holder: &str,
         epoch: u64,
     ) -> Result<Option<u64>, DirError> {
-        let e: i64 = self
-            .cas
-            .key(self.player_key(player))
-            .arg(holder)
-            .arg(epoch.to_string())
-            .arg(&self.gateway)
-            .invoke(&mut self.conn)?;
-        Ok(u64::try_from(e).ok())
+        let me = self.gateway.clone();
+        self.cas(player, holder, epoch, &me)
     }
 
     /// Leave `value` on list `key` (expires in 30 s).
