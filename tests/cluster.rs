@@ -37,13 +37,20 @@ fn gateway(demo: &DemoBackend, redis: &Redis, id: &str, lease: Duration) -> Gate
     Gateway::start(cfg).expect("gateway")
 }
 
+/// The demo backend and gateways gw-a and gw-b on `redis`, their leases
+/// taken.
+fn two_gateways(redis: &Redis, lease: Duration) -> (DemoBackend, Gateway, Gateway) {
+    let demo = DemoBackend::start("127.0.0.1:0".parse().expect("addr")).expect("demo");
+    let a = gateway(&demo, redis, "gw-a", lease);
+    let b = gateway(&demo, redis, "gw-b", lease);
+    std::thread::sleep(Duration::from_millis(150));
+    (demo, a, b)
+}
+
 #[test]
 fn login_and_resume_on_another_gateway_take_the_player_over() {
     let Some(redis) = start_redis() else { return };
-    let demo = DemoBackend::start("127.0.0.1:0".parse().expect("addr")).expect("demo");
-    let a = gateway(&demo, &redis, "gw-a", Duration::from_secs(5));
-    let b = gateway(&demo, &redis, "gw-b", Duration::from_secs(5));
-    std::thread::sleep(Duration::from_millis(100));
+    let (demo, a, b) = two_gateways(&redis, Duration::from_secs(5));
 
     let mut c1 = Client::connect(a.client_addr).expect("connect a");
     c1.login_demo(42).expect("login on a");
@@ -83,11 +90,8 @@ fn login_and_resume_on_another_gateway_take_the_player_over() {
 #[test]
 fn a_dead_gateways_players_can_log_in_elsewhere_after_its_lease() {
     let Some(redis) = start_redis() else { return };
-    let demo = DemoBackend::start("127.0.0.1:0".parse().expect("addr")).expect("demo");
     let lease = Duration::from_millis(600);
-    let a = gateway(&demo, &redis, "gw-a", lease);
-    let b = gateway(&demo, &redis, "gw-b", lease);
-    std::thread::sleep(Duration::from_millis(100));
+    let (demo, a, b) = two_gateways(&redis, lease);
     let mut c1 = Client::connect(a.client_addr).expect("connect a");
     c1.login_demo(7).expect("login on a");
     c1.request(ECHO, b"x").expect("echo");
@@ -166,10 +170,7 @@ fn redis_going_away_refuses_new_players_and_keeps_sessions() {
 #[test]
 fn a_push_to_any_gateway_reaches_the_player_where_it_is() {
     let Some(redis) = start_redis() else { return };
-    let demo = DemoBackend::start("127.0.0.1:0".parse().expect("addr")).expect("demo");
-    let a = gateway(&demo, &redis, "gw-a", Duration::from_secs(5));
-    let b = gateway(&demo, &redis, "gw-b", Duration::from_secs(5));
-    std::thread::sleep(Duration::from_millis(150));
+    let (demo, a, b) = two_gateways(&redis, Duration::from_secs(5));
     let mut on_a = Client::connect(a.client_addr).expect("connect a");
     on_a.login_demo(1).expect("login");
     let mut on_b = Client::connect(b.client_addr).expect("connect b");
@@ -216,10 +217,7 @@ fn a_push_to_any_gateway_reaches_the_player_where_it_is() {
 #[test]
 fn migration_redirects_the_client_and_loses_nothing() {
     let Some(redis) = start_redis() else { return };
-    let demo = DemoBackend::start("127.0.0.1:0".parse().expect("addr")).expect("demo");
-    let a = gateway(&demo, &redis, "gw-a", Duration::from_secs(5));
-    let b = gateway(&demo, &redis, "gw-b", Duration::from_secs(5));
-    std::thread::sleep(Duration::from_millis(150));
+    let (demo, a, b) = two_gateways(&redis, Duration::from_secs(5));
     let mut c = Client::connect(a.client_addr).expect("connect a");
     c.login_demo(50).expect("login");
     for _ in 0..3 {
@@ -260,10 +258,7 @@ fn migration_redirects_the_client_and_loses_nothing() {
 #[test]
 fn a_migration_waits_for_a_slow_request_and_its_answer_moves_with_the_player() {
     let Some(redis) = start_redis() else { return };
-    let demo = DemoBackend::start("127.0.0.1:0".parse().expect("addr")).expect("demo");
-    let a = gateway(&demo, &redis, "gw-a", Duration::from_secs(5));
-    let b = gateway(&demo, &redis, "gw-b", Duration::from_secs(5));
-    std::thread::sleep(Duration::from_millis(150));
+    let (demo, a, b) = two_gateways(&redis, Duration::from_secs(5));
     let mut c = Client::connect(a.client_addr).expect("connect a");
     c.login_demo(51).expect("login");
     // The demo answers msg 200 after the delay in its body (well inside
@@ -341,10 +336,7 @@ fn migration_to_a_dead_gateway_rolls_back() {
 #[test]
 fn evacuation_moves_every_player_and_each_resumes_at_the_target() {
     let Some(redis) = start_redis() else { return };
-    let demo = DemoBackend::start("127.0.0.1:0".parse().expect("addr")).expect("demo");
-    let a = gateway(&demo, &redis, "gw-a", Duration::from_secs(5));
-    let b = gateway(&demo, &redis, "gw-b", Duration::from_secs(5));
-    std::thread::sleep(Duration::from_millis(150));
+    let (demo, a, b) = two_gateways(&redis, Duration::from_secs(5));
     let mut clients: Vec<(u64, Client)> = (200..240u64)
         .map(|p| {
             let mut c = Client::connect(a.client_addr).expect("connect");
@@ -390,10 +382,7 @@ fn migration_under_request_and_push_load_keeps_every_stream_whole() {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
     let Some(redis) = start_redis() else { return };
-    let demo = DemoBackend::start("127.0.0.1:0".parse().expect("addr")).expect("demo");
-    let a = gateway(&demo, &redis, "gw-a", Duration::from_secs(5));
-    let b = gateway(&demo, &redis, "gw-b", Duration::from_secs(5));
-    std::thread::sleep(Duration::from_millis(150));
+    let (demo, a, b) = two_gateways(&redis, Duration::from_secs(5));
     const PLAYERS: u64 = 6;
     let stop = Arc::new(AtomicBool::new(false));
     let ready = Arc::new(std::sync::atomic::AtomicU64::new(0));
