@@ -480,26 +480,20 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
         cluster,
     } = start;
     let (id, count, mesh, inbox, stop, _stop_handle) = shard.into_parts();
-    let listener = match crate::net::listen_reuseport(client_addr) {
-        Ok(l) => l,
-        Err(e) => {
-            let _ = ready.send(Err((id, format!("cannot listen on {client_addr}: {e}"))));
-            return ShardReport {
-                shard: id,
-                ..Default::default()
-            };
-        }
+    let listen = |addr| {
+        crate::net::listen_reuseport(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))
     };
-    let http_listener = match crate::net::listen_reuseport(http_addr) {
-        Ok(l) => l,
-        Err(e) => {
-            let _ = ready.send(Err((id, format!("cannot listen on {http_addr}: {e}"))));
-            return ShardReport {
-                shard: id,
-                ..Default::default()
-            };
-        }
-    };
+    let (listener, http_listener) =
+        match listen(client_addr).and_then(|l| Ok((l, listen(http_addr)?))) {
+            Ok(both) => both,
+            Err(e) => {
+                let _ = ready.send(Err((id, e)));
+                return ShardReport {
+                    shard: id,
+                    ..Default::default()
+                };
+            }
+        };
     let cfg = Rc::new((*cfg).clone());
     let mut ctx = ShardCtx::new(
         id,
