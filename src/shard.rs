@@ -1040,9 +1040,14 @@ impl ShardCtx {
                 .get(&player)
                 .map(|p| p.session.is_some());
             if let Some(held) = self.migrating.borrow_mut().get_mut(&player) {
-                // It leaves for another gateway: the push goes with it.
-                held.push((msg_id, Bytes::copy_from_slice(body)));
-                counts.cached += 1;
+                // It leaves for another gateway: the push goes with it, up
+                // to what an outbox could hold; beyond, it is not taken.
+                if held.len() < self.cfg().outbox.max_frames {
+                    held.push((msg_id, Bytes::copy_from_slice(body)));
+                    counts.cached += 1;
+                } else {
+                    counts.offline += 1;
+                }
                 continue;
             }
             match online {
