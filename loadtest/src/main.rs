@@ -79,6 +79,19 @@ struct Cli {
     /// No progress line.
     #[arg(long)]
     quiet: bool,
+    /// Client errors (failed connects or logins, unexpected kicks or
+    /// closes, decode errors) the run may meet and still pass.
+    #[arg(long, default_value_t = 0)]
+    allow_errors: u64,
+    /// The gateway's backend.request_timeout in ms (churn settles requests
+    /// in flight at a drop by it; a smaller value than the gateway's gives
+    /// false violations).
+    #[arg(long, default_value_t = 5000)]
+    request_timeout_ms: u64,
+    /// The gateway evicts frames (small outbox): GAP and RESUME_GAP are
+    /// expected, not violations.
+    #[arg(long)]
+    expect_eviction: bool,
 }
 
 fn main() -> ExitCode {
@@ -105,6 +118,9 @@ fn main() -> ExitCode {
     o.gateway_pid = cli.gateway_pid;
     o.watch_pid = cli.watch_pid;
     o.progress = !cli.quiet;
+    o.allow_errors = cli.allow_errors;
+    o.request_timeout = Duration::from_millis(cli.request_timeout_ms);
+    o.expect_eviction = cli.expect_eviction;
     let report = match slg_loadtest::run(o) {
         Ok(r) => r,
         Err(e) => {
@@ -125,7 +141,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     }
-    if report.violations > 0 {
+    if !report.passed {
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS

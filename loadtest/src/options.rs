@@ -74,6 +74,17 @@ pub struct Options {
     pub watch_pid: Option<u32>,
     /// Print a progress line every second.
     pub progress: bool,
+    /// Client errors (failed connects or logins, unexpected kicks or
+    /// closes, decode errors) a run may meet and still pass. Churn's own
+    /// drops are not errors.
+    pub allow_errors: u64,
+    /// The gateway's `backend.request_timeout`: a request it read is
+    /// answered within it, so churn declares a request unread (and sends
+    /// it again) once this has passed since its connection dropped.
+    pub request_timeout: Duration,
+    /// The gateway is configured to evict frames (a small outbox): `GAP`
+    /// and `RESUME_GAP` are expected, not violations.
+    pub expect_eviction: bool,
 }
 
 impl Options {
@@ -100,6 +111,9 @@ impl Options {
             gateway_pid: None,
             watch_pid: None,
             progress: false,
+            allow_errors: 0,
+            request_timeout: Duration::from_secs(5),
+            expect_eviction: false,
         }
     }
 }

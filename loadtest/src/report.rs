@@ -39,6 +39,10 @@ pub struct Report {
     pub errors: BTreeMap<String, u64>,
     pub violations: u64,
     pub violation_samples: Vec<String>,
+    /// Client errors of every kind, summed (`errors` has them by kind).
+    pub error_count: u64,
+    /// The verdict: no violation, and at most `allow_errors` errors.
+    pub passed: bool,
     pub logins: u64,
     pub resumes: u64,
     pub pushes_received: u64,
@@ -113,6 +117,7 @@ impl Report {
                 );
             }
         }
+        let error_count = stats.errors.values().sum();
         Report {
             options: opts.clone(),
             seconds,
@@ -129,6 +134,8 @@ impl Report {
             errors: stats.errors,
             violations: stats.violation_count,
             violation_samples: stats.violations,
+            error_count,
+            passed: stats.violation_count == 0 && error_count <= opts.allow_errors,
             logins: stats.logins,
             resumes: stats.resumes,
             pushes_received: stats.pushes_received,
@@ -185,15 +192,20 @@ impl Report {
         for (k, v) in &self.extra {
             let _ = writeln!(s, "{k}: {v:.1}");
         }
-        let _ = writeln!(
-            s,
-            "correctness: {}",
-            if self.violations == 0 {
-                "OK (every stream gap-free and in order, every request answered once)".to_string()
-            } else {
-                format!("{} VIOLATIONS", self.violations)
-            }
-        );
+        let verdict = if self.passed {
+            "OK (every stream gap-free and in order, every request answered once)".to_string()
+        } else if self.violations > 0 {
+            format!(
+                "FAILED: {} VIOLATIONS, {} errors (allowed {})",
+                self.violations, self.error_count, o.allow_errors
+            )
+        } else {
+            format!(
+                "FAILED: {} client errors (allowed {}; --allow-errors N to accept some)",
+                self.error_count, o.allow_errors
+            )
+        };
+        let _ = writeln!(s, "correctness: {verdict}");
         for v in self.violation_samples.iter().take(10) {
             let _ = writeln!(s, "  {v}");
         }

@@ -4,7 +4,7 @@
 use crate::options::{Options, Scenario, Target};
 use crate::procstat::{sample, ProcDelta};
 use crate::report::Report;
-use crate::scenario::{run_executor, Shared, PUSH_MSG};
+use crate::scenario::{push_body, run_executor, Shared, PUSH_MSG};
 use crate::stats::{Live, Stats};
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -194,7 +194,11 @@ fn push_loop(sh: &Shared) -> Vec<(String, f64)> {
     for k in 0..sh.opts.pushes {
         let at = Instant::now() + sh.opts.push_interval;
         let msg = PUSH_MSG + k as u32;
-        let req = format!("POST /v1/broadcast?msg={msg} HTTP/1.1\r\nHost: load\r\nContent-Length: 8\r\n\r\nfan-out!");
+        let body = push_body(k);
+        let req = format!(
+            "POST /v1/broadcast?msg={msg} HTTP/1.1\r\nHost: load\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
         if let Some(slot) = sh.push_sent.get(k) {
             slot.store(sh.now_ns().max(1), Ordering::Release);
         }

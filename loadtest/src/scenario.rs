@@ -1,15 +1,18 @@
 //! The per-session loops of each scenario, run on a load executor.
 //!
-//! Every loop checks correctness as it goes: the client checks each
-//! sequenced frame is `last + 1`; the loops check each answer matches one
-//! outstanding request, once; what is still outstanding at the end is a
-//! violation.
+//! Every loop checks correctness as it goes, through [`Sess`]: each
+//! sequenced frame against the client's own record of its stream, each
+//! answer against one outstanding request (req_id, msg_id and the whole
+//! body); what is still outstanding at the end is a violation. Any client
+//! error (connect, login, kick, close, decode) is counted and fails the run
+//! unless `allow_errors` admits it.
 
+use crate::check::{LOST, MISDELIVERED, REPEATED};
 use crate::options::{Options, Scenario, Target};
+use crate::session::{record_error, Event, Sess};
 use crate::stats::{Live, Stats};
-use slg_gateway::client::asynch::AsyncClient;
 use slg_gateway::client::ClientError;
-use slg_gateway::protocol::{Frame, Header, Kind};
+use slg_gateway::protocol::Code;
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
@@ -17,10 +20,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// How long a run waits for the last answers after the load stops.
-pub const GRACE: Duration = Duration::from_secs(5);
-/// A session acknowledges after this many sequenced frames.
-pub const ACK_EVERY: u64 = 32;
+pub use crate::session::ACK_EVERY;
+
+/// How long a run waits for the last answers after the load stops, beyond
+/// the gateway's request timeout.
+pub const GRACE: Duration = Duration::from_secs(2);
 /// msg_id of the first push of push-fanout (push k has `PUSH_MSG + k`).
 pub const PUSH_MSG: u32 = 9000;
 
@@ -70,6 +74,12 @@ impl Shared {
         self.base.elapsed().as_nanos() as u64
     }
 
+    /// How long to wait for answers after the load: every request the
+    /// gateway read is answered within its request timeout.
+    pub fn grace(&self) -> Duration {
+        self.opts.request_timeout + GRACE
+    }
+
     /// Wait for the load phase; returns its (start, deadline).
     async fn phase(&self) -> (Instant, Instant) {
         loop {
@@ -81,6 +91,11 @@ impl Shared {
     }
 }
 
+/// The body of push k of push-fanout: the tester recognises each one.
+pub fn push_body(k: usize) -> String {
+    format!("push-{k:05}")
+}
+
 /// A small deterministic generator for jitter.
 struct Jitter(u64);
 
@@ -88,49 +103,6 @@ impl Jitter {
     fn next(&mut self) -> u64 {
         self.0 = shards::splitmix64(self.0);
         self.0
-    }
-}
-
-async fn connect(sh: &Shared, i: usize, st: &mut Stats) -> Option<AsyncClient> {
-    let source = (!sh.opts.sources.is_empty()).then(|| sh.opts.sources[i % sh.opts.sources.len()]);
-    match AsyncClient::connect(sh.opts.addr, source).await {
-        Ok(mut c) => {
-            c.check_seqs = sh.opts.target == Target::Gateway;
-            Some(c)
-        }
-        Err(e) => {
-            st.error(format!("connect: {}", short(&e)));
-            None
-        }
-    }
-}
-
-fn short(e: &ClientError) -> String {
-    match e {
-        ClientError::Io(io) => format!("{:?}", io.kind()),
-        other => other.to_string(),
-    }
-}
-
-/// Connect and (through the gateway) log in as `player_base + i`.
-async fn open_session(sh: &Shared, i: usize, st: &mut Stats) -> Option<(AsyncClient, Vec<u8>)> {
-    let mut c = connect(sh, i, st).await?;
-    if sh.opts.target == Target::Direct {
-        return Some((c, Vec::new()));
-    }
-    let player = sh.opts.player_base + i as u64;
-    match c
-        .login(sh.opts.login_msg, player.to_string().as_bytes())
-        .await
-    {
-        Ok(li) => {
-            st.logins += 1;
-            Some((c, li.token))
-        }
-        Err(e) => {
-            st.error(format!("login: {}", short(&e)));
-            None
-        }
     }
 }
 
@@ -186,66 +158,25 @@ fn mark_ready(sh: &Shared) {
     sh.ready.fetch_add(1, Ordering::AcqRel);
 }
 
-/// Requests outstanding on a session, by req_id.
-struct Outstanding {
-    sent: HashMap<u32, Instant>,
-    body: Vec<u8>,
-}
-
-impl Outstanding {
-    fn new(body: usize) -> Outstanding {
-        Outstanding {
-            sent: HashMap::new(),
-            body: vec![b'x'; body],
-        }
+/// Open the session and mark it ready (whether or not it opened).
+async fn open<'a>(sh: &'a Shared, i: usize, st: &mut Stats) -> Option<Sess<'a>> {
+    let s = Sess::open(sh, i, st).await;
+    mark_ready(sh);
+    if s.is_some() {
+        st.sessions_up += 1;
+        sh.live.sessions_up.fetch_add(1, Ordering::Relaxed);
     }
-
-    fn send(&mut self, c: &mut AsyncClient, msg_id: u32, st: &mut Stats) {
-        let req_id = c.send_request(msg_id, &self.body);
-        self.sent.insert(req_id, Instant::now());
-        st.sent += 1;
-    }
-
-    /// An answer arrived: match it to its request. False: a violation.
-    fn answer(&mut self, f: &Frame, sh: &Shared, st: &mut Stats) -> bool {
-        match self.sent.remove(&f.header.req_id) {
-            Some(at) => {
-                st.latency_us(at.elapsed().as_micros() as u64);
-                st.answered += 1;
-                st.code(f.header.code);
-                sh.live.answered();
-                if f.header.code == 0 && f.body.len() != self.body.len() {
-                    st.violation(format!(
-                        "req {}: answer body of {} bytes, sent {}",
-                        f.header.req_id,
-                        f.body.len(),
-                        self.body.len()
-                    ));
-                }
-                true
-            }
-            None => {
-                st.violation(format!(
-                    "answer to req {} that is not outstanding (repeat or stray)",
-                    f.header.req_id
-                ));
-                false
-            }
-        }
-    }
+    s
 }
 
 /// Steady: keep `inflight` requests outstanding (or send at `rate`) until
 /// the deadline, then collect the last answers.
 async fn steady(sh: &Shared, i: usize, st: &mut Stats) {
-    let opened = open_session(sh, i, st).await;
-    mark_ready(sh);
-    let Some((mut c, _)) = opened else { return };
-    sh.live.sessions_up.fetch_add(1, Ordering::Relaxed);
-    st.sessions_up += 1;
+    let Some(mut s) = open(sh, i, st).await else {
+        return;
+    };
     // Every session starts with the load phase, not before.
     let (_, deadline) = sh.phase().await;
-    let mut out = Outstanding::new(sh.opts.body);
     let interval = (sh.opts.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / sh.opts.rate));
     let mut jitter = Jitter(i as u64 + 1);
     let mut next_send = Instant::now()
@@ -254,23 +185,19 @@ async fn steady(sh: &Shared, i: usize, st: &mut Stats) {
             .unwrap_or_default();
     if interval.is_none() {
         for _ in 0..sh.opts.inflight.max(1) {
-            out.send(&mut c, sh.opts.msg_id, st);
+            s.request(st);
         }
     }
-    let give_up = deadline + GRACE;
-    let mut last_ack = 0;
+    let give_up = deadline + sh.grace();
     loop {
         let now = Instant::now();
-        if now >= deadline && out.sent.is_empty() {
-            break;
-        }
-        if now >= give_up {
+        if (now >= deadline && s.ledger.outstanding.is_empty()) || now >= give_up {
             break;
         }
         let wake = match interval {
             Some(iv) if now < deadline => {
                 if now >= next_send {
-                    out.send(&mut c, sh.opts.msg_id, st);
+                    s.request(st);
                     next_send += iv;
                     continue;
                 }
@@ -278,282 +205,414 @@ async fn steady(sh: &Shared, i: usize, st: &mut Stats) {
             }
             _ => give_up,
         };
-        match c.recv_before(Some(wake)).await {
+        match s.c.recv_before(Some(wake)).await {
             Ok(None) => {}
-            Ok(Some(f)) => match f.header.kind {
-                Kind::Response => {
-                    out.answer(&f, sh, st);
-                    if interval.is_none() && Instant::now() < deadline {
-                        out.send(&mut c, sh.opts.msg_id, st);
-                    }
-                    // Acknowledge as a real client does, so the gateway
-                    // frees its outbox.
-                    if c.last_seq >= last_ack + ACK_EVERY {
-                        c.ack();
-                        last_ack = c.last_seq;
-                    }
+            Ok(Some(f)) => match s.on_frame(f, st) {
+                Event::Answered { .. } if interval.is_none() && Instant::now() < deadline => {
+                    s.request(st);
                 }
-                Kind::Kick => {
-                    st.error(format!(
-                        "kicked {}",
-                        slg_gateway::client::code_name(f.header.code)
-                    ));
-                    break;
-                }
+                Event::Kicked => break,
+                Event::Push(f) => st.violation(format!(
+                    "session {i}: a PUSH (msg {}) nobody sent",
+                    f.header.msg_id
+                )),
                 _ => {}
             },
-            Err(e @ ClientError::SeqGap { .. }) => {
-                st.violation(format!("session {i}: {e}"));
-                break;
-            }
             Err(e) => {
-                st.error(short(&e));
+                record_error(st, "receive", &e);
                 break;
             }
         }
     }
-    for req in out.sent.keys() {
-        st.violation(format!("session {i}: req {req} never answered"));
-    }
-    c.close().await;
+    s.end_connection(st);
+    s.unanswered(st);
+    s.c.close().await;
 }
 
-/// Login storm: connect, log in, log out; latency = connect to login answer.
+/// Login storm: connect, log in (SESSION and seqs checked), log out;
+/// latency = connect to login answer.
 async fn login_storm(sh: &Shared, i: usize, st: &mut Stats) {
     let t0 = Instant::now();
-    let opened = open_session(sh, i, st).await;
-    mark_ready(sh);
-    let Some((c, _)) = opened else { return };
+    let Some(s) = open(sh, i, st).await else {
+        return;
+    };
     st.latency_us(t0.elapsed().as_micros() as u64);
     sh.live.answered();
-    c.send(&Header::new(Kind::Bye), &[]);
-    c.close().await;
+    s.bye().await;
 }
 
-/// Push fan-out: log in, then receive every broadcast; latency = POST to
-/// arrival.
+/// Push fan-out: log in, then receive every broadcast, each once, with its
+/// own body; latency = POST to arrival.
 async fn push_fanout(sh: &Shared, i: usize, st: &mut Stats) {
-    let opened = open_session(sh, i, st).await;
-    mark_ready(sh);
-    let Some((mut c, _)) = opened else { return };
-    st.sessions_up += 1;
-    sh.live.sessions_up.fetch_add(1, Ordering::Relaxed);
+    let Some(mut s) = open(sh, i, st).await else {
+        return;
+    };
     let mut got = HashSet::new();
     let mut max_by_push = vec![0u64; sh.opts.pushes];
     let (_, deadline) = sh.phase().await;
-    let give_up = deadline + GRACE;
-    let mut last_ack = 0;
+    let give_up = deadline + sh.grace();
     while got.len() < sh.opts.pushes && Instant::now() < give_up {
-        match c.recv_before(Some(give_up)).await {
-            Ok(Some(f)) if f.header.kind == Kind::Push => {
-                let k = f.header.msg_id.wrapping_sub(PUSH_MSG) as usize;
-                let sent = sh
-                    .push_sent
-                    .get(k)
-                    .map(|a| a.load(Ordering::Acquire))
-                    .unwrap_or(0);
-                if k >= sh.opts.pushes || !got.insert(k) {
-                    st.violation(format!(
-                        "session {i}: unexpected or repeated push msg {}",
-                        f.header.msg_id
-                    ));
-                    continue;
-                }
-                let us = sh.now_ns().saturating_sub(sent) / 1000;
-                st.latency_us(us);
-                max_by_push[k] = max_by_push[k].max(us);
-                st.pushes_received += 1;
-                sh.live.answered();
-                if c.last_seq >= last_ack + ACK_EVERY {
-                    c.ack();
-                    last_ack = c.last_seq;
-                }
-            }
-            Ok(Some(_)) => {}
+        let f = match s.c.recv_before(Some(give_up)).await {
+            Ok(Some(f)) => f,
             Ok(None) => break,
-            Err(e @ ClientError::SeqGap { .. }) => {
-                st.violation(format!("session {i}: {e}"));
-                break;
-            }
             Err(e) => {
-                st.error(short(&e));
+                record_error(st, "receive", &e);
                 break;
             }
+        };
+        let f = match s.on_frame(f, st) {
+            Event::Push(f) => f,
+            Event::Kicked => break,
+            _ => continue,
+        };
+        let k = f.header.msg_id.wrapping_sub(PUSH_MSG) as usize;
+        if k >= sh.opts.pushes {
+            st.violation(format!(
+                "session {i}: push msg {} that was never sent",
+                f.header.msg_id
+            ));
+            continue;
         }
+        if f.body[..] != *push_body(k).as_bytes() {
+            st.violation(format!(
+                "session {i}: push msg {} {MISDELIVERED}: body {:?} is another push's",
+                f.header.msg_id,
+                String::from_utf8_lossy(&f.body)
+            ));
+            continue;
+        }
+        if !got.insert(k) {
+            st.violation(format!(
+                "session {i}: push msg {} {REPEATED}",
+                f.header.msg_id
+            ));
+            continue;
+        }
+        let sent = sh
+            .push_sent
+            .get(k)
+            .map(|a| a.load(Ordering::Acquire))
+            .unwrap_or(0);
+        let us = sh.now_ns().saturating_sub(sent) / 1000;
+        st.latency_us(us);
+        max_by_push[k] = max_by_push[k].max(us);
+        st.pushes_received += 1;
+        sh.live.answered();
     }
+    s.end_connection(st);
     let missing = sh.opts.pushes - got.len();
     if missing > 0 {
-        st.violation(format!("session {i}: {missing} pushes never arrived"));
+        st.violation(format!(
+            "session {i}: {missing} pushes {LOST}: never arrived"
+        ));
     }
     for (k, us) in max_by_push.into_iter().enumerate() {
         st.extra.insert(format!("max_push_us_{k:05}"), us as f64);
     }
-    c.close().await;
+    s.c.close().await;
 }
 
-/// Churn: steady traffic on connections that drop after a random time and
-/// resume; seqs must continue exactly, answers arrive once.
+/// Churn's record of requests whose connection dropped before they were
+/// answered, and which the gateway may or may not have read.
+#[derive(Default)]
+struct Unsure {
+    /// req_id -> when it may be declared unread (drop + request timeout).
+    by_req: HashMap<u32, Instant>,
+    /// Declared unread (and sent again): an answer to one is a violation.
+    unread: HashSet<u32>,
+    /// When the PING that will settle the due ones was sent.
+    ping_at: Option<Instant>,
+    /// Requests declared unread and sent again.
+    resent: u64,
+}
+
+impl Unsure {
+    fn next_due(&self) -> Option<Instant> {
+        if self.ping_at.is_some() {
+            return None;
+        }
+        self.by_req.values().min().copied()
+    }
+}
+
+/// Handle one frame of churn; false: the connection is over.
+fn churn_frame(
+    s: &mut Sess<'_>,
+    f: slg_gateway::protocol::Frame,
+    un: &mut Unsure,
+    st: &mut Stats,
+    answered_here: &mut u32,
+    resend: bool,
+) -> bool {
+    let req = f.header.req_id;
+    if f.header.kind == slg_gateway::protocol::Kind::Response && un.unread.contains(&req) {
+        st.violation(format!(
+            "session {}: req {req} answered after it was declared unread \
+             (request_timeout had passed and a PONG came first)",
+            s.i
+        ));
+        return true;
+    }
+    match s.on_frame(f, st) {
+        Event::Answered { conn, .. } => {
+            un.by_req.remove(&req);
+            if conn == s.conn {
+                *answered_here = (*answered_here).max(req);
+            }
+            if resend {
+                s.request(st);
+            }
+        }
+        Event::Pong { sent_at } => {
+            if un.ping_at.is_some_and(|p| p <= sent_at) {
+                un.ping_at = None;
+                // Every answer generated before this PING was read is in
+                // the stream before its PONG: the due requests were never
+                // read by the gateway. Send them again.
+                let due: Vec<u32> = un
+                    .by_req
+                    .iter()
+                    .filter(|(_, &at)| at <= sent_at)
+                    .map(|(&r, _)| r)
+                    .collect();
+                for r in due {
+                    un.by_req.remove(&r);
+                    s.ledger.outstanding.remove(&r);
+                    un.unread.insert(r);
+                    un.resent += 1;
+                    s.request(st);
+                }
+            }
+        }
+        Event::Kicked => return false,
+        Event::Push(p) => st.violation(format!(
+            "session {}: a PUSH (msg {}) nobody sent",
+            s.i, p.header.msg_id
+        )),
+        Event::Other => {}
+    }
+    true
+}
+
+/// Churn: traffic on connections that drop after a random time (with
+/// requests in flight) and resume. The resume point must be what the
+/// client received, seqs go on exactly, and every request is accounted
+/// for: answered exactly once, or shown unread (no answer within the
+/// gateway's request timeout, settled by a PING) and sent again.
 async fn churn(sh: &Shared, i: usize, st: &mut Stats) {
-    let opened = open_session(sh, i, st).await;
-    mark_ready(sh);
-    let Some((mut c, mut token)) = opened else {
+    let Some(mut s) = open(sh, i, st).await else {
         return;
     };
-    st.sessions_up += 1;
     let (_, deadline) = sh.phase().await;
-    let mut out = Outstanding::new(sh.opts.body);
-    // Requests of dropped connections the gateway may never have read.
-    let mut maybe: HashSet<u32> = HashSet::new();
+    let mut un = Unsure::default();
     let mut jitter = Jitter(0xC0FFEE ^ i as u64);
     let mean = sh.opts.churn_every.as_millis().max(2) as u64;
-    let mut next_req = c.next_req_id();
-    let mut last_ack = 0;
+    let inflight = sh.opts.inflight.max(1);
     'life: while Instant::now() < deadline {
         let life = Duration::from_millis(mean / 2 + jitter.next() % mean);
         let drop_at = (Instant::now() + life).min(deadline);
-        let first_req_here = next_req;
-        let mut max_answered_here = 0u32;
-        for _ in 0..sh.opts.inflight.max(1) {
-            out.send(&mut c, sh.opts.msg_id, st);
+        let mut answered_here = 0u32;
+        let here = s
+            .ledger
+            .outstanding
+            .values()
+            .filter(|r| r.conn == s.conn)
+            .count();
+        for _ in here..inflight {
+            s.request(st);
         }
         loop {
-            match c.recv_before(Some(drop_at)).await {
-                Ok(None) => break,
-                Ok(Some(f)) if f.header.kind == Kind::Response => {
-                    let req = f.header.req_id;
-                    if maybe.remove(&req) {
-                        st.answered += 1;
-                        sh.live.answered();
-                    } else if out.answer(&f, sh, st) && req >= first_req_here {
-                        max_answered_here = max_answered_here.max(req);
-                    }
-                    if Instant::now() < drop_at {
-                        out.send(&mut c, sh.opts.msg_id, st);
-                    }
-                    if c.last_seq >= last_ack + ACK_EVERY {
-                        c.ack();
-                        last_ack = c.last_seq;
-                    }
+            let wake = un.next_due().map_or(drop_at, |d| d.min(drop_at));
+            match s.c.recv_before(Some(wake)).await {
+                Ok(None) if Instant::now() >= drop_at => break,
+                Ok(None) => {
+                    s.ping();
+                    un.ping_at = Some(Instant::now());
                 }
-                Ok(Some(f)) if f.header.kind == Kind::Kick => {
-                    st.error(format!(
-                        "kicked {}",
-                        slg_gateway::client::code_name(f.header.code)
-                    ));
-                    break 'life;
-                }
-                Ok(Some(_)) => {}
-                Err(e @ ClientError::SeqGap { .. }) => {
-                    st.violation(format!("session {i}: {e}"));
-                    break 'life;
+                Ok(Some(f)) => {
+                    let live = Instant::now() < drop_at;
+                    if !churn_frame(&mut s, f, &mut un, st, &mut answered_here, live) {
+                        break 'life;
+                    }
                 }
                 Err(e) => {
-                    st.error(short(&e));
+                    record_error(st, "receive", &e);
                     break 'life;
                 }
             }
         }
-        next_req = c.next_req_id();
         if Instant::now() >= deadline {
             break;
         }
-        // Drop with requests in flight. Those sent on this connection
-        // before one that was answered were read by the gateway (it reads
-        // in order), so they must still be answered; later ones may not.
-        for (&req, _) in out
-            .sent
-            .iter()
-            .filter(|(&r, _)| r >= first_req_here && r > max_answered_here)
-        {
-            maybe.insert(req);
+        // Drop with requests in flight. The gateway reads a connection in
+        // order, so those written before one that was answered were read
+        // and must be answered; about the later ones only time can tell.
+        s.end_connection(st);
+        let settle = Instant::now() + sh.opts.request_timeout + Duration::from_millis(500);
+        for (&req, r) in &s.ledger.outstanding {
+            if r.conn == s.conn && req > answered_here {
+                un.by_req.entry(req).or_insert(settle);
+            }
         }
-        out.sent.retain(|r, _| !maybe.contains(r));
-        let last = c.last_seq;
-        c.abort();
-        let Some(mut nc) = connect(sh, i, st).await else {
-            return;
+        un.ping_at = None;
+        let last = s.check.last();
+        let next_req = s.c.next_req_id();
+        let mut tries = 0;
+        let fresh = loop {
+            match Sess::connect(sh, i, st).await {
+                Some(c) => break c,
+                None if tries < 3 => tries += 1,
+                None => {
+                    abandon(&mut s, &un, st);
+                    return;
+                }
+            }
+            glommio::timer::sleep(Duration::from_millis(20)).await;
         };
-        nc.set_next_req_id(next_req);
-        nc.last_seq = last;
-        match nc.resume(&token, last).await {
+        std::mem::replace(&mut s.c, fresh).abort();
+        s.c.set_next_req_id(next_req);
+        s.conn += 1;
+        let token = s.token.clone();
+        match s.c.resume(&token, last).await {
             Ok(r) => {
                 st.resumes += 1;
-                token = r.token;
+                s.token = r.token;
+                if let Err(v) = s.check.resumed(last, r.resume_point) {
+                    st.violation(format!("session {i}: {v}"));
+                }
+            }
+            Err(ClientError::ResumeRefused(code))
+                if code == u16::from(Code::ResumeGap) && sh.opts.expect_eviction =>
+            {
+                if !s.login(st).await {
+                    abandon(&mut s, &un, st);
+                    return;
+                }
+            }
+            Err(ClientError::ResumeRefused(code)) => {
+                st.violation(format!(
+                    "session {i}: resume from {last} refused with {} ({LOST} session)",
+                    slg_gateway::client::code_name(code)
+                ));
+                abandon(&mut s, &un, st);
+                return;
             }
             Err(e) => {
-                st.violation(format!("session {i}: resume from {last} failed: {e}"));
+                record_error(st, "resume", &e);
+                abandon(&mut s, &un, st);
                 return;
             }
         }
-        c = nc;
-        last_ack = last;
     }
-    // Collect the last answers (including replayed ones).
-    let give_up = Instant::now() + GRACE;
-    while !out.sent.is_empty() && Instant::now() < give_up {
-        match c.recv_before(Some(give_up)).await {
-            Ok(Some(f)) if f.header.kind == Kind::Response => {
-                if maybe.remove(&f.header.req_id) {
-                    st.answered += 1;
-                } else {
-                    out.answer(&f, sh, st);
+    // Collect the last answers (replayed ones included) and settle the
+    // unsure ones.
+    let give_up = Instant::now() + sh.grace() + Duration::from_millis(500);
+    let mut answered_here = 0;
+    while (!s.ledger.outstanding.is_empty() || !un.by_req.is_empty()) && Instant::now() < give_up {
+        let wake = un.next_due().map_or(give_up, |d| d.min(give_up));
+        match s.c.recv_before(Some(wake)).await {
+            Ok(None) if Instant::now() >= give_up => break,
+            Ok(None) => {
+                s.ping();
+                un.ping_at = Some(Instant::now());
+            }
+            Ok(Some(f)) => {
+                if !churn_frame(&mut s, f, &mut un, st, &mut answered_here, false) {
+                    break;
                 }
             }
-            Ok(Some(_)) => {}
-            Ok(None) => break,
-            Err(e @ ClientError::SeqGap { .. }) => {
-                st.violation(format!("session {i}: {e}"));
-                break;
-            }
             Err(e) => {
-                st.error(short(&e));
+                record_error(st, "receive", &e);
                 break;
             }
         }
     }
-    for req in out.sent.keys() {
-        st.violation(format!("session {i}: req {req} never answered"));
+    s.end_connection(st);
+    for req in un.by_req.keys() {
+        s.ledger.outstanding.remove(req);
+        st.violation(format!(
+            "session {i}: req {req} unaccounted: neither answered nor shown unread"
+        ));
     }
+    s.unanswered(st);
     *st.extra
-        .entry("requests_lost_with_a_dropped_connection".into())
-        .or_default() += maybe.len() as f64;
-    c.close().await;
+        .entry("requests_unread_at_a_drop_sent_again".into())
+        .or_default() += un.resent as f64;
+    s.c.close().await;
 }
 
-/// Idle: log in, then only keep the session alive until the deadline.
+/// The session cannot go on: what it still waited for is counted, as
+/// errors (the run fails unless errors are allowed).
+fn abandon(s: &mut Sess<'_>, un: &Unsure, st: &mut Stats) {
+    let n = s.ledger.outstanding.len() + un.by_req.len();
+    if n > 0 {
+        *st.errors
+            .entry("requests abandoned with a session".into())
+            .or_default() += n as u64;
+    }
+}
+
+/// Idle: log in, keep the session alive until the deadline, then check it
+/// is still open and answers a PING with the seq it last received.
 async fn idle(sh: &Shared, i: usize, st: &mut Stats) {
-    let opened = open_session(sh, i, st).await;
-    mark_ready(sh);
-    let Some((mut c, _)) = opened else { return };
-    st.sessions_up += 1;
-    sh.live.sessions_up.fetch_add(1, Ordering::Relaxed);
+    let Some(mut s) = open(sh, i, st).await else {
+        return;
+    };
     let ping_every = Duration::from_secs(20);
     let (_, deadline) = sh.phase().await;
+    let mut final_ping = None;
+    let give_up = deadline + sh.grace();
     loop {
         let now = Instant::now();
-        if now >= deadline {
+        if now >= give_up {
+            st.error("idle: no PONG to the final PING");
             break;
         }
-        let wake = (now + ping_every).min(deadline);
-        match c.recv_before(Some(wake)).await {
+        if now >= deadline && final_ping.is_none() {
+            s.ping();
+            final_ping = Some(s.check.last());
+        }
+        let wake = if final_ping.is_some() {
+            give_up
+        } else {
+            (now + ping_every).min(deadline)
+        };
+        match s.c.recv_before(Some(wake)).await {
             Ok(None) => {
-                if Instant::now() < deadline && sh.opts.target == Target::Gateway {
-                    c.ping();
+                if Instant::now() < deadline {
+                    s.ping();
                 }
             }
-            Ok(Some(f)) if f.header.kind == Kind::Kick => {
-                st.error(format!(
-                    "kicked {}",
-                    slg_gateway::client::code_name(f.header.code)
-                ));
-                return;
+            Ok(Some(f)) => {
+                let pong_seq = f.header.seq;
+                match s.on_frame(f, st) {
+                    Event::Kicked => return,
+                    Event::Pong { .. } if s.pings_outstanding() == 0 => {
+                        if let Some(last) = final_ping {
+                            if sh.opts.target == Target::Gateway && pong_seq != last {
+                                st.violation(format!(
+                                    "session {i}: final PONG seq {pong_seq}, last received {last}"
+                                ));
+                            }
+                            break;
+                        }
+                    }
+                    Event::Answered { .. } => {
+                        st.violation(format!("session {i}: an answer to a request never sent"))
+                    }
+                    Event::Push(p) => st.violation(format!(
+                        "session {i}: a PUSH (msg {}) nobody sent",
+                        p.header.msg_id
+                    )),
+                    _ => {}
+                }
             }
-            Ok(Some(_)) => {}
             Err(e) => {
-                st.error(short(&e));
+                record_error(st, "idle", &e);
                 return;
             }
         }
     }
-    c.close().await;
+    s.end_connection(st);
+    s.c.close().await;
 }

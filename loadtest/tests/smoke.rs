@@ -28,6 +28,7 @@ impl Rig {
                 connections: 1,
             },
         );
+        cfg.backend.request_timeout = Duration::from_secs(1);
         let gateway = Gateway::start(cfg).expect("gateway");
         Rig {
             gateway: Some(gateway),
@@ -42,6 +43,7 @@ impl Rig {
         o.sessions = 20;
         o.duration = Duration::from_millis(800);
         o.gateway_pid = Some(std::process::id());
+        o.request_timeout = Duration::from_secs(1);
         o
     }
 }
@@ -60,6 +62,7 @@ impl Drop for Rig {
 fn assert_clean(r: &slg_loadtest::Report) {
     assert_eq!(r.violations, 0, "violations: {:?}", r.violation_samples);
     assert!(r.errors.is_empty(), "client errors: {:?}", r.errors);
+    assert!(r.passed, "{}", r.summary());
 }
 
 #[test]
