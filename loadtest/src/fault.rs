@@ -83,6 +83,10 @@ pub struct Plan {
     /// Sequenced frames (over all connections) relayed untouched before the
     /// fault is armed.
     pub after: u64,
+    /// Plant it again after this many more frames (None: once). A fault in
+    /// frames a client never reads (its connection was going anyway) harms
+    /// nobody; repeating makes sure one lands where it is read.
+    pub every: Option<u64>,
 }
 
 impl Plan {
@@ -91,6 +95,15 @@ impl Plan {
         Plan {
             fault,
             after: 10 + shards::splitmix64(seed) % 40,
+            every: None,
+        }
+    }
+
+    /// The same, planted again every `n` frames after the first.
+    pub fn repeated(self, n: u64) -> Plan {
+        Plan {
+            every: Some(n.max(1)),
+            ..self
         }
     }
 }
@@ -104,8 +117,11 @@ const HOLD: Duration = Duration::from_millis(300);
 struct State {
     /// Sequenced frames still to relay before the fault is armed.
     countdown: u64,
-    /// What was planted, once it was.
-    fired: Option<String>,
+    /// What was planted, in order (the first few).
+    fired: Vec<String>,
+    /// Frames between plantings (None: plant once).
+    every: Option<u64>,
+    planted: usize,
     /// Recent sequenced frames by player.
     history: HashMap<u64, VecDeque<Frame>>,
 }
@@ -148,8 +164,10 @@ impl FaultRelay {
             stop: AtomicBool::new(false),
             state: Mutex::new(State {
                 countdown: plan.after,
-                fired: None,
+                fired: Vec::new(),
+                every: plan.every,
                 history: HashMap::new(),
+                planted: 0,
             }),
             conns: Mutex::new(Vec::new()),
             relayed: AtomicU64::new(0),
@@ -165,9 +183,14 @@ impl FaultRelay {
         })
     }
 
-    /// What was planted (None: the fault's moment never came).
+    /// What was planted first (None: the fault's moment never came).
     pub fn fired(&self) -> Option<String> {
-        lock(&self.shared.state).fired.clone()
+        lock(&self.shared.state).fired.first().cloned()
+    }
+
+    /// How many times the fault was planted.
+    pub fn planted(&self) -> usize {
+        lock(&self.shared.state).planted
     }
 
     /// Sequenced frames relayed so far.
@@ -329,7 +352,7 @@ impl Down<'_> {
                     .get(&self.player)
                     .and_then(|h| h.iter().rev().find(|g| g.header.seq <= r).cloned());
                 if let Some(g) = stale {
-                    st.fired = Some(format!(
+                    st.fire(format!(
                         "stale-replay: seq {} sent again after the resume at {r} (player {})",
                         g.header.seq, self.player
                     ));
@@ -354,12 +377,12 @@ impl Down<'_> {
         } else if armed(&st) && self.sh.fault != Fault::StaleReplay {
             match self.sh.fault {
                 Fault::Duplicate => {
-                    st.fired = Some(format!("duplicate: seq {seq} sent twice"));
+                    st.fire(format!("duplicate: seq {seq} sent twice"));
                     out.push(f.clone());
                     out.push(f);
                 }
                 Fault::RewriteSeq if self.last_relayed + 1 == seq && seq > 1 => {
-                    st.fired = Some(format!("rewrite-seq: seq {seq} sent as {}", seq - 1));
+                    st.fire(format!("rewrite-seq: seq {seq} sent as {}", seq - 1));
                     let mut g = f;
                     g.header.seq = seq - 1;
                     out.push(g);
@@ -384,11 +407,11 @@ impl Down<'_> {
         let (a, b) = (first.header.seq, next.header.seq);
         match self.sh.fault {
             Fault::Drop => {
-                st.fired = Some(format!("drop: seq {a} never sent, {b} went on"));
+                st.fire(format!("drop: seq {a} never sent, {b} went on"));
                 out.push(next);
             }
             Fault::Swap => {
-                st.fired = Some(format!("swap: seq {b} sent before {a}"));
+                st.fire(format!("swap: seq {b} sent before {a}"));
                 out.push(next);
                 out.push(first);
             }
@@ -396,13 +419,13 @@ impl Down<'_> {
                 let (mut x, mut y) = (first, next);
                 if x.header.kind == Kind::Response && x.header.req_id != y.header.req_id {
                     std::mem::swap(&mut x.header.req_id, &mut y.header.req_id);
-                    st.fired = Some(format!(
+                    st.fire(format!(
                         "wrong-req-id: seqs {a} and {b} traded req_ids {} and {}",
                         y.header.req_id, x.header.req_id
                     ));
                 } else if x.header.kind == Kind::Push && x.header.msg_id != y.header.msg_id {
                     std::mem::swap(&mut x.header.msg_id, &mut y.header.msg_id);
-                    st.fired = Some(format!(
+                    st.fire(format!(
                         "wrong-req-id: pushes at seqs {a} and {b} traded msg_ids"
                     ));
                 }
@@ -423,7 +446,7 @@ impl Down<'_> {
         };
         let mut st = lock(&self.sh.state);
         if self.sh.fault == Fault::Drop {
-            st.fired = Some(format!(
+            st.fire(format!(
                 "drop: seq {} never sent (nothing followed it)",
                 held.frame.header.seq
             ));
@@ -435,7 +458,19 @@ impl Down<'_> {
 }
 
 fn armed(st: &State) -> bool {
-    st.countdown == 0 && st.fired.is_none()
+    st.countdown == 0 && (st.every.is_some() || st.planted == 0)
+}
+
+impl State {
+    fn fire(&mut self, what: String) {
+        self.planted += 1;
+        if self.fired.len() < 16 {
+            self.fired.push(what);
+        }
+        if let Some(n) = self.every {
+            self.countdown = n;
+        }
+    }
 }
 
 fn gateway_to_client(mut from: TcpStream, mut to: TcpStream, flags: &ConnFlags, sh: &Shared) {

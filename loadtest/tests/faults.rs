@@ -159,6 +159,7 @@ fn a_relay_that_plants_nothing_passes_every_check() {
             Plan {
                 fault: Fault::Drop,
                 after: u64::MAX,
+                every: None,
             },
         )
         .expect("relay");
