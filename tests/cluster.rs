@@ -2,7 +2,8 @@
 //! cluster, and a login or resume on another gateway takes it over with
 //! its seq and outbox.
 //!
-//! Needs `redis-server` (.ci/run installs it and sets SLG_REQUIRE_REDIS=1).
+//! Needs `redis-server`; skips (`SKIPPED: ...` on stderr) without it, and
+//! fails instead when `CI` or SLG_REQUIRE_REDIS is set (.ci/run sets both).
 
 mod common;
 

@@ -2,6 +2,9 @@
 //! three processes, a gateway killed with SIGKILL (its players come back
 //! elsewhere after its lease, with GAP), and Redis stopped and restarted
 //! while clients play.
+//!
+//! Needs `redis-server`; skips (`SKIPPED: ...` on stderr) without it, and
+//! fails instead when `CI` or SLG_REQUIRE_REDIS is set (.ci/run sets both).
 
 mod common;
 

@@ -237,18 +237,42 @@ impl Redis {
     }
 }
 
-/// Start redis-server on `port` (0: a free one). None when it is not
-/// installed, unless SLG_REQUIRE_REDIS is set (.ci/run sets it): then a
-/// missing server fails the test.
-pub fn start_redis_on(port: u16) -> Option<Redis> {
-    let port = if port == 0 {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .ok()?
-    } else {
-        port
+/// Whether a test that lacks an external tool must fail rather than skip:
+/// when `CI` is set (to anything but "", "0" or "false"; .ci/run exports
+/// CI=1), or when the variable `require` names is set (SLG_REQUIRE_REDIS).
+pub fn tool_required(require: Option<&str>) -> bool {
+    let ci = std::env::var("CI").is_ok_and(|v| !matches!(v.trim(), "" | "0" | "false"));
+    ci || require.is_some_and(|var| std::env::var_os(var).is_some())
+}
+
+/// The one way a test skips for want of an external tool: it fails (panics)
+/// when [`tool_required`] says so, and otherwise prints
+/// `SKIPPED: <test name>: <why>` to stderr (cargo shows it with
+/// `--nocapture`, or when the test fails) and returns, so the caller can
+/// skip. The test name is the test thread's (libtest names it after the
+/// test), or the caller's file and line.
+#[track_caller]
+pub fn skip(why: &str, require: Option<&str>) {
+    let thread = std::thread::current();
+    let name = match thread.name() {
+        Some(n) if n != "main" => n.to_string(),
+        _ => std::panic::Location::caller().to_string(),
     };
+    if tool_required(require) {
+        panic!(
+            "{name}: {why}; CI{} is set, so this fails instead of skipping",
+            require.map(|v| format!(" or {v}")).unwrap_or_default()
+        );
+    }
+    eprintln!("SKIPPED: {name}: {why}");
+}
+
+/// Start redis-server on `port` (0: a free one). None, after [`skip`] said
+/// so, when it is not installed; under CI or with SLG_REQUIRE_REDIS set
+/// (.ci/run sets both) a missing server fails the test instead.
+#[track_caller]
+pub fn start_redis_on(port: u16) -> Option<Redis> {
+    let port = if port == 0 { free_port() } else { port };
     let child = match std::process::Command::new("redis-server")
         .args([
             "--port",
@@ -266,11 +290,12 @@ pub fn start_redis_on(port: u16) -> Option<Redis> {
     {
         Ok(c) => c,
         Err(e) => {
-            assert!(
-                std::env::var("SLG_REQUIRE_REDIS").is_err(),
-                "redis-server required: {e}"
-            );
-            eprintln!("redis-server not available ({e}): test skipped");
+            let why = if e.kind() == std::io::ErrorKind::NotFound {
+                "redis-server not installed".to_string()
+            } else {
+                format!("redis-server could not be started: {e}")
+            };
+            skip(&why, Some("SLG_REQUIRE_REDIS"));
             return None;
         }
     };
@@ -285,6 +310,7 @@ pub fn start_redis_on(port: u16) -> Option<Redis> {
     Some(Redis { child, port })
 }
 
+#[track_caller]
 pub fn start_redis() -> Option<Redis> {
     start_redis_on(0)
 }
