@@ -66,6 +66,10 @@ pub struct StreamCheck {
     acked_confirmed: u64,
     /// Frames accepted in order.
     pub accepted: u64,
+    /// A login or resume has been seen: before it the client has no record
+    /// to hold the gateway to (a player left from an earlier run starts
+    /// wherever the gateway has it).
+    started: bool,
 }
 
 impl StreamCheck {
@@ -198,6 +202,7 @@ impl StreamCheck {
     /// A resume sent with `sent_last` was answered by `SESSION` R.
     pub fn resumed(&mut self, sent_last: u64, r: u64) -> Result<(), String> {
         self.ahead.clear();
+        self.started = true;
         if r != sent_last {
             return Err(format!(
                 "resume from {sent_last} answered with resume point {r}"
@@ -212,6 +217,11 @@ impl StreamCheck {
     pub fn logged_in(&mut self, r: u64, gap: bool, gap_allowed: bool) -> Result<(), String> {
         self.ahead.clear();
         self.resumed_at = None;
+        if !std::mem::replace(&mut self.started, true) {
+            // The first login: whatever came before is not ours to judge.
+            self.last = r;
+            return Ok(());
+        }
         if gap && !gap_allowed {
             return Err(format!(
                 "login answered SESSION GAP at {r}: frames were evicted ({LOST})"
@@ -379,8 +389,17 @@ mod tests {
     }
 
     #[test]
+    fn a_first_login_starts_wherever_the_gateway_has_the_player() {
+        let mut s = StreamCheck::new();
+        s.logged_in(500, true, false).expect("no record to hold it to");
+        s.frame(&resp(501, 1)).expect("goes on from R");
+        assert!(s.logged_in(600, false, false).is_err(), "a later one is checked");
+    }
+
+    #[test]
     fn resume_and_login_rules() {
         let mut s = StreamCheck::new();
+        s.logged_in(0, false, false).expect("first login");
         for i in 1..=4 {
             s.frame(&resp(i, i as u32)).expect("in order");
         }

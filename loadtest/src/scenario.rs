@@ -426,8 +426,7 @@ async fn churn(sh: &Shared, i: usize, st: &mut Stats) {
             match s.c.recv_before(Some(wake)).await {
                 Ok(None) if Instant::now() >= drop_at => break,
                 Ok(None) => {
-                    s.ping();
-                    un.ping_at = Some(Instant::now());
+                    un.ping_at = Some(s.ping());
                 }
                 Ok(Some(f)) => {
                     let live = Instant::now() < drop_at;
@@ -513,8 +512,7 @@ async fn churn(sh: &Shared, i: usize, st: &mut Stats) {
         match s.c.recv_before(Some(wake)).await {
             Ok(None) if Instant::now() >= give_up => break,
             Ok(None) => {
-                s.ping();
-                un.ping_at = Some(Instant::now());
+                un.ping_at = Some(s.ping());
             }
             Ok(Some(f)) => {
                 if !churn_frame(&mut s, f, &mut un, st, &mut answered_here, false) {
@@ -569,7 +567,7 @@ async fn idle(sh: &Shared, i: usize, st: &mut Stats) {
             break;
         }
         if now >= deadline && final_ping.is_none() {
-            s.ping();
+            let _ = s.ping();
             final_ping = Some(s.check.last());
         }
         let wake = if final_ping.is_some() {
@@ -580,7 +578,7 @@ async fn idle(sh: &Shared, i: usize, st: &mut Stats) {
         match s.c.recv_before(Some(wake)).await {
             Ok(None) => {
                 if Instant::now() < deadline {
-                    s.ping();
+                    let _ = s.ping();
                 }
             }
             Ok(Some(f)) => {

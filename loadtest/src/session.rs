@@ -209,11 +209,14 @@ impl<'a> Sess<'a> {
         req_id
     }
 
-    /// PING with the last seq received in order.
-    pub fn ping(&mut self) {
+    /// PING with the last seq received in order; when it was sent (its
+    /// PONG's [`Event::Pong`] carries the same instant).
+    pub fn ping(&mut self) -> Instant {
         self.c.last_seq = self.check.last();
         self.c.ping();
-        self.pings.push_back((self.check.last(), Instant::now()));
+        let at = Instant::now();
+        self.pings.push_back((self.check.last(), at));
+        at
     }
 
     /// PINGs not yet answered.
