@@ -391,9 +391,13 @@ mod tests {
     #[test]
     fn a_first_login_starts_wherever_the_gateway_has_the_player() {
         let mut s = StreamCheck::new();
-        s.logged_in(500, true, false).expect("no record to hold it to");
+        s.logged_in(500, true, false)
+            .expect("no record to hold it to");
         s.frame(&resp(501, 1)).expect("goes on from R");
-        assert!(s.logged_in(600, false, false).is_err(), "a later one is checked");
+        assert!(
+            s.logged_in(600, false, false).is_err(),
+            "a later one is checked"
+        );
     }
 
     #[test]

@@ -122,6 +122,9 @@ struct State {
     /// Frames between plantings (None: plant once).
     every: Option<u64>,
     planted: usize,
+    /// A connection holds a frame back to plant the fault with the next:
+    /// no other connection may start one meanwhile.
+    holding: bool,
     /// Recent sequenced frames by player.
     history: HashMap<u64, VecDeque<Frame>>,
 }
@@ -168,6 +171,7 @@ impl FaultRelay {
                 every: plan.every,
                 history: HashMap::new(),
                 planted: 0,
+                holding: false,
             }),
             conns: Mutex::new(Vec::new()),
             relayed: AtomicU64::new(0),
@@ -389,6 +393,7 @@ impl Down<'_> {
                 }
                 Fault::RewriteSeq => out.push(f),
                 _ => {
+                    st.holding = true;
                     self.held = Some(Held {
                         frame: f,
                         since: Instant::now(),
@@ -404,6 +409,7 @@ impl Down<'_> {
 
     /// `first` was held back; `next` follows it.
     fn pair(&mut self, st: &mut State, first: Frame, next: Frame, out: &mut Vec<Frame>) {
+        st.holding = false;
         let (a, b) = (first.header.seq, next.header.seq);
         match self.sh.fault {
             Fault::Drop => {
@@ -445,6 +451,7 @@ impl Down<'_> {
             return;
         };
         let mut st = lock(&self.sh.state);
+        st.holding = false;
         if self.sh.fault == Fault::Drop {
             st.fire(format!(
                 "drop: seq {} never sent (nothing followed it)",
@@ -458,7 +465,7 @@ impl Down<'_> {
 }
 
 fn armed(st: &State) -> bool {
-    st.countdown == 0 && (st.every.is_some() || st.planted == 0)
+    st.countdown == 0 && !st.holding && (st.every.is_some() || st.planted == 0)
 }
 
 impl State {
@@ -528,6 +535,9 @@ fn gateway_to_client(mut from: TcpStream, mut to: TcpStream, flags: &ConnFlags, 
         }
     }
     // A frame still held is lost with the connection; the client gets it
-    // again by resume, so nothing was planted.
+    // again by resume, so nothing was planted: the fault is armed again.
+    if down.held.take().is_some() {
+        lock(&sh.state).holding = false;
+    }
     let _ = to.shutdown(Shutdown::Write);
 }
