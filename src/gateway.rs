@@ -603,8 +603,7 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
                         body,
                         reply,
                     }) => {
-                        let counts =
-                            (!ctx.drained.get()).then(|| ctx.push(&players, msg_id, &body));
+                        let counts = (!ctx.is_drained()).then(|| ctx.push(&players, msg_id, &body));
                         let _ = reply.try_send(counts);
                     }
                     Some(ShardMsg::Broadcast {
@@ -612,7 +611,7 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
                         body,
                         reply,
                     }) => {
-                        let counts = (!ctx.drained.get()).then(|| ctx.broadcast(msg_id, &body));
+                        let counts = (!ctx.is_drained()).then(|| ctx.broadcast(msg_id, &body));
                         let _ = reply.try_send(counts);
                     }
                     Some(ShardMsg::Kick { player, reply }) => {
@@ -667,13 +666,7 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
                         .detach();
                     }
                     Some(ShardMsg::Drain { force, reply }) => {
-                        if force {
-                            ctx.forced.set(true);
-                            ctx.force_wake.notify();
-                        }
-                        if !ctx.draining.get() {
-                            ctx.draining.set(true);
-                            ctx.drain_started.notify();
+                        if ctx.drain(force) {
                             glommio::spawn_local(drain_shard(ctx.clone(), reply)).detach();
                         }
                     }
@@ -817,7 +810,7 @@ async fn drain_shard(ctx: Rc<ShardCtx>, reply: flume::Sender<DrainReport>) {
     };
     let mut clean = true;
     while ctx.in_flight() > 0 {
-        if ctx.forced.get() || Instant::now() >= deadline {
+        if ctx.is_forced() || Instant::now() >= deadline {
             clean = false;
             break;
         }
@@ -830,7 +823,7 @@ async fn drain_shard(ctx: Rc<ShardCtx>, reply: flume::Sender<DrainReport>) {
         if ctx.kick_quiet(quiet_since) == 0 {
             break;
         }
-        if ctx.forced.get() || Instant::now() >= deadline {
+        if ctx.is_forced() || Instant::now() >= deadline {
             clean = false;
             ctx.kick_all(crate::protocol::Code::Shutdown);
             break;
@@ -838,13 +831,13 @@ async fn drain_shard(ctx: Rc<ShardCtx>, reply: flume::Sender<DrainReport>) {
         wait(ctx.clone()).await;
     }
     // Let the KICKs flush, unless forced.
-    while ctx.session_count() > 0 && !ctx.forced.get() && Instant::now() < deadline {
+    while ctx.session_count() > 0 && !ctx.is_forced() && Instant::now() < deadline {
         wait(ctx.clone()).await;
     }
     if ctx.session_count() > 0 {
         clean = false;
     }
-    ctx.drained.set(true);
+    ctx.drained();
     let players = ctx.images();
     tracing::info!(
         shard = ctx.id,

@@ -13,7 +13,7 @@ use crate::net::Outbound;
 use crate::player::{token_player, Player, ResumeError, SECRET_LEN};
 use crate::protocol::{encode, session_body, Code, Decoder, Frame, Header, Kind, Link};
 use crate::router::Router;
-use crate::session::{Decision, Session, SessionId};
+use crate::session::{Decision, Next, Session, SessionId};
 use bytes::{Bytes, BytesMut};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -96,6 +96,32 @@ pub enum ShardMsg {
     },
 }
 
+/// A shard's life: it serves, then drains (forced: finish now), then has
+/// handed its players over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifecycle {
+    Running,
+    Draining { forced: bool },
+    Drained,
+}
+
+impl Lifecycle {
+    /// A drain asked for (forced or not): the next state, and whether this
+    /// began the drain. A drain only moves forward.
+    pub fn drain(self, force: bool) -> (Lifecycle, bool) {
+        match self {
+            Lifecycle::Running => (Lifecycle::Draining { forced: force }, true),
+            Lifecycle::Draining { forced } => (
+                Lifecycle::Draining {
+                    forced: forced || force,
+                },
+                false,
+            ),
+            Lifecycle::Drained => (Lifecycle::Drained, false),
+        }
+    }
+}
+
 /// What a shard hands the coordinator at the end of a drain.
 #[derive(Debug)]
 pub struct DrainReport {
@@ -139,37 +165,7 @@ impl PushCounts {
     }
 }
 
-/// The login answer that completes a login on the home shard.
-#[derive(Debug, Clone)]
-pub struct LoginReply {
-    pub req_id: u32,
-    pub msg_id: u32,
-    pub code: u16,
-    pub body: Bytes,
-}
-
-/// Why a session goes to a player's home shard.
-#[derive(Debug, Clone)]
-pub enum Arrival {
-    /// The backend accepted a login for `player`.
-    Login { player: u64, reply: LoginReply },
-    /// The client asked to resume `player` from seq `last` with `token`;
-    /// `failures` resumes already failed on this connection.
-    Resume {
-        player: u64,
-        token: Bytes,
-        last: u64,
-        failures: u8,
-    },
-}
-
-impl Arrival {
-    pub fn player(&self) -> u64 {
-        match self {
-            Arrival::Login { player, .. } | Arrival::Resume { player, .. } => *player,
-        }
-    }
-}
+pub use crate::session::{Arrival, LoginReply};
 
 /// A connection in transit: its socket, the bytes read past the frame that
 /// sent it, and what to do on arrival.
@@ -195,30 +191,14 @@ pub enum Control {
     Handoff { home: usize, arrival: Arrival },
 }
 
-/// A session as the shard's table holds it.
+/// A session as the shard's table holds it: its rules, and the handles of
+/// its connection's tasks.
 pub struct SessionEntry {
     pub session: Session,
     pub out: Rc<Outbound>,
     /// Wakes the read loop to look at [`ShardCtx::control`].
     pub ctl: Rc<shards::Notify>,
     pub peer: SocketAddr,
-    /// Requests of this session at a backend, login excluded.
-    inflight: u32,
-    /// A login or resume waiting for `inflight` to reach 0.
-    arrival: Option<Arrival>,
-    /// Resumes refused on this connection (it moves with a hand-off).
-    resume_failures: u8,
-    /// Its player is migrating: read nothing more until it is done.
-    held: bool,
-    /// Token bucket of the per-session rate limit: (tokens, last refill).
-    bucket: (f64, Instant),
-    /// Why the session is closing, for the log line of its end.
-    close_reason: &'static str,
-    /// Stream offset where the last outbox replay ends: replayed bytes not
-    /// yet written do not count against `write_queue_bytes` (they are
-    /// bounded by the outbox limits already).
-    replay_end: u64,
-    last_rx: Instant,
 }
 
 /// Shard-local counters (summed across shards when read).
@@ -243,8 +223,7 @@ pub struct Stats {
     pub rate_limited: Cell<u64>,
 }
 
-/// Refused resumes one connection may make before it is closed.
-pub const MAX_RESUME_FAILURES: u8 = 8;
+pub use crate::session::MAX_RESUME_FAILURES;
 
 fn bump(c: &Cell<u64>) {
     add(c, 1);
@@ -277,14 +256,11 @@ pub struct ShardCtx {
     pub http_connections: Arc<AtomicUsize>,
     pub stats: Stats,
     pub metrics: crate::metrics::Metrics,
-    /// Set once a drain begins: no new connections, pushes or requests.
-    pub draining: Cell<bool>,
+    /// Running, draining (forced or not), or drained.
+    lifecycle: Cell<Lifecycle>,
     /// Woken when a drain begins (the accept loop stops).
     pub drain_started: shards::Notify,
-    /// Set when the drain must finish at once.
-    pub forced: Cell<bool>,
-    /// The drain handed the players over: nothing may change them now.
-    pub drained: Cell<bool>,
+    /// Woken when a drain is forced.
     pub force_wake: shards::Notify,
     /// Where `POST /v1/drain` goes (the process's coordinator).
     pub events: Option<flume::Sender<GatewayEvent>>,
@@ -329,10 +305,8 @@ impl ShardCtx {
             http_connections,
             stats: Stats::default(),
             metrics: Default::default(),
-            draining: Cell::new(false),
+            lifecycle: Cell::new(Lifecycle::Running),
             drain_started: shards::Notify::new(),
-            forced: Cell::new(false),
-            drained: Cell::new(false),
             force_wake: shards::Notify::new(),
             events: None,
             cluster: None,
@@ -340,6 +314,45 @@ impl ShardCtx {
             migrating: RefCell::new(HashMap::new()),
             cfg: RefCell::new(cfg),
         }
+    }
+
+    /// Where the shard is in its life.
+    pub fn lifecycle(&self) -> Lifecycle {
+        self.lifecycle.get()
+    }
+
+    /// A drain began (or is over): no new connections, pushes or requests.
+    pub fn is_draining(&self) -> bool {
+        self.lifecycle.get() != Lifecycle::Running
+    }
+
+    /// The drain handed the players over: nothing may change them now.
+    pub fn is_drained(&self) -> bool {
+        self.lifecycle.get() == Lifecycle::Drained
+    }
+
+    /// The drain must finish at once.
+    pub fn is_forced(&self) -> bool {
+        self.lifecycle.get() == Lifecycle::Draining { forced: true }
+    }
+
+    /// Begin a drain (forced or not), or force the one going on. Returns
+    /// true when this call began it.
+    pub fn drain(&self, force: bool) -> bool {
+        let (next, began) = self.lifecycle.get().drain(force);
+        self.lifecycle.set(next);
+        if began {
+            self.drain_started.notify();
+        }
+        if force {
+            self.force_wake.notify();
+        }
+        began
+    }
+
+    /// The players went to the drain's report.
+    pub fn drained(&self) {
+        self.lifecycle.set(Lifecycle::Drained);
     }
 
     /// The config now (a reload may replace it between two calls).
@@ -393,24 +406,14 @@ impl ShardCtx {
         let n = self.next_session.get();
         self.next_session.set(n + 1);
         let sid = ((self.id as u64) << 48) | n;
+        let session = Session::new(Instant::now(), self.cfg().limits.rate);
         self.sessions.borrow_mut().insert(
             sid,
             SessionEntry {
-                session: Session::new(),
+                session,
                 out,
                 ctl,
                 peer,
-                inflight: 0,
-                arrival: None,
-                replay_end: 0,
-                resume_failures: 0,
-                held: false,
-                bucket: (
-                    self.cfg().limits.rate.map_or(0.0, |r| r.burst),
-                    Instant::now(),
-                ),
-                close_reason: "",
-                last_rx: Instant::now(),
             },
         );
         sid
@@ -427,7 +430,7 @@ impl ShardCtx {
         if let Some(p) = player {
             self.detach(p, sid);
         }
-        (player, entry.close_reason)
+        (player, entry.session.close_reason())
     }
 
     fn detach(&self, player: u64, sid: SessionId) {
@@ -455,31 +458,21 @@ impl ShardCtx {
     /// Bytes arrived on a session.
     pub fn touch(&self, sid: SessionId, now: Instant) {
         if let Some(e) = self.sessions.borrow_mut().get_mut(&sid) {
-            e.last_rx = now;
+            e.session.touch(now);
         }
     }
 
     /// What the read loop of `sid` must do now.
     pub fn control(&self, sid: SessionId) -> Control {
-        let arrival = {
-            let mut sessions = self.sessions.borrow_mut();
-            let Some(e) = sessions.get_mut(&sid) else {
-                return Control::Close;
-            };
-            if e.session.is_closing() {
-                return Control::Close;
-            }
-            if e.held {
-                return Control::Pause;
-            }
-            match &e.arrival {
-                None => return Control::Continue,
-                Some(_) if e.inflight > 0 => return Control::Pause,
-                Some(_) => match e.arrival.take() {
-                    Some(a) => a,
-                    None => return Control::Continue,
-                },
-            }
+        let next = match self.sessions.borrow_mut().get_mut(&sid) {
+            Some(e) => e.session.next_step(),
+            None => Next::Close,
+        };
+        let arrival = match next {
+            Next::Read => return Control::Continue,
+            Next::Pause => return Control::Pause,
+            Next::Close => return Control::Close,
+            Next::Arrive(a) => a,
         };
         let home = shards::home_shard(arrival.player(), self.count);
         if home == self.id {
@@ -492,7 +485,7 @@ impl ShardCtx {
 
     /// A session on the player's home shard completes its login or resume.
     pub fn arrive(&self, sid: SessionId, arrival: Arrival) {
-        if self.drained.get() {
+        if self.is_drained() {
             // The players went to the snapshot: this one must come back
             // through the next gateway.
             return self.kick(sid, Code::Shutdown);
@@ -527,13 +520,7 @@ impl ShardCtx {
     pub fn accept_handoff(&self, sid: SessionId, arrival: Arrival) {
         bump(&self.stats.handoffs_in);
         if let Some(e) = self.sessions.borrow_mut().get_mut(&sid) {
-            e.session = match &arrival {
-                Arrival::Login { player, .. } => Session::binding(*player),
-                Arrival::Resume { failures, .. } => {
-                    e.resume_failures = *failures;
-                    Session::resuming()
-                }
-            };
+            e.session = Session::arriving(&arrival, Instant::now(), self.cfg().limits.rate);
         }
         self.arrive(sid, arrival);
     }
@@ -550,8 +537,9 @@ impl ShardCtx {
                 return;
             }
             e.out.push(f);
-            let replay_unsent = e.replay_end.saturating_sub(e.out.written_total()) as usize;
-            e.out.queued().saturating_sub(replay_unsent) > self.cfg().write_queue_bytes
+            e.session
+                .counted_queue(e.out.queued(), e.out.written_total())
+                > self.cfg().write_queue_bytes
         };
         if over {
             self.kick(sid, Code::SlowConsumer);
@@ -623,12 +611,11 @@ impl ShardCtx {
                 return;
             };
             let player = e.session.player();
-            if !e.session.close() {
+            if !e.session.close(code.name()) {
                 return;
             }
             bump(&self.stats.kicks);
             self.metrics.kick(code.into());
-            e.close_reason = code.name();
             tracing::info!(session = sid, peer = %e.peer, ?player, reason = code.name(), "kick");
             if code == Code::SlowConsumer {
                 e.out.discard();
@@ -653,9 +640,7 @@ impl ShardCtx {
                 return;
             };
             let player = e.session.player();
-            if e.session.close() {
-                e.close_reason = reason;
-            }
+            e.session.close(reason);
             e.out.close();
             e.ctl.notify();
             player
@@ -728,7 +713,7 @@ impl ShardCtx {
     }
 
     fn on_resume(&self, sid: SessionId, h: &Header, token: Bytes) {
-        if self.draining.get() {
+        if self.is_draining() {
             // Resume on the gateway that comes next.
             return self.kick(sid, Code::Shutdown);
         }
@@ -737,23 +722,11 @@ impl ShardCtx {
             let Some(e) = sessions.get_mut(&sid) else {
                 return;
             };
-            match e.session.on_resume() {
-                Decision::Forward { .. } => match token_player(&token) {
-                    Some(player) => {
-                        e.arrival = Some(Arrival::Resume {
-                            player,
-                            token,
-                            last: h.seq,
-                            failures: e.resume_failures,
-                        });
-                        e.ctl.notify();
-                        None
-                    }
-                    None => {
-                        e.session.resume_failed();
-                        Some(Code::ResumeRejected)
-                    }
-                },
+            match e.session.resume(token_player(&token), token, h.seq) {
+                Decision::Forward { .. } => {
+                    e.ctl.notify();
+                    None
+                }
                 Decision::Reply(code) => Some(code),
                 Decision::Ignore => None,
             }
@@ -769,10 +742,11 @@ impl ShardCtx {
             _ => bump(&self.stats.resumes_rejected),
         }
         self.send_error(sid, code);
-        let failures = self.sessions.borrow_mut().get_mut(&sid).map_or(0, |e| {
-            e.resume_failures = e.resume_failures.saturating_add(1);
-            e.resume_failures
-        });
+        let failures = self
+            .sessions
+            .borrow_mut()
+            .get_mut(&sid)
+            .map_or(0, |e| e.session.resume_refused());
         // Each refused resume may have moved the connection between
         // shards: a client that keeps guessing is cut off.
         if failures >= MAX_RESUME_FAILURES {
@@ -786,7 +760,7 @@ impl ShardCtx {
     fn on_request(&self, sid: SessionId, h: &Header, body: Bytes) {
         bump(&self.stats.requests);
         self.metrics.request(self.router().slot(h.msg_id));
-        if self.draining.get() {
+        if self.is_draining() {
             return self.respond(sid, h.req_id, h.msg_id, Code::ShuttingDown.into(), &[]);
         }
         let router = self.router();
@@ -797,29 +771,11 @@ impl ShardCtx {
             let Some(e) = sessions.get_mut(&sid) else {
                 return;
             };
-            let mut decision = e.session.on_request(route);
-            if let (Decision::Forward { login }, Some(rate)) = (decision, limits.rate) {
-                let now = Instant::now();
-                let (tokens, last) = e.bucket;
-                let tokens = (tokens
-                    + now.saturating_duration_since(last).as_secs_f64() * rate.per_second)
-                    .min(rate.burst);
-                if tokens < 1.0 {
-                    e.bucket = (tokens, now);
-                    if login {
-                        e.session.on_login_result(None);
-                    }
-                    bump(&self.stats.rate_limited);
-                    decision = Decision::Reply(Code::RateLimited);
-                } else {
-                    e.bucket = (tokens - 1.0, now);
-                }
-            }
-            if let Decision::Forward { login } = decision {
-                if !login && e.inflight >= limits.session_inflight {
-                    bump(&self.stats.overloaded);
-                    decision = Decision::Reply(Code::Overloaded);
-                }
+            let decision = e.session.admit(route, &limits, Instant::now());
+            match decision {
+                Decision::Reply(Code::RateLimited) => bump(&self.stats.rate_limited),
+                Decision::Reply(Code::Overloaded) => bump(&self.stats.overloaded),
+                _ => {}
             }
             (decision, e.session.player().unwrap_or(0))
         };
@@ -836,12 +792,9 @@ impl ShardCtx {
                     return;
                 };
                 match sent {
-                    Ok(()) if !login => e.inflight += 1,
-                    Ok(()) => {}
+                    Ok(()) => e.session.forwarded(login),
                     Err(code) => {
-                        if login {
-                            e.session.on_login_result(None);
-                        }
+                        e.session.not_forwarded(login);
                         if code == Code::Overloaded {
                             bump(&self.stats.overloaded);
                         }
@@ -885,7 +838,7 @@ impl ShardCtx {
         let mut sessions = self.sessions.borrow_mut();
         if let Some(e) = sessions.get_mut(&sid) {
             e.out.push(|out| out.extend_from_slice(&frames_before));
-            e.replay_end = e.out.pushed_total();
+            e.session.replayed_until(e.out.pushed_total());
         }
         true
     }
@@ -983,7 +936,7 @@ impl ShardCtx {
             .sessions
             .borrow()
             .iter()
-            .filter(|(_, e)| e.last_rx < cutoff && !e.session.is_closing())
+            .filter(|(_, e)| e.session.quiet_since(cutoff))
             .map(|(&sid, _)| sid)
             .collect();
         for sid in idle {
@@ -1290,7 +1243,12 @@ impl ShardCtx {
     fn player_inflight(&self, player: u64) -> u32 {
         let session = self.players.borrow().get(&player).and_then(|p| p.session);
         session
-            .and_then(|sid| self.sessions.borrow().get(&sid).map(|e| e.inflight))
+            .and_then(|sid| {
+                self.sessions
+                    .borrow()
+                    .get(&sid)
+                    .map(|e| e.session.inflight())
+            })
             .unwrap_or(0)
     }
 
@@ -1298,7 +1256,7 @@ impl ShardCtx {
         let session = self.players.borrow().get(&player).and_then(|p| p.session);
         if let Some(sid) = session {
             if let Some(e) = self.sessions.borrow_mut().get_mut(&sid) {
-                e.held = held;
+                e.session.hold(held);
                 e.ctl.notify();
             }
         }
@@ -1321,10 +1279,8 @@ impl ShardCtx {
             let mut sessions = self.sessions.borrow_mut();
             if let Some(e) = sessions.get_mut(&sid) {
                 e.out.push(|out| encode(out, &h, &body));
-                e.session.close();
-                e.close_reason = "REDIRECT";
+                e.session.close("REDIRECT");
                 e.out.close();
-                e.held = false;
                 e.ctl.notify();
             }
         }
@@ -1365,7 +1321,7 @@ impl ShardCtx {
             .sessions
             .borrow()
             .iter()
-            .filter(|(_, e)| !e.session.is_closing() && e.last_rx <= quiet_since)
+            .filter(|(_, e)| e.session.quiet_after(quiet_since))
             .map(|(&sid, _)| sid)
             .collect();
         for sid in quiet {
@@ -1477,8 +1433,7 @@ impl AnswerSink for ShardCtx {
             return self.on_login_answer(p, a);
         }
         if let Some(e) = self.sessions.borrow_mut().get_mut(&p.session) {
-            e.inflight = e.inflight.saturating_sub(1);
-            if e.inflight == 0 && e.arrival.is_some() {
+            if e.session.answered() {
                 e.ctl.notify();
             }
         }
@@ -1530,17 +1485,19 @@ impl ShardCtx {
             let Some(e) = sessions.get_mut(&p.session) else {
                 return;
             };
-            let binding = e.session.on_login_result(accepted);
-            if binding {
-                e.arrival = Some(Arrival::Login {
-                    player: a.player,
+            let binding = match accepted {
+                Some(player) => e.session.login_accepted(Arrival::Login {
+                    player,
                     reply: LoginReply {
                         req_id: p.req_id,
                         msg_id: a.msg_id,
                         code: a.code,
                         body: a.body.clone(),
                     },
-                });
+                }),
+                None => e.session.on_login_result(None),
+            };
+            if binding {
                 e.ctl.notify();
             }
             binding
@@ -1804,4 +1761,23 @@ pub async fn evacuate_shard(ctx: Rc<ShardCtx>, to: String) -> (u64, u64) {
         }
     }
     (ok, failed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Lifecycle;
+
+    #[test]
+    fn a_drain_only_moves_forward() {
+        let (d, began) = Lifecycle::Running.drain(false);
+        assert_eq!((d, began), (Lifecycle::Draining { forced: false }, true));
+        let (f, began) = d.drain(true);
+        assert_eq!((f, began), (Lifecycle::Draining { forced: true }, false));
+        assert_eq!(f.drain(false).0, f, "a forced drain stays forced");
+        assert_eq!(
+            Lifecycle::Running.drain(true),
+            (Lifecycle::Draining { forced: true }, true)
+        );
+        assert_eq!(Lifecycle::Drained.drain(true), (Lifecycle::Drained, false));
+    }
 }

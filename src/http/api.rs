@@ -43,7 +43,7 @@ async fn route(ctx: &ShardCtx, req: Request) -> Response {
     let method = req.method.as_str();
     match req.path.as_str() {
         "/healthz" => match method {
-            "GET" if ctx.draining.get() => Response::json(503, "{\"status\":\"draining\"}".into()),
+            "GET" if ctx.is_draining() => Response::json(503, "{\"status\":\"draining\"}".into()),
             "GET" => Response::json(200, "{\"status\":\"ok\"}".into()),
             _ => Response::error(405, "use GET"),
         },
@@ -72,7 +72,7 @@ async fn route(ctx: &ShardCtx, req: Request) -> Response {
             "GET" => metrics(ctx).await,
             _ => Response::error(405, "use GET"),
         },
-        "/v1/push" | "/v1/broadcast" if ctx.draining.get() => {
+        "/v1/push" | "/v1/broadcast" if ctx.is_draining() => {
             Response::error(503, "the gateway is draining")
         }
         "/v1/push" => match method {

@@ -1,12 +1,17 @@
 //! One client connection's rules: its state (connected, authenticating,
-//! binding, authenticated, closing) and what each request is allowed to do
-//! in it. Plain data driven by events, tested without sockets; the glommio
-//! tasks that move bytes live in [`conn`].
+//! binding, authenticated, closing), what each request is allowed to do in
+//! it (auth, login gate, rate, in-flight bound), the login or resume it
+//! waits to complete, and its liveness. Plain data driven by events with
+//! `now` passed in, tested without sockets; the glommio tasks that move
+//! bytes live in [`conn`].
 
 pub mod conn;
 
+use crate::config::{Limits, RateLimit};
 use crate::protocol::Code;
 use crate::router::Route;
+use bytes::Bytes;
+use std::time::Instant;
 
 /// A session's id, unique in the process: the shard index in the top 16
 /// bits, a per-shard counter below.
@@ -41,30 +46,144 @@ pub enum Decision {
     Ignore,
 }
 
+/// The login answer that completes a login on the home shard.
+#[derive(Debug, Clone)]
+pub struct LoginReply {
+    pub req_id: u32,
+    pub msg_id: u32,
+    pub code: u16,
+    pub body: Bytes,
+}
+
+/// Why a session goes to a player's home shard.
+#[derive(Debug, Clone)]
+pub enum Arrival {
+    /// The backend accepted a login for `player`.
+    Login { player: u64, reply: LoginReply },
+    /// The client asked to resume `player` from seq `last` with `token`;
+    /// `failures` resumes already failed on this connection.
+    Resume {
+        player: u64,
+        token: Bytes,
+        last: u64,
+        failures: u8,
+    },
+}
+
+impl Arrival {
+    pub fn player(&self) -> u64 {
+        match self {
+            Arrival::Login { player, .. } | Arrival::Resume { player, .. } => *player,
+        }
+    }
+}
+
+/// What the read loop of a session must do next.
+#[derive(Debug)]
+pub enum Next {
+    /// Go on reading.
+    Read,
+    /// Stop reading and wait: a login or resume waits for the session's
+    /// other requests to finish, or its player is migrating.
+    Pause,
+    /// Close the connection after the queued output.
+    Close,
+    /// Complete this login or resume (on the player's home shard).
+    Arrive(Arrival),
+}
+
+/// The per-session token bucket of `limits.rate`.
+#[derive(Debug, Clone, Copy)]
+pub struct RateBucket {
+    /// Requests that may go now (fractions accrue).
+    tokens: f64,
+    /// When `tokens` was last brought up to date.
+    refilled_at: Instant,
+}
+
+impl RateBucket {
+    /// A full bucket (`burst` tokens; 0 without a rate limit).
+    pub fn full(rate: Option<RateLimit>, now: Instant) -> RateBucket {
+        RateBucket {
+            tokens: rate.map_or(0.0, |r| r.burst),
+            refilled_at: now,
+        }
+    }
+
+    /// Take one token if there is one.
+    pub fn take(&mut self, rate: RateLimit, now: Instant) -> bool {
+        let tokens = (self.tokens
+            + now
+                .saturating_duration_since(self.refilled_at)
+                .as_secs_f64()
+                * rate.per_second)
+            .min(rate.burst);
+        self.refilled_at = now;
+        if tokens < 1.0 {
+            self.tokens = tokens;
+            false
+        } else {
+            self.tokens = tokens - 1.0;
+            true
+        }
+    }
+}
+
 /// The rules of one session.
 #[derive(Debug, Clone)]
 pub struct Session {
     state: State,
+    /// Requests of this session at a backend, login excluded.
+    inflight: u32,
+    /// A login or resume waiting for `inflight` to reach 0.
+    arrival: Option<Arrival>,
+    /// Resumes refused on this connection (it moves with a hand-off: a
+    /// client that keeps guessing is cut off).
+    resume_failures: u8,
+    /// Its player is migrating: read nothing more until it is done.
+    held: bool,
+    /// The per-session rate limit.
+    bucket: RateBucket,
+    /// Why the session is closing, for the log line of its end.
+    close_reason: &'static str,
+    /// Stream offset where the last outbox replay ends: replayed bytes not
+    /// yet written do not count against `write_queue_bytes` (they are
+    /// bounded by the outbox limits already).
+    replay_end: u64,
+    /// When the client last sent anything (the idle kick).
+    last_rx: Instant,
 }
 
-impl Default for Session {
-    fn default() -> Self {
-        Session::new()
-    }
-}
+/// Refused resumes one connection may make before it is closed.
+pub const MAX_RESUME_FAILURES: u8 = 8;
 
 impl Session {
-    pub fn new() -> Session {
+    /// A new connection, not logged in.
+    pub fn new(now: Instant, rate: Option<RateLimit>) -> Session {
         Session {
             state: State::Connected,
+            inflight: 0,
+            arrival: None,
+            resume_failures: 0,
+            held: false,
+            bucket: RateBucket::full(rate, now),
+            close_reason: "",
+            replay_end: 0,
+            last_rx: now,
         }
     }
 
-    /// A session that arrives from another shard with its login accepted.
-    pub fn binding(player: u64) -> Session {
-        Session {
-            state: State::Binding { player },
+    /// A connection that arrives from another shard to complete `arrival`.
+    pub fn arriving(arrival: &Arrival, now: Instant, rate: Option<RateLimit>) -> Session {
+        let mut s = Session::new(now, rate);
+        match arrival {
+            Arrival::Login { player, .. } => s.state = State::Binding { player: *player },
+            Arrival::Resume { failures, .. } => {
+                s.state = State::Resuming;
+                s.resume_failures = *failures;
+            }
         }
+        s
     }
 
     pub fn state(&self) -> State {
@@ -77,6 +196,31 @@ impl Session {
             State::Authenticated { player } => Some(player),
             _ => None,
         }
+    }
+
+    /// Requests of this session at a backend (login excluded).
+    pub fn inflight(&self) -> u32 {
+        self.inflight
+    }
+
+    /// Why it is closing ("" while open).
+    pub fn close_reason(&self) -> &'static str {
+        self.close_reason
+    }
+
+    /// Bytes arrived from the client.
+    pub fn touch(&mut self, now: Instant) {
+        self.last_rx = now;
+    }
+
+    /// Open, and nothing received since before `cutoff`.
+    pub fn quiet_since(&self, cutoff: Instant) -> bool {
+        !self.is_closing() && self.last_rx < cutoff
+    }
+
+    /// Open, and nothing received after `t` (a drain's quiet check).
+    pub fn quiet_after(&self, t: Instant) -> bool {
+        !self.is_closing() && self.last_rx <= t
     }
 
     /// Decide what a request with this route (None: no route) does.
@@ -106,6 +250,51 @@ impl Session {
         Decision::Forward { login: false }
     }
 
+    /// The whole pipeline of a request: state and route ([`on_request`]),
+    /// then the rate limit (`RATE_LIMITED`), then the in-flight bound
+    /// (`OVERLOADED`; a login is not bounded by it).
+    ///
+    /// [`on_request`]: Session::on_request
+    pub fn admit(&mut self, route: Option<&Route>, limits: &Limits, now: Instant) -> Decision {
+        let decision = self.on_request(route);
+        let Decision::Forward { login } = decision else {
+            return decision;
+        };
+        if let Some(rate) = limits.rate {
+            if !self.bucket.take(rate, now) {
+                if login {
+                    self.on_login_result(None);
+                }
+                return Decision::Reply(Code::RateLimited);
+            }
+        }
+        if !login && self.inflight >= limits.session_inflight {
+            return Decision::Reply(Code::Overloaded);
+        }
+        decision
+    }
+
+    /// A request [`admit`](Session::admit) let through went to a backend.
+    pub fn forwarded(&mut self, login: bool) {
+        if !login {
+            self.inflight += 1;
+        }
+    }
+
+    /// A request let through could not be sent (the gateway answers it).
+    pub fn not_forwarded(&mut self, login: bool) {
+        if login {
+            self.on_login_result(None);
+        }
+    }
+
+    /// A request of this session was answered. True: a login or resume
+    /// waited for it and may now go on (wake the read loop).
+    pub fn answered(&mut self) -> bool {
+        self.inflight = self.inflight.saturating_sub(1);
+        self.inflight == 0 && self.arrival.is_some()
+    }
+
     /// The login's answer: `Some(player)` accepted, `None` rejected (or it
     /// failed). Returns whether the session now waits to be bound.
     pub fn on_login_result(&mut self, accepted: Option<u64>) -> bool {
@@ -124,6 +313,17 @@ impl Session {
         }
     }
 
+    /// The backend accepted the login: once the session's other requests
+    /// are done, `arrival` completes it. False: the session was not
+    /// logging in (a late answer), nothing changes.
+    pub fn login_accepted(&mut self, arrival: Arrival) -> bool {
+        let binding = self.on_login_result(Some(arrival.player()));
+        if binding {
+            self.arrival = Some(arrival);
+        }
+        binding
+    }
+
     /// A RESUME arrived. `Forward` = serve it (the session is now
     /// resuming); `Reply` = answer `ERROR` with the code; `Ignore` = closing.
     pub fn on_resume(&mut self) -> Decision {
@@ -137,10 +337,28 @@ impl Session {
         }
     }
 
-    /// A session that arrives from another shard to resume.
-    pub fn resuming() -> Session {
-        Session {
-            state: State::Resuming,
+    /// A RESUME with `token` (for `player`) from seq `last`: served once
+    /// the session's other requests are done. `Reply`: refused at once
+    /// (`player` None: the token names nobody).
+    pub fn resume(&mut self, player: Option<u64>, token: Bytes, last: u64) -> Decision {
+        let d = self.on_resume();
+        if d != (Decision::Forward { login: false }) {
+            return d;
+        }
+        match player {
+            Some(player) => {
+                self.arrival = Some(Arrival::Resume {
+                    player,
+                    token,
+                    last,
+                    failures: self.resume_failures,
+                });
+                d
+            }
+            None => {
+                self.resume_failed();
+                Decision::Reply(Code::ResumeRejected)
+            }
         }
     }
 
@@ -149,6 +367,12 @@ impl Session {
         if self.state == State::Resuming {
             self.state = State::Connected;
         }
+    }
+
+    /// One more resume was refused on this connection; how many now.
+    pub fn resume_refused(&mut self) -> u8 {
+        self.resume_failures = self.resume_failures.saturating_add(1);
+        self.resume_failures
     }
 
     /// A login accepted by the backend could not be completed (the player
@@ -166,10 +390,44 @@ impl Session {
         }
     }
 
-    /// Start closing; returns false if it already was.
-    pub fn close(&mut self) -> bool {
+    /// The outbox replay queued at bind ends at this stream offset.
+    pub fn replayed_until(&mut self, end: u64) {
+        self.replay_end = end;
+    }
+
+    /// Of `queued` unsent bytes, those that count against
+    /// `write_queue_bytes` (`written`: bytes written so far).
+    pub fn counted_queue(&self, queued: usize, written: u64) -> usize {
+        queued.saturating_sub(self.replay_end.saturating_sub(written) as usize)
+    }
+
+    /// Its player is migrating (true) or no longer (false).
+    pub fn hold(&mut self, held: bool) {
+        self.held = held;
+    }
+
+    /// What the read loop must do now.
+    pub fn next_step(&mut self) -> Next {
+        if self.is_closing() {
+            return Next::Close;
+        }
+        if self.held || (self.arrival.is_some() && self.inflight > 0) {
+            return Next::Pause;
+        }
+        match self.arrival.take() {
+            Some(a) => Next::Arrive(a),
+            None => Next::Read,
+        }
+    }
+
+    /// Start closing for `reason`; returns false if it already was.
+    pub fn close(&mut self, reason: &'static str) -> bool {
         let was = self.state != State::Closing;
         self.state = State::Closing;
+        self.held = false;
+        if was {
+            self.close_reason = reason;
+        }
         was
     }
 
@@ -182,6 +440,11 @@ impl Session {
 mod tests {
     use super::*;
     use crate::config::Balance;
+    use std::time::Duration;
+
+    fn fresh() -> Session {
+        Session::new(Instant::now(), None)
+    }
 
     fn route(auth: bool, login: bool) -> Route {
         Route {
@@ -198,7 +461,7 @@ mod tests {
     #[test]
     fn login_lifecycle() {
         let (login, game, open) = (route(false, true), route(true, false), route(false, false));
-        let mut s = Session::new();
+        let mut s = fresh();
         assert_eq!(s.on_request(None), Decision::Reply(Code::NoRoute));
         assert_eq!(
             s.on_request(Some(&game)),
@@ -243,8 +506,8 @@ mod tests {
             s.on_request(Some(&login)),
             Decision::Reply(Code::AlreadyAuthenticated)
         );
-        assert!(s.close());
-        assert!(!s.close());
+        assert!(s.close("test"));
+        assert!(!s.close("test"));
         assert_eq!(s.on_request(Some(&game)), Decision::Ignore);
         s.bind(42);
         assert!(s.is_closing());
@@ -252,7 +515,7 @@ mod tests {
 
     #[test]
     fn resume_only_from_a_logged_out_session() {
-        let mut s = Session::new();
+        let mut s = fresh();
         assert_eq!(s.on_resume(), Decision::Forward { login: false });
         assert_eq!(s.state(), State::Resuming);
         assert_eq!(s.on_resume(), Decision::Reply(Code::ResumeRejected));
@@ -264,20 +527,202 @@ mod tests {
         assert_eq!(s.state(), State::Connected);
         s.bind(3);
         assert_eq!(s.on_resume(), Decision::Reply(Code::ResumeRejected));
-        let mut t = Session::new();
+        let mut t = fresh();
         assert_eq!(
             t.on_request(Some(&route(false, true))),
             Decision::Forward { login: true }
         );
         assert_eq!(t.on_resume(), Decision::Reply(Code::ResumeRejected));
-        t.close();
+        t.close("test");
         assert_eq!(t.on_resume(), Decision::Ignore);
     }
 
     #[test]
     fn a_late_login_answer_changes_nothing() {
-        let mut s = Session::new();
+        let mut s = fresh();
         assert!(!s.on_login_result(Some(1)));
         assert_eq!(s.state(), State::Connected);
+    }
+
+    fn limits(rate: Option<RateLimit>, inflight: u32) -> Limits {
+        Limits {
+            rate,
+            session_inflight: inflight,
+            ..Limits::default()
+        }
+    }
+
+    #[test]
+    fn the_rate_bucket_refills_with_time_and_refuses_when_empty() {
+        let t0 = Instant::now();
+        let rate = RateLimit {
+            per_second: 10.0,
+            burst: 2.0,
+        };
+        let l = limits(Some(rate), 100);
+        let mut s = Session::new(t0, Some(rate));
+        let open = route(false, false);
+        assert_eq!(
+            s.admit(Some(&open), &l, t0),
+            Decision::Forward { login: false }
+        );
+        assert_eq!(
+            s.admit(Some(&open), &l, t0),
+            Decision::Forward { login: false }
+        );
+        assert_eq!(
+            s.admit(Some(&open), &l, t0),
+            Decision::Reply(Code::RateLimited)
+        );
+        // 100 ms at 10/s: one more.
+        let t1 = t0 + Duration::from_millis(100);
+        assert_eq!(
+            s.admit(Some(&open), &l, t1),
+            Decision::Forward { login: false }
+        );
+        assert_eq!(
+            s.admit(Some(&open), &l, t1),
+            Decision::Reply(Code::RateLimited)
+        );
+        // A refused login leaves the session logged out, able to try again.
+        let t2 = t1 + Duration::from_secs(10);
+        let login = route(false, true);
+        assert_eq!(
+            s.admit(Some(&login), &l, t2),
+            Decision::Forward { login: true }
+        );
+        assert!(!s.on_login_result(None));
+        assert_eq!(
+            s.admit(Some(&login), &l, t2),
+            Decision::Forward { login: true }
+        );
+        s.on_login_result(None);
+        let t2 = t2 + Duration::from_millis(1);
+        assert_eq!(
+            s.admit(Some(&login), &l, t2),
+            Decision::Reply(Code::RateLimited)
+        );
+        assert_eq!(s.state(), State::Connected);
+    }
+
+    #[test]
+    fn the_in_flight_bound_counts_forwarded_requests_but_not_logins() {
+        let now = Instant::now();
+        let l = limits(None, 2);
+        let mut s = fresh();
+        let open = route(false, false);
+        for _ in 0..2 {
+            assert_eq!(
+                s.admit(Some(&open), &l, now),
+                Decision::Forward { login: false }
+            );
+            s.forwarded(false);
+        }
+        assert_eq!(
+            s.admit(Some(&open), &l, now),
+            Decision::Reply(Code::Overloaded)
+        );
+        assert_eq!(
+            s.admit(Some(&route(false, true)), &l, now),
+            Decision::Forward { login: true }
+        );
+        s.forwarded(true);
+        assert_eq!(s.inflight(), 2);
+        assert!(!s.answered(), "nothing waits for it");
+        assert_eq!(
+            s.admit(Some(&open), &l, now),
+            Decision::Forward { login: false }
+        );
+    }
+
+    #[test]
+    fn a_login_waits_for_the_requests_in_flight_then_arrives() {
+        let mut s = fresh();
+        let l = limits(None, 10);
+        let now = Instant::now();
+        s.admit(Some(&route(false, false)), &l, now);
+        s.forwarded(false);
+        s.admit(Some(&route(false, true)), &l, now);
+        s.forwarded(true);
+        let reply = LoginReply {
+            req_id: 1,
+            msg_id: 1,
+            code: 0,
+            body: Bytes::new(),
+        };
+        assert!(s.login_accepted(Arrival::Login { player: 7, reply }));
+        assert!(matches!(s.next_step(), Next::Pause));
+        assert!(s.answered(), "the last request in flight wakes it");
+        assert!(matches!(
+            s.next_step(),
+            Next::Arrive(Arrival::Login { player: 7, .. })
+        ));
+        assert!(matches!(s.next_step(), Next::Read));
+        s.hold(true);
+        assert!(matches!(s.next_step(), Next::Pause));
+        s.close("test");
+        assert!(matches!(s.next_step(), Next::Close));
+        assert_eq!(s.close_reason(), "test");
+    }
+
+    #[test]
+    fn a_resume_with_a_token_for_nobody_is_refused_and_counted() {
+        let mut s = fresh();
+        assert_eq!(
+            s.resume(None, Bytes::new(), 0),
+            Decision::Reply(Code::ResumeRejected)
+        );
+        assert_eq!(s.state(), State::Connected);
+        assert_eq!(s.resume_refused(), 1);
+        assert_eq!(
+            s.resume(Some(9), Bytes::from_static(b"t"), 4),
+            Decision::Forward { login: false }
+        );
+        match s.next_step() {
+            Next::Arrive(Arrival::Resume {
+                player: 9,
+                last: 4,
+                failures: 1,
+                ..
+            }) => {}
+            other => panic!("{other:?}"),
+        }
+        let moved = Session::arriving(
+            &Arrival::Resume {
+                player: 9,
+                token: Bytes::new(),
+                last: 4,
+                failures: 3,
+            },
+            Instant::now(),
+            None,
+        );
+        assert_eq!(moved.state(), State::Resuming);
+        assert_eq!(moved.clone().resume_refused(), 4, "failures move with it");
+    }
+
+    #[test]
+    fn replayed_bytes_do_not_count_against_the_write_queue() {
+        let mut s = fresh();
+        s.replayed_until(1000);
+        assert_eq!(s.counted_queue(1200, 0), 200);
+        assert_eq!(s.counted_queue(700, 500), 200);
+        assert_eq!(s.counted_queue(50, 2000), 50);
+    }
+
+    #[test]
+    fn idle_and_quiet_checks_use_the_last_receive() {
+        let t0 = Instant::now();
+        let mut s = Session::new(t0, None);
+        let t1 = t0 + Duration::from_secs(5);
+        assert!(s.quiet_since(t1));
+        s.touch(t1);
+        assert!(!s.quiet_since(t1));
+        assert!(s.quiet_after(t1));
+        s.close("test");
+        assert!(
+            !s.quiet_since(t1 + Duration::from_secs(1)),
+            "closing is not idle"
+        );
     }
 }
