@@ -503,9 +503,9 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
         stop.clone(),
         connections,
         http_conns,
+        cluster,
     );
     ctx.events = Some(events);
-    ctx.cluster = cluster;
     let ctx = Rc::new(ctx);
     *ctx.this.borrow_mut() = Rc::downgrade(&ctx);
     if let Some(images) = restore.get(id).and_then(|rx| rx.try_recv().ok()) {
@@ -572,11 +572,7 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
         glommio::spawn_local(async move {
             while !ctx.stop.is_stopped() {
                 futures_lite::future::or(glommio::timer::sleep(period), ctx.stop.stopped()).await;
-                let now = Instant::now();
-                if let Some(cutoff) = now.checked_sub(ctx.cfg().session_idle) {
-                    ctx.kick_idle(cutoff);
-                }
-                ctx.end_lingering(now);
+                ctx.tick();
             }
         })
     };
@@ -593,7 +589,7 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
                     })
                     .await;
                 match msg {
-                    Some(ShardMsg::Handoff(h)) => crate::session::conn::adopt(ctx.clone(), *h),
+                    Some(ShardMsg::Handoff(h)) => crate::shard::conn::adopt(ctx.clone(), *h),
                     Some(ShardMsg::PlayerInfo { player, reply }) => {
                         let _ = reply.try_send(ctx.player_info(player));
                     }
@@ -653,14 +649,15 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
                     Some(ShardMsg::Evacuate { to, reply }) => {
                         let ctx = ctx.clone();
                         glommio::spawn_local(async move {
-                            let _ = reply.send(crate::shard::evacuate_shard(ctx, to).await);
+                            let _ =
+                                reply.send(crate::shard::cluster::evacuate_shard(ctx, to).await);
                         })
                         .detach();
                     }
                     Some(ShardMsg::Migrate { player, to, reply }) => {
                         let ctx = ctx.clone();
                         glommio::spawn_local(async move {
-                            let r = crate::shard::migrate_player(ctx, player, to).await;
+                            let r = crate::shard::cluster::migrate_player(ctx, player, to).await;
                             let _ = reply.send(r);
                         })
                         .detach();
@@ -700,15 +697,15 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
             .peer_addr()
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
         let Some(slot) = crate::net::Slot::take(&ctx.connections, ctx.cfg().max_connections) else {
-            ctx.stats
-                .refused_max_connections
-                .set(ctx.stats.refused_max_connections.get() + 1);
+            let st = ctx.stats();
+            st.refused_max_connections
+                .set(st.refused_max_connections.get() + 1);
             tracing::debug!(shard = id, %peer, "refused: max_connections");
             drop(stream);
             continue;
         };
-        ctx.stats.accepted.set(ctx.stats.accepted.get() + 1);
-        glommio::spawn_local(crate::session::conn::serve(
+        ctx.stats().accepted.set(ctx.stats().accepted.get() + 1);
+        glommio::spawn_local(crate::shard::conn::serve(
             ctx.clone(),
             slot,
             stream,
@@ -735,12 +732,21 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
     for t in backend_tasks {
         t.await;
     }
+    let (accepted, refused_max_connections, logins_ok, protocol_errors) = {
+        let st = ctx.stats();
+        (
+            st.accepted.get(),
+            st.refused_max_connections.get(),
+            st.logins_ok.get(),
+            st.protocol_errors.get(),
+        )
+    };
     ShardReport {
         shard: id,
-        accepted: ctx.stats.accepted.get(),
-        refused_max_connections: ctx.stats.refused_max_connections.get(),
-        logins_ok: ctx.stats.logins_ok.get(),
-        protocol_errors: ctx.stats.protocol_errors.get(),
+        accepted,
+        refused_max_connections,
+        logins_ok,
+        protocol_errors,
     }
 }
 
@@ -783,7 +789,7 @@ async fn run_http(ctx: Rc<ShardCtx>, listener: glommio::net::TcpListener) {
         glommio::spawn_local(async move {
             let stop = ctx2.stop.clone();
             let handler = |req| crate::http::api::handle(ctx2.clone(), req);
-            let count = |status| ctx2.metrics.http(status);
+            let count = |status| ctx2.metrics().http(status);
             futures_lite::future::or(
                 crate::http::serve_conn(stream, limits, handler, count),
                 stop.stopped(),

@@ -6,8 +6,9 @@
 //! | [`protocol`] | frames, kinds, codes, the codec of both links |
 //! | [`config`] | the RON file: schema, loading, validation |
 //! | [`gateway`] | start and stop a whole gateway (shards, listeners) |
-//! | [`shard`] | what one shard owns and the handlers that change it |
-//! | [`session`] | one connection: rules ([`session::Session`]) and its tasks ([`session::conn`]) |
+//! | [`core`] | one shard's tables and every protocol rule, with no I/O |
+//! | [`shard`] | the shell around the core: tasks, backends, mesh, cluster flows |
+//! | [`session`] | one connection's rules ([`session::Session`]); its tasks are [`shard::conn`] |
 //! | [`player`] | seq counter, acks, token, bound session |
 //! | [`router`] | msg_id ranges to services, instance choice |
 //! | [`backend`] | per-shard backend connections, req_id multiplexing, deadlines |
@@ -22,6 +23,7 @@ pub mod backend;
 pub mod client;
 pub mod cluster;
 pub mod config;
+pub mod core;
 pub mod demo;
 pub mod gateway;
 pub mod http;

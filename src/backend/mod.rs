@@ -78,16 +78,7 @@ impl Pending {
     }
 }
 
-/// What a backend (or the gateway on its behalf) answered.
-#[derive(Debug, Clone)]
-pub struct Answer {
-    /// From the backend itself (false: the gateway answered for it).
-    pub from_backend: bool,
-    pub code: u16,
-    pub msg_id: u32,
-    pub player: u64,
-    pub body: Bytes,
-}
+pub use crate::core::Answer;
 
 impl Answer {
     /// A gateway error answer for `p`.

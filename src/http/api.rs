@@ -600,7 +600,7 @@ async fn migrate(ctx: &ShardCtx, req: &Request) -> Response {
         if let Some(me) = ctx.this.borrow().upgrade() {
             let to = to.to_string();
             glommio::spawn_local(async move {
-                let r = crate::shard::migrate_player(me, player, to).await;
+                let r = crate::shard::cluster::migrate_player(me, player, to).await;
                 let _ = tx.send(r);
             })
             .detach();
@@ -653,7 +653,7 @@ async fn evacuate(ctx: &ShardCtx, req: &Request) -> Response {
                 Some(me) => {
                     let (to, tx) = (to.to_string(), tx.clone());
                     glommio::spawn_local(async move {
-                        let _ = tx.send(crate::shard::evacuate_shard(me, to).await);
+                        let _ = tx.send(crate::shard::cluster::evacuate_shard(me, to).await);
                     })
                     .detach();
                     true

@@ -3,9 +3,7 @@
 //! it (auth, login gate, rate, in-flight bound), the login or resume it
 //! waits to complete, and its liveness. Plain data driven by events with
 //! `now` passed in, tested without sockets; the glommio tasks that move
-//! bytes live in [`conn`].
-
-pub mod conn;
+//! bytes live in the shell (`shard::conn`).
 
 use crate::config::{Limits, RateLimit};
 use crate::protocol::Code;
@@ -281,10 +279,13 @@ impl Session {
         }
     }
 
-    /// A request let through could not be sent (the gateway answers it).
+    /// A request [`forwarded`](Session::forwarded) could not be sent after
+    /// all (the gateway answers it): it is not in flight.
     pub fn not_forwarded(&mut self, login: bool) {
         if login {
             self.on_login_result(None);
+        } else {
+            self.inflight = self.inflight.saturating_sub(1);
         }
     }
 
@@ -628,6 +629,13 @@ mod tests {
         );
         s.forwarded(true);
         assert_eq!(s.inflight(), 2);
+        s.not_forwarded(false);
+        assert_eq!(
+            s.inflight(),
+            1,
+            "a request that could not be sent is not in flight"
+        );
+        s.forwarded(false);
         assert!(!s.answered(), "nothing waits for it");
         assert_eq!(
             s.admit(Some(&open), &l, now),

@@ -3,16 +3,18 @@
 //! output in batches, and the hand-off of a logged-in connection to its
 //! player's home shard (the fd moves with the bytes already read).
 
+use crate::core::Transmit;
 use crate::net::Slot;
-use crate::net::{read_more, Outbound, ReadMore, SharedStream};
+use crate::net::{read_more, ReadMore, SharedStream};
 use crate::session::SessionId;
-use crate::shard::{Arrival, Control, Handoff, ShardCtx, ShardMsg};
+use crate::shard::{Arrival, Handoff, ShardCtx, ShardMsg, Step};
 use bytes::BytesMut;
+use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Smallest read: what an idle connection's buffer costs.
 const READ_MIN: usize = 512;
@@ -39,19 +41,12 @@ pub async fn serve(
 ) {
     let _ = stream.set_nodelay(true);
     let stream = SharedStream::new(stream);
-    let out = Rc::new(Outbound::new());
     let ctl = Rc::new(shards::Notify::new());
-    let sid = ctx.add_session(peer, out.clone(), ctl.clone());
+    let wake = Rc::new(shards::Notify::new());
+    let sid = ctx.add_session(peer, ctl.clone(), wake.clone());
     let writer = {
-        let (out, stream, ctx) = (out.clone(), stream.clone(), ctx.clone());
-        glommio::spawn_local(async move {
-            let r = out.run_writer(stream).await;
-            if r.is_err() {
-                // The peer is gone: stop counting the session as live.
-                ctx.close(sid, "write error");
-            }
-            r
-        })
+        let (stream, ctx) = (stream.clone(), ctx.clone());
+        glommio::spawn_local(async move { write_loop(&ctx, sid, stream, &wake).await })
     };
     match arrived {
         Some(arrival) => ctx.accept_handoff(sid, arrival),
@@ -60,7 +55,7 @@ pub async fn serve(
     let end = read_loop(&ctx, sid, &stream, &mut buf, &ctl).await;
     match end {
         End::Close => {
-            out.close();
+            ctx.finish_output(sid);
             let flushed = futures_lite::future::or(async { writer.await.is_ok() }, async {
                 glommio::timer::sleep(CLOSE_FLUSH).await;
                 false
@@ -75,7 +70,7 @@ pub async fn serve(
         }
         End::Handoff { home, arrival } => {
             // Everything already queued goes out from here first.
-            out.close();
+            ctx.finish_output(sid);
             let flushed = futures_lite::future::or(async { writer.await.is_ok() }, async {
                 glommio::timer::sleep(CLOSE_FLUSH).await;
                 false
@@ -94,7 +89,10 @@ pub async fn serve(
                 tracing::info!(session = sid, %peer, kicked, "hand-off abandoned");
                 return;
             };
-            ctx.stats.handoffs_out.set(ctx.stats.handoffs_out.get() + 1);
+            {
+                let st = ctx.stats();
+                st.handoffs_out.set(st.handoffs_out.get() + 1);
+            }
             let msg = ShardMsg::Handoff(Box::new(Handoff {
                 fd,
                 slot,
@@ -105,6 +103,27 @@ pub async fn serve(
             // If the home shard is gone (stopping), the message is dropped
             // and with it the fd and the slot.
             let _ = ctx.mesh.send(home, msg);
+        }
+    }
+}
+
+/// The writer: writes what the core queued for `sid`, batch by batch,
+/// until the core says the output is finished. Ok: everything was written.
+async fn write_loop(
+    ctx: &ShardCtx,
+    sid: SessionId,
+    mut stream: SharedStream,
+    wake: &shards::Notify,
+) -> std::io::Result<()> {
+    loop {
+        match ctx.poll_transmit(sid) {
+            Transmit::Bytes(batch) => {
+                let r = stream.write_all(&batch).await;
+                ctx.written(sid, r.is_ok());
+                r?;
+            }
+            Transmit::Idle => wake.notified().await,
+            Transmit::Done => return Ok(()),
         }
     }
 }
@@ -153,11 +172,11 @@ async fn read_loop(
 ) -> End {
     let mut chunk = READ_MIN;
     loop {
-        match ctx.control(sid) {
-            Control::Continue => {}
-            Control::Close => return End::Close,
-            Control::Handoff { home, arrival } => return End::Handoff { home, arrival },
-            Control::Pause => {
+        match ctx.next_step(sid) {
+            Step::Read => {}
+            Step::Close => return End::Close,
+            Step::Handoff { home, arrival } => return End::Handoff { home, arrival },
+            Step::Pause => {
                 ctl.notified().await;
                 continue;
             }
@@ -186,7 +205,7 @@ async fn read_loop(
                 return End::Close;
             }
             ReadMore::Data(n) => {
-                ctx.touch(sid, Instant::now());
+                ctx.touch(sid);
                 chunk = if n == want {
                     (chunk * 2).min(READ_MAX)
                 } else {

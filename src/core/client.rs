@@ -1,0 +1,518 @@
+//! Client frames and what they lead to: requests (routed, refused or sent
+//! to a backend), ACK and PING, RESUME, BYE; a login or resume completed on
+//! the player's home shard; backend answers delivered to the player.
+
+use super::{add, bump, Answer, Asker, ClusterOut, Core, Forward};
+use crate::player::{token_player, Player, ResumeError};
+use crate::protocol::{encode, session_body, Code, Frame, Header, Kind};
+use crate::session::{Arrival, Decision, LoginReply, Next, Session, SessionId};
+use bytes::{Bytes, BytesMut};
+use std::time::Instant;
+
+/// What the read loop of a session must do next, decided by the core.
+#[derive(Debug)]
+pub enum Step {
+    /// Go on reading.
+    Read,
+    /// Stop reading and wait to be woken.
+    Pause,
+    /// Close the connection after the queued output.
+    Close,
+    /// Move the connection to shard `home`, where `arrival` completes.
+    Handoff { home: usize, arrival: Arrival },
+}
+
+impl Core {
+    /// What the read loop of `sid` must do now. A login or resume whose
+    /// player lives on this shard completes here and now.
+    pub fn next_step(&mut self, sid: SessionId, now: Instant) -> Step {
+        self.now = now;
+        let next = match self.sessions.get_mut(&sid) {
+            Some(c) => c.session.next_step(),
+            None => Next::Close,
+        };
+        let arrival = match next {
+            Next::Read => return Step::Read,
+            Next::Pause => return Step::Pause,
+            Next::Close => return Step::Close,
+            Next::Arrive(a) => a,
+        };
+        let home = shards::home_shard(arrival.player(), self.count);
+        if home == self.id {
+            self.arrive(sid, arrival);
+            Step::Read
+        } else {
+            Step::Handoff { home, arrival }
+        }
+    }
+
+    /// A connection handed over by another shard, registered here as `sid`.
+    pub fn handle_handoff(&mut self, sid: SessionId, arrival: Arrival, now: Instant) {
+        self.now = now;
+        bump(&self.stats.handoffs_in);
+        let rate = self.cfg.limits.rate;
+        if let Some(c) = self.sessions.get_mut(&sid) {
+            c.session = Session::arriving(&arrival, now, rate);
+        }
+        self.arrive(sid, arrival);
+    }
+
+    /// A session on the player's home shard completes its login or resume.
+    fn arrive(&mut self, sid: SessionId, arrival: Arrival) {
+        if self.is_drained() {
+            // The players went to the snapshot: this one must come back
+            // through the next gateway.
+            return self.kick(sid, Code::Shutdown);
+        }
+        // In a cluster, a player this gateway does not hold is claimed (and
+        // fetched from its holder) first.
+        if self.clustered && !self.players.contains_key(&arrival.player()) {
+            self.cluster_out
+                .push_back(ClusterOut::Claim { sid, arrival });
+            return;
+        }
+        self.arrive_here(sid, arrival);
+    }
+
+    /// The cluster's answer to a [`ClusterOut::Claim`]: the player may be
+    /// served here (its state, if any, already restored), or not.
+    pub fn handle_claimed(&mut self, sid: SessionId, arrival: Arrival, ok: bool, now: Instant) {
+        self.now = now;
+        if ok {
+            self.arrive_here(sid, arrival);
+        } else {
+            self.refuse_arrival(sid, arrival);
+        }
+    }
+
+    /// Complete a login or resume with the player (if any) in this table.
+    fn arrive_here(&mut self, sid: SessionId, arrival: Arrival) {
+        match arrival {
+            Arrival::Login { player, reply } => self.login(sid, player, reply),
+            Arrival::Resume {
+                player,
+                token,
+                last,
+                ..
+            } => self.resume(sid, player, &token, last),
+        }
+    }
+
+    /// A login or resume that cannot be served (the cluster could not give
+    /// this gateway the player): the session stays open, logged out.
+    fn refuse_arrival(&mut self, sid: SessionId, arrival: Arrival) {
+        if let Some(c) = self.sessions.get_mut(&sid) {
+            c.session.binding_failed();
+        }
+        match arrival {
+            Arrival::Login { reply, .. } => {
+                bump(&self.stats.logins_rejected);
+                self.respond(
+                    sid,
+                    reply.req_id,
+                    reply.msg_id,
+                    Code::BackendUnavailable.into(),
+                    &[],
+                );
+            }
+            Arrival::Resume { .. } => self.reject_resume(sid, Code::ResumeRejected),
+        }
+    }
+
+    // ----- output of sequenced frames ----------------------------------
+
+    /// A sequenced frame to `player`: it takes the next seq and waits in
+    /// the outbox until acknowledged; if the player has a session it is
+    /// queued there too. Returns false if this shard does not hold the player.
+    pub(super) fn deliver(&mut self, player: u64, h: Header, body: &[u8]) -> bool {
+        let (frame, session) = {
+            let Some(p) = self.players.get_mut(&player) else {
+                return false;
+            };
+            let (frame, evicted) = p.sequence(h, body);
+            add(&self.stats.evictions, evicted as u64);
+            (frame, p.session)
+        };
+        if let Some(sid) = session {
+            self.queue(sid, |out| out.extend_from_slice(&frame));
+        }
+        true
+    }
+
+    /// A RESPONSE to a request of session `sid`: sequenced when the session
+    /// is bound to a player, seq 0 before login.
+    fn respond(&mut self, sid: SessionId, req_id: u32, msg_id: u32, code: u16, body: &[u8]) {
+        bump(&self.stats.responses);
+        self.metrics.response(self.router.slot(msg_id), code);
+        let h = Header {
+            kind: Kind::Response,
+            flags: 0,
+            code,
+            msg_id,
+            req_id,
+            seq: 0,
+        };
+        match self.session_player(sid) {
+            Some(p) if self.deliver(p, h, body) => {}
+            _ => self.send_plain(sid, h, body),
+        }
+    }
+
+    // ----- client frames -------------------------------------------------
+
+    /// One frame from a client.
+    pub fn handle_frame(&mut self, sid: SessionId, frame: Frame, now: Instant) {
+        self.now = now;
+        let h = frame.header;
+        match h.kind {
+            Kind::Request => self.on_request(sid, &h, frame.body),
+            Kind::Ping | Kind::Ack => self.on_ack(sid, &h),
+            Kind::Resume => self.on_resume(sid, &h, frame.body),
+            Kind::Bye => self.on_bye(sid),
+            // The client-link decoder admits no other kind.
+            _ => self.protocol_error(sid, &format_args!("kind {} from a client", h.kind.name())),
+        }
+    }
+
+    fn on_ack(&mut self, sid: SessionId, h: &Header) {
+        let mut last = 0;
+        if let Some(p) = self.session_player(sid) {
+            let acked = self
+                .players
+                .get_mut(&p)
+                .map(|pl| (pl.ack(h.seq), pl.last_seq()));
+            match acked {
+                Some((Err(e), _)) => return self.protocol_error(sid, &e),
+                Some((Ok(()), l)) => last = l,
+                None => {}
+            }
+        }
+        if h.kind == Kind::Ping {
+            let mut pong = Header::new(Kind::Pong);
+            pong.seq = last;
+            self.send_plain(sid, pong, &[]);
+        }
+    }
+
+    fn on_bye(&mut self, sid: SessionId) {
+        let player = self.session_player(sid);
+        self.close(sid, "BYE");
+        if let Some(p) = player {
+            self.players.remove(&p);
+            self.released(p);
+            tracing::info!(session = sid, player = p, "bye: player ended");
+        }
+    }
+
+    fn on_resume(&mut self, sid: SessionId, h: &Header, token: Bytes) {
+        if self.is_draining() {
+            // Resume on the gateway that comes next.
+            return self.kick(sid, Code::Shutdown);
+        }
+        let refused = {
+            let Some(c) = self.sessions.get_mut(&sid) else {
+                return;
+            };
+            match c.session.resume(token_player(&token), token, h.seq) {
+                Decision::Forward { .. } => {
+                    self.wake(sid, true, false);
+                    None
+                }
+                Decision::Reply(code) => Some(code),
+                Decision::Ignore => None,
+            }
+        };
+        if let Some(code) = refused {
+            self.reject_resume(sid, code);
+        }
+    }
+
+    fn reject_resume(&mut self, sid: SessionId, code: Code) {
+        match code {
+            Code::ResumeGap => bump(&self.stats.resumes_gap),
+            _ => bump(&self.stats.resumes_rejected),
+        }
+        self.send_error(sid, code);
+        let failures = self
+            .sessions
+            .get_mut(&sid)
+            .map_or(0, |c| c.session.resume_refused());
+        // Each refused resume may have moved the connection between
+        // shards: a client that keeps guessing is cut off.
+        if failures >= crate::session::MAX_RESUME_FAILURES {
+            self.protocol_error(
+                sid,
+                &format_args!("{failures} resumes refused on one connection"),
+            );
+        }
+    }
+
+    fn on_request(&mut self, sid: SessionId, h: &Header, body: Bytes) {
+        bump(&self.stats.requests);
+        self.metrics.request(self.router.slot(h.msg_id));
+        if self.is_draining() {
+            return self.respond(sid, h.req_id, h.msg_id, Code::ShuttingDown.into(), &[]);
+        }
+        let router = self.router.clone();
+        let route = router.lookup(h.msg_id);
+        let now = self.now;
+        let (decision, player) = {
+            let Some(c) = self.sessions.get_mut(&sid) else {
+                return;
+            };
+            let decision = c.session.admit(route, &self.cfg.limits, now);
+            match decision {
+                Decision::Reply(Code::RateLimited) => bump(&self.stats.rate_limited),
+                Decision::Reply(Code::Overloaded) => bump(&self.stats.overloaded),
+                _ => {}
+            }
+            (decision, c.session.player().unwrap_or(0))
+        };
+        match decision {
+            Decision::Ignore => {}
+            Decision::Reply(code) => self.respond(sid, h.req_id, h.msg_id, code.into(), &[]),
+            Decision::Forward { login } => {
+                let Some(route) = route else { return };
+                let life = self.players.get(&player).map_or(0, |p| p.life);
+                if let Some(c) = self.sessions.get_mut(&sid) {
+                    c.session.forwarded(login);
+                }
+                self.forwards.push_back(Forward {
+                    route: route.clone(),
+                    header: *h,
+                    body,
+                    asker: Asker {
+                        session: sid,
+                        player,
+                        life,
+                        req_id: h.req_id,
+                        msg_id: h.msg_id,
+                        login,
+                    },
+                });
+            }
+        }
+    }
+
+    /// A [`Forward`] could not be sent: the client gets `code` for it.
+    pub fn handle_not_sent(&mut self, asker: Asker, code: Code, now: Instant) {
+        self.now = now;
+        if let Some(c) = self.sessions.get_mut(&asker.session) {
+            c.session.not_forwarded(asker.login);
+        }
+        if code == Code::Overloaded {
+            bump(&self.stats.overloaded);
+        }
+        self.respond(asker.session, asker.req_id, asker.msg_id, code.into(), &[]);
+    }
+
+    // ----- login and resume on the home shard ---------------------------
+
+    /// Bind `sid` to `player`, which this shard now holds: an older session
+    /// of the player is kicked (`REPLACED`) and the new one is queued
+    /// `frames_before` (SESSION and any replay). Returns false if `sid` is gone.
+    fn attach(
+        &mut self,
+        sid: SessionId,
+        player: u64,
+        old: Option<SessionId>,
+        frames_before: BytesMut,
+    ) -> bool {
+        if let Some(old) = old.filter(|&o| o != sid) {
+            self.kick(old, Code::Replaced);
+        }
+        let bound = match self.sessions.get_mut(&sid) {
+            Some(c) if !c.session.is_closing() => {
+                c.session.bind(player);
+                c.tx.buf.extend_from_slice(&frames_before);
+                c.tx.pushed_total += frames_before.len() as u64;
+                c.session.replayed_until(c.tx.pushed_total);
+                true
+            }
+            _ => false,
+        };
+        if !bound {
+            self.detach(player, sid);
+            return false;
+        }
+        self.wake(sid, false, true);
+        true
+    }
+
+    fn session_frame(player: u64, token: &[u8], resume_point: u64, gap: bool, out: &mut BytesMut) {
+        let mut h = Header::new(Kind::Session);
+        h.seq = resume_point;
+        if gap {
+            h.code = Code::GAP.into();
+        }
+        let mut body = BytesMut::with_capacity(8 + token.len());
+        session_body(&mut body, player, token);
+        encode(out, &h, &body);
+    }
+
+    /// A login accepted by the backend, on the player's home shard:
+    /// `SESSION` (R = last ack, or `GAP`), every retained unacknowledged
+    /// frame, then the login `RESPONSE` with the next seq.
+    fn login(&mut self, sid: SessionId, player: u64, reply: LoginReply) {
+        let now = self.now;
+        let secret = self.new_secret();
+        let life = if self.players.contains_key(&player) {
+            0
+        } else {
+            self.new_life()
+        };
+        let (old, frames) = {
+            let o = self.cfg.outbox;
+            let lifetime = self.cfg.token_lifetime;
+            let p = self.players.entry(player).or_insert_with(|| {
+                let mut p = Player::new(player, o.max_frames, o.max_bytes, now);
+                p.life = life;
+                p
+            });
+            let old = p.attach(sid);
+            let token = p.issue_token(secret, now, lifetime);
+            let (r, gap) = p.login_point();
+            p.lost_history = false;
+            let mut frames = BytesMut::new();
+            Self::session_frame(player, &token, r, gap, &mut frames);
+            for f in p.outbox.after(r) {
+                frames.extend_from_slice(f);
+            }
+            (old, frames)
+        };
+        if !self.attach(sid, player, old, frames) {
+            return;
+        }
+        tracing::info!(session = sid, player, shard = self.id, replaced = ?old, "login");
+        bump(&self.stats.logins_ok);
+        self.respond(sid, reply.req_id, reply.msg_id, reply.code, &reply.body);
+    }
+
+    /// A RESUME on the player's home shard: `SESSION` (R = L) with a new
+    /// token, then exactly the frames after L; or `ERROR`, leaving the
+    /// session logged out and open.
+    fn resume(&mut self, sid: SessionId, player: u64, token: &[u8], last: u64) {
+        let now = self.now;
+        let secret = self.new_secret();
+        let lifetime = self.cfg.token_lifetime;
+        let outcome = match self.players.get_mut(&player) {
+            None => Err(ResumeError::Rejected),
+            Some(p) => p.resume(token, last, now).map(|()| {
+                let old = p.attach(sid);
+                let token = p.issue_token(secret, now, lifetime);
+                let mut frames = BytesMut::new();
+                Self::session_frame(player, &token, last, false, &mut frames);
+                for f in p.outbox.after(last) {
+                    frames.extend_from_slice(f);
+                }
+                (old, frames)
+            }),
+        };
+        match outcome {
+            Ok((old, frames)) => {
+                if self.attach(sid, player, old, frames) {
+                    bump(&self.stats.resumes_ok);
+                    tracing::info!(session = sid, player, from = last, replaced = ?old, "resume");
+                }
+            }
+            Err(e) => {
+                if let Some(c) = self.sessions.get_mut(&sid) {
+                    c.session.resume_failed();
+                }
+                tracing::debug!(session = sid, player, error = %e, "resume refused");
+                match e {
+                    ResumeError::Rejected => self.reject_resume(sid, Code::ResumeRejected),
+                    ResumeError::Gap(_) => self.reject_resume(sid, Code::ResumeGap),
+                    ResumeError::Beyond { .. } => self.protocol_error(sid, &e),
+                }
+            }
+        }
+    }
+
+    // ----- backend answers -------------------------------------------------
+
+    /// A backend answered a request (or the gateway did for it: TIMEOUT,
+    /// BACKEND_UNAVAILABLE).
+    pub fn handle_answer(&mut self, asker: Asker, a: Answer, now: Instant) {
+        self.now = now;
+        if asker.login {
+            return self.on_login_answer(asker, a);
+        }
+        let wake = self
+            .sessions
+            .get_mut(&asker.session)
+            .is_some_and(|c| c.session.answered());
+        if wake {
+            self.wake(asker.session, true, false);
+        }
+        let h = Header {
+            kind: Kind::Response,
+            flags: 0,
+            code: a.code,
+            msg_id: a.msg_id,
+            req_id: asker.req_id,
+            seq: 0,
+        };
+        if asker.player != 0 {
+            // A request of a logged-in player: the answer belongs to the
+            // player, whichever session it has now (or none: outbox); but
+            // not to a later life of the same id (after BYE or linger).
+            let same_life = self
+                .players
+                .get(&asker.player)
+                .is_some_and(|pl| pl.life == asker.life);
+            if !same_life {
+                tracing::debug!(
+                    player = asker.player,
+                    req_id = asker.req_id,
+                    "answer for an ended player dropped"
+                );
+                return;
+            }
+            bump(&self.stats.responses);
+            self.metrics
+                .response(self.router.slot(asker.msg_id), a.code);
+            self.deliver(asker.player, h, &a.body);
+        } else {
+            self.respond(asker.session, asker.req_id, asker.msg_id, a.code, &a.body);
+        }
+    }
+
+    fn on_login_answer(&mut self, asker: Asker, a: Answer) {
+        let accepted = (a.code == 0 && a.player != 0).then_some(a.player);
+        if a.code == 0 && a.player == 0 {
+            tracing::warn!(
+                session = asker.session,
+                "login accepted by backend without a player id: refused"
+            );
+        }
+        let binding = {
+            let Some(c) = self.sessions.get_mut(&asker.session) else {
+                return;
+            };
+            match accepted {
+                Some(player) => c.session.login_accepted(Arrival::Login {
+                    player,
+                    reply: LoginReply {
+                        req_id: asker.req_id,
+                        msg_id: a.msg_id,
+                        code: a.code,
+                        body: a.body.clone(),
+                    },
+                }),
+                None => c.session.on_login_result(None),
+            }
+        };
+        if binding {
+            self.wake(asker.session, true, false);
+        } else {
+            bump(&self.stats.logins_rejected);
+            let code = if accepted.is_none() && a.code == 0 {
+                Code::BackendUnavailable.into()
+            } else {
+                a.code
+            };
+            self.respond(asker.session, asker.req_id, a.msg_id, code, &a.body);
+        }
+    }
+}

@@ -1,0 +1,622 @@
+//! The shard's protocol core, with no I/O: the tables one shard owns
+//! (sessions, players, players migrating away), every rule that changes
+//! them, and what the shell must do as a result. It never reads a clock
+//! (`now` is passed in), never draws randomness itself (an [`Entropy`] is
+//! injected), never touches a socket and never spawns a task.
+//!
+//! Inputs are `handle_*` calls (a client frame, a backend answer, a timer,
+//! a push or admin command); outputs are drained by the shell:
+//! [`Core::poll_transmit`] (bytes to write to a session),
+//! [`Core::poll_wake`] (a session's read loop or writer to wake),
+//! [`Core::poll_forward`] (requests for a backend) and
+//! [`Core::poll_cluster`] (what the cluster must hear).
+//!
+//! | file | job |
+//! |---|---|
+//! | `mod.rs` | the tables, output queues, kicks and closes |
+//! | [`client`] | client frames: requests, acks, resume, login, answers |
+//! | [`players`] | push, admin, timers, drain, snapshots, migration steps |
+
+mod client;
+mod entropy;
+mod players;
+
+pub use client::Step;
+pub use players::{PlayerInfo, PushCounts};
+
+use crate::config::Config;
+use crate::player::{Player, SECRET_LEN};
+use crate::protocol::{encode, Code, Header, Kind};
+use crate::router::{Route, Router};
+use crate::session::{Arrival, Session, SessionId};
+use bytes::{Bytes, BytesMut};
+use std::cell::Cell;
+use std::collections::{HashMap, VecDeque};
+use std::rc::Rc;
+use std::time::Instant;
+
+pub use entropy::{Entropy, SeededEntropy};
+
+/// What a backend (or the gateway on its behalf) answered.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    /// From the backend itself (false: the gateway answered for it).
+    pub from_backend: bool,
+    pub code: u16,
+    pub msg_id: u32,
+    pub player: u64,
+    pub body: Bytes,
+}
+
+/// Whose request a backend answer belongs to (what the core put in a
+/// [`Forward`], carried back with the answer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Asker {
+    pub session: SessionId,
+    /// The authenticated player it was sent for (0: none).
+    pub player: u64,
+    /// That player's life when it was sent.
+    pub life: u64,
+    /// The client's req_id and msg_id, echoed in the answer.
+    pub req_id: u32,
+    pub msg_id: u32,
+    /// A login request: its answer may authenticate the session.
+    pub login: bool,
+}
+
+/// A request for a backend. If it cannot be sent, the shell says so with
+/// [`Core::handle_not_sent`] before anything else happens.
+#[derive(Debug, Clone)]
+pub struct Forward {
+    pub route: Route,
+    pub header: Header,
+    pub body: Bytes,
+    pub asker: Asker,
+}
+
+/// What the cluster must hear (the shell's bridge carries it).
+#[derive(Debug, Clone)]
+pub enum ClusterOut {
+    /// In a cluster, a player this gateway does not hold is claimed (and
+    /// fetched) first: then [`Core::handle_claimed`].
+    Claim { sid: SessionId, arrival: Arrival },
+    /// The player ended here.
+    Release { player: u64 },
+    /// The player's state goes to gateway `to` (a takeover from there).
+    Give {
+        player: u64,
+        to: String,
+        image: Option<Vec<u8>>,
+    },
+}
+
+/// Which of a session's tasks to wake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wake {
+    pub sid: SessionId,
+    /// The read loop: look at [`Core::next_step`].
+    pub reader: bool,
+    /// The writer: look at [`Core::poll_transmit`].
+    pub writer: bool,
+}
+
+/// What a session's writer does next.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Transmit {
+    /// Write these bytes, then report with [`Core::handle_written`].
+    Bytes(Bytes),
+    /// Nothing to write now: wait to be woken.
+    Idle,
+    /// Closing and everything is written (or the session is gone): stop.
+    Done,
+}
+
+/// A session's output queue: bytes the writer has not taken, and offsets
+/// into its stream.
+#[derive(Debug, Default)]
+struct Tx {
+    buf: BytesMut,
+    /// Bytes taken by the writer and not yet reported written.
+    in_write: usize,
+    pushed_total: u64,
+    written_total: u64,
+    closing: bool,
+}
+
+impl Tx {
+    fn queued(&self) -> usize {
+        self.buf.len() + self.in_write
+    }
+}
+
+/// A session as the core holds it.
+struct Conn {
+    session: Session,
+    tx: Tx,
+}
+
+/// Shard-local counters (summed across shards when read).
+#[derive(Default)]
+pub struct Stats {
+    pub accepted: Cell<u64>,
+    pub refused_max_connections: Cell<u64>,
+    pub handoffs_out: Cell<u64>,
+    pub handoffs_in: Cell<u64>,
+    pub logins_ok: Cell<u64>,
+    pub logins_rejected: Cell<u64>,
+    pub resumes_ok: Cell<u64>,
+    pub resumes_rejected: Cell<u64>,
+    pub resumes_gap: Cell<u64>,
+    pub requests: Cell<u64>,
+    pub responses: Cell<u64>,
+    pub protocol_errors: Cell<u64>,
+    pub kicks: Cell<u64>,
+    pub evictions: Cell<u64>,
+    pub players_expired: Cell<u64>,
+    pub overloaded: Cell<u64>,
+    pub rate_limited: Cell<u64>,
+}
+
+fn bump(c: &Cell<u64>) {
+    add(c, 1);
+}
+
+fn add(c: &Cell<u64>, n: u64) {
+    c.set(c.get() + n);
+}
+
+/// A shard's life: it serves, then drains (forced: finish now), then has
+/// handed its players over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifecycle {
+    Running,
+    Draining { forced: bool },
+    Drained,
+}
+
+impl Lifecycle {
+    /// A drain asked for (forced or not): the next state, and whether this
+    /// began the drain. A drain only moves forward.
+    pub fn drain(self, force: bool) -> (Lifecycle, bool) {
+        match self {
+            Lifecycle::Running => (Lifecycle::Draining { forced: force }, true),
+            Lifecycle::Draining { forced } => (
+                Lifecycle::Draining {
+                    forced: forced || force,
+                },
+                false,
+            ),
+            Lifecycle::Drained => (Lifecycle::Drained, false),
+        }
+    }
+}
+
+/// Everything one shard owns, and its rules.
+pub struct Core {
+    pub id: usize,
+    /// Shards in the gateway (a player's home is `home_shard(id, count)`).
+    pub count: usize,
+    cfg: Rc<Config>,
+    router: Rc<Router>,
+    sessions: HashMap<SessionId, Conn>,
+    players: HashMap<u64, Player>,
+    /// Players being migrated away, with the pushes that arrived meanwhile
+    /// (they follow the player once it has moved).
+    migrating: HashMap<u64, Vec<(u32, Bytes)>>,
+    next_session: u64,
+    /// Source of player lives (see `Player::life`).
+    next_life: u64,
+    lifecycle: Lifecycle,
+    /// The time of the event being handled (every `handle_*` sets it).
+    now: Instant,
+    /// Part of a cluster: a player not held here is claimed first.
+    clustered: bool,
+    pub stats: Stats,
+    pub metrics: crate::metrics::Metrics,
+    entropy: Box<dyn Entropy>,
+    wakes: VecDeque<Wake>,
+    forwards: VecDeque<Forward>,
+    cluster_out: VecDeque<ClusterOut>,
+}
+
+impl Core {
+    pub fn new(
+        id: usize,
+        count: usize,
+        cfg: Rc<Config>,
+        clustered: bool,
+        entropy: Box<dyn Entropy>,
+        now: Instant,
+    ) -> Core {
+        Core {
+            id,
+            count,
+            router: Rc::new(Router::new(&cfg)),
+            cfg,
+            sessions: HashMap::new(),
+            players: HashMap::new(),
+            migrating: HashMap::new(),
+            next_session: 1,
+            next_life: 1,
+            lifecycle: Lifecycle::Running,
+            now,
+            clustered,
+            stats: Stats::default(),
+            metrics: Default::default(),
+            entropy,
+            wakes: VecDeque::new(),
+            forwards: VecDeque::new(),
+            cluster_out: VecDeque::new(),
+        }
+    }
+
+    /// The config now (a reload may replace it between two calls).
+    pub fn cfg(&self) -> Rc<Config> {
+        self.cfg.clone()
+    }
+
+    /// The route table now.
+    pub fn router(&self) -> Rc<Router> {
+        self.router.clone()
+    }
+
+    /// A reloaded config: routes, limits and timeouts change; sessions,
+    /// players and requests in flight stay.
+    pub fn reload(&mut self, cfg: Rc<Config>, router: Rc<Router>) {
+        self.metrics.reset_routes();
+        self.cfg = cfg;
+        self.router = router;
+    }
+
+    // ----- lifecycle -----------------------------------------------------
+
+    pub fn lifecycle(&self) -> Lifecycle {
+        self.lifecycle
+    }
+
+    /// A drain began (or is over): no new connections, pushes or requests.
+    pub fn is_draining(&self) -> bool {
+        self.lifecycle != Lifecycle::Running
+    }
+
+    /// The drain handed the players over: nothing may change them now.
+    pub fn is_drained(&self) -> bool {
+        self.lifecycle == Lifecycle::Drained
+    }
+
+    /// The drain must finish at once.
+    pub fn is_forced(&self) -> bool {
+        self.lifecycle == Lifecycle::Draining { forced: true }
+    }
+
+    /// Begin a drain (forced or not) or force the one going on; true when
+    /// this call began it.
+    pub fn drain(&mut self, force: bool) -> bool {
+        let (next, began) = self.lifecycle.drain(force);
+        self.lifecycle = next;
+        began
+    }
+
+    /// The players went to the drain's report.
+    pub fn drained(&mut self) {
+        self.lifecycle = Lifecycle::Drained;
+    }
+
+    fn new_life(&mut self) -> u64 {
+        let l = self.next_life;
+        self.next_life += 1;
+        l
+    }
+
+    fn new_secret(&mut self) -> [u8; SECRET_LEN] {
+        let mut t = [0u8; SECRET_LEN];
+        self.entropy.fill(&mut t);
+        t
+    }
+
+    // ----- outputs -------------------------------------------------------
+
+    /// The next session task to wake.
+    pub fn poll_wake(&mut self) -> Option<Wake> {
+        self.wakes.pop_front()
+    }
+
+    /// The next request for a backend.
+    pub fn poll_forward(&mut self) -> Option<Forward> {
+        self.forwards.pop_front()
+    }
+
+    /// The next message for the cluster.
+    pub fn poll_cluster(&mut self) -> Option<ClusterOut> {
+        self.cluster_out.pop_front()
+    }
+
+    /// Whether any output waits (the shell drains until none does).
+    pub fn has_output(&self) -> bool {
+        !(self.wakes.is_empty() && self.forwards.is_empty() && self.cluster_out.is_empty())
+    }
+
+    fn wake(&mut self, sid: SessionId, reader: bool, writer: bool) {
+        if let Some(w) = self.wakes.back_mut().filter(|w| w.sid == sid) {
+            w.reader |= reader;
+            w.writer |= writer;
+            return;
+        }
+        self.wakes.push_back(Wake {
+            sid,
+            reader,
+            writer,
+        });
+    }
+
+    /// What `sid`'s writer does next: the bytes queued, all at once.
+    pub fn poll_transmit(&mut self, sid: SessionId) -> Transmit {
+        let Some(c) = self.sessions.get_mut(&sid) else {
+            return Transmit::Done;
+        };
+        let tx = &mut c.tx;
+        if tx.in_write > 0 {
+            return Transmit::Idle;
+        }
+        if tx.buf.is_empty() {
+            if tx.closing {
+                return Transmit::Done;
+            }
+            // Reclaim a buffer that grew for a burst.
+            if tx.buf.capacity() > 64 * 1024 {
+                tx.buf = BytesMut::new();
+            }
+            return Transmit::Idle;
+        }
+        let batch = tx.buf.split().freeze();
+        tx.in_write = batch.len();
+        Transmit::Bytes(batch)
+    }
+
+    /// The writer wrote the batch it took (`ok`), or failed to.
+    pub fn handle_written(&mut self, sid: SessionId, ok: bool, now: Instant) {
+        self.now = now;
+        let Some(c) = self.sessions.get_mut(&sid) else {
+            return;
+        };
+        let n = std::mem::take(&mut c.tx.in_write);
+        if ok {
+            c.tx.written_total += n as u64;
+        } else {
+            // The peer is gone: nothing more will be written.
+            c.tx.closing = true;
+            c.tx.buf.clear();
+            self.close(sid, "write error");
+        }
+    }
+
+    /// Bytes queued for `sid` and not yet written (0: gone).
+    pub fn unsent(&self, sid: SessionId) -> usize {
+        self.sessions.get(&sid).map_or(0, |c| c.tx.queued())
+    }
+
+    /// Queue encoded bytes to a session; kicks it if its queue passes the
+    /// limit (the frames stay in the player's outbox).
+    fn queue(&mut self, sid: SessionId, f: impl FnOnce(&mut BytesMut)) {
+        let limit = self.cfg.write_queue_bytes;
+        let over = {
+            let Some(c) = self.sessions.get_mut(&sid) else {
+                return;
+            };
+            if c.tx.closing {
+                return;
+            }
+            let before = c.tx.buf.len();
+            f(&mut c.tx.buf);
+            c.tx.pushed_total += (c.tx.buf.len() - before) as u64;
+            c.session.counted_queue(c.tx.queued(), c.tx.written_total) > limit
+        };
+        self.wake(sid, false, true);
+        if over {
+            self.kick(sid, Code::SlowConsumer);
+        }
+    }
+
+    /// An unsequenced frame (seq as given) to a session.
+    fn send_plain(&mut self, sid: SessionId, h: Header, body: &[u8]) {
+        self.queue(sid, |out| encode(out, &h, body));
+    }
+
+    fn send_error(&mut self, sid: SessionId, code: Code) {
+        let mut h = Header::new(Kind::Error);
+        h.code = code.into();
+        self.send_plain(sid, h, &[]);
+    }
+
+    /// Stop `sid`'s writer once what is queued is written (its connection
+    /// closes, or moves to another shard).
+    pub fn finish_output(&mut self, sid: SessionId) {
+        self.close_tx(sid);
+    }
+
+    /// Mark `sid`'s output closing: the writer stops once it is written.
+    fn close_tx(&mut self, sid: SessionId) {
+        if let Some(c) = self.sessions.get_mut(&sid) {
+            c.tx.closing = true;
+        }
+        self.wake(sid, true, true);
+    }
+
+    // ----- the session table -------------------------------------------
+
+    /// Register a new session on this shard.
+    pub fn add_session(&mut self, now: Instant) -> SessionId {
+        self.now = now;
+        let n = self.next_session;
+        self.next_session += 1;
+        let sid = ((self.id as u64) << 48) | n;
+        let session = Session::new(now, self.cfg.limits.rate);
+        self.sessions.insert(
+            sid,
+            Conn {
+                session,
+                tx: Tx::default(),
+            },
+        );
+        sid
+    }
+
+    /// Forget a session whose connection is gone (or moved). Its player, if
+    /// bound to it, stays without a session and starts to linger. Returns
+    /// the player it was bound to and why it closed.
+    pub fn remove_session(&mut self, sid: SessionId, now: Instant) -> (Option<u64>, &'static str) {
+        self.now = now;
+        let Some(c) = self.sessions.remove(&sid) else {
+            return (None, "");
+        };
+        let player = c.session.player();
+        if let Some(p) = player {
+            self.detach(p, sid);
+        }
+        (player, c.session.close_reason())
+    }
+
+    fn detach(&mut self, player: u64, sid: SessionId) {
+        let now = self.now;
+        if let Some(p) = self.players.get_mut(&player) {
+            p.detach(sid, now);
+        }
+    }
+
+    /// Whether `sid` is closing (or gone).
+    pub fn is_closing(&self, sid: SessionId) -> bool {
+        self.sessions
+            .get(&sid)
+            .is_none_or(|c| c.session.is_closing())
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.sessions.len()
+    }
+
+    pub fn player_count(&self) -> usize {
+        self.players.len()
+    }
+
+    /// The player `sid` is bound to.
+    pub fn session_player(&self, sid: SessionId) -> Option<u64> {
+        self.sessions.get(&sid).and_then(|c| c.session.player())
+    }
+
+    /// The session of `player`, if it has one here.
+    pub fn player_session(&self, player: u64) -> Option<SessionId> {
+        self.players.get(&player).and_then(|p| p.session)
+    }
+
+    /// Bytes arrived on a session.
+    pub fn handle_received(&mut self, sid: SessionId, now: Instant) {
+        self.now = now;
+        if let Some(c) = self.sessions.get_mut(&sid) {
+            c.session.touch(now);
+        }
+    }
+
+    // ----- closing -------------------------------------------------------
+
+    /// `KICK code` to `sid` (the shell's own reasons: shutdown, idle).
+    pub fn handle_kick(&mut self, sid: SessionId, code: Code, now: Instant) {
+        self.now = now;
+        self.kick(sid, code);
+    }
+
+    /// Close `sid` without a KICK (end of stream, read error).
+    pub fn handle_close(&mut self, sid: SessionId, reason: &'static str, now: Instant) {
+        self.now = now;
+        self.close(sid, reason);
+    }
+
+    /// A frame that broke the protocol arrived on `sid` (undecodable).
+    pub fn handle_protocol_error(
+        &mut self,
+        sid: SessionId,
+        why: &dyn std::fmt::Display,
+        now: Instant,
+    ) {
+        self.now = now;
+        self.protocol_error(sid, why);
+    }
+
+    /// Send `KICK code` and close the session after its queued output (for
+    /// a slow consumer, instead of it: its frames stay in the outbox).
+    fn kick(&mut self, sid: SessionId, code: Code) {
+        let player = {
+            let Some(c) = self.sessions.get_mut(&sid) else {
+                return;
+            };
+            let player = c.session.player();
+            if !c.session.close(code.name()) {
+                return;
+            }
+            bump(&self.stats.kicks);
+            self.metrics.kick(code.into());
+            tracing::info!(session = sid, ?player, reason = code.name(), "kick");
+            if code == Code::SlowConsumer {
+                c.tx.pushed_total -= c.tx.buf.len() as u64;
+                c.tx.buf.clear();
+            }
+            let mut h = Header::new(Kind::Kick);
+            h.code = code.into();
+            let before = c.tx.buf.len();
+            encode(&mut c.tx.buf, &h, &[]);
+            c.tx.pushed_total += (c.tx.buf.len() - before) as u64;
+            player
+        };
+        self.close_tx(sid);
+        if let Some(p) = player {
+            self.detach(p, sid);
+        }
+    }
+
+    /// Close without a KICK (BYE, end of stream, read error).
+    fn close(&mut self, sid: SessionId, reason: &'static str) {
+        let Some(c) = self.sessions.get_mut(&sid) else {
+            return;
+        };
+        let player = c.session.player();
+        c.session.close(reason);
+        self.close_tx(sid);
+        if let Some(p) = player {
+            self.detach(p, sid);
+        }
+    }
+
+    /// A frame that broke the protocol arrived on `sid`.
+    fn protocol_error(&mut self, sid: SessionId, why: &dyn std::fmt::Display) {
+        bump(&self.stats.protocol_errors);
+        tracing::info!(session = sid, error = %why, "protocol error");
+        self.kick(sid, Code::ProtocolError);
+    }
+
+    /// Kick every session (the gateway is stopping).
+    pub fn kick_all(&mut self, code: Code, now: Instant) {
+        self.now = now;
+        let all: Vec<SessionId> = self.sessions.keys().copied().collect();
+        for sid in all {
+            self.kick(sid, code);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Lifecycle;
+
+    #[test]
+    fn a_drain_only_moves_forward() {
+        let (d, began) = Lifecycle::Running.drain(false);
+        assert_eq!((d, began), (Lifecycle::Draining { forced: false }, true));
+        let (f, began) = d.drain(true);
+        assert_eq!((f, began), (Lifecycle::Draining { forced: true }, false));
+        assert_eq!(f.drain(false).0, f, "a forced drain stays forced");
+        assert_eq!(
+            Lifecycle::Running.drain(true),
+            (Lifecycle::Draining { forced: true }, true)
+        );
+        assert_eq!(Lifecycle::Drained.drain(true), (Lifecycle::Drained, false));
+    }
+}

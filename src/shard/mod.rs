@@ -1,0 +1,599 @@
+//! One shard of the gateway, the shell around its [`Core`]: the glommio
+//! side that feeds the core its inputs (frames, answers, timers, mesh and
+//! admin commands, each with `now`) and carries out its outputs (wake a
+//! session's tasks, send a request to a backend, tell the cluster). Every
+//! call runs on the shard's own thread and never awaits; other shards are
+//! reached by [`ShardMsg`] over the mesh.
+//!
+//! Nothing here decides a protocol rule: that is the core's. What stays is
+//! what moves bytes and tasks: the session tasks' handles, the backend
+//! pool, the mesh, the cluster bridge ([`cluster`]).
+
+pub mod cluster;
+pub mod conn;
+mod msg;
+
+pub use crate::core::{PlayerInfo, PushCounts, Step};
+pub use msg::{Arrival, DrainReport, GatewayEvent, Handoff, LoginReply, ShardMsg};
+
+use crate::backend::{Answer, AnswerSink, BackendPool, Pending};
+use crate::config::Config;
+use crate::core::{Asker, ClusterOut, Core, Forward, Lifecycle, Stats, Transmit};
+use crate::protocol::{Code, Decoder, Frame, Link};
+use crate::router::Router;
+use crate::session::SessionId;
+use std::cell::{Cell, Ref, RefCell};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Instant;
+
+pub use crate::session::MAX_RESUME_FAILURES;
+
+/// The tasks of one session the core may ask to wake.
+struct Tasks {
+    /// The read loop: looks at [`ShardCtx::next_step`].
+    reader: Rc<shards::Notify>,
+    /// The writer: looks at [`ShardCtx::poll_transmit`].
+    writer: Rc<shards::Notify>,
+}
+
+/// Everything one shard owns.
+pub struct ShardCtx {
+    pub id: usize,
+    pub count: usize,
+    /// The rules and tables (sessions, players): borrowed for one call at a
+    /// time, never across an await.
+    core: RefCell<Core>,
+    tasks: RefCell<HashMap<SessionId, Tasks>>,
+    pub backends: BackendPool,
+    pub mesh: shards::Mesh<ShardMsg>,
+    pub stop: shards::StopToken,
+    client_decoder: Cell<Decoder>,
+    /// Open client connections of the whole gateway (once per connect and
+    /// close, never per frame).
+    pub connections: Arc<AtomicUsize>,
+    /// Open HTTP connections of the whole gateway.
+    pub http_connections: Arc<AtomicUsize>,
+    /// Woken when a drain begins (the accept loop stops).
+    pub drain_started: shards::Notify,
+    /// Woken when a drain is forced.
+    pub force_wake: shards::Notify,
+    /// Where `POST /v1/drain` goes (the process's coordinator).
+    pub events: Option<flume::Sender<GatewayEvent>>,
+    /// The cluster's control threads (None: this gateway alone).
+    pub cluster: Option<crate::cluster::runtime::ClusterHandle>,
+    /// This context's own `Rc`, for tasks it spawns.
+    pub this: RefCell<std::rc::Weak<ShardCtx>>,
+}
+
+impl ShardCtx {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: usize,
+        count: usize,
+        cfg: Rc<Config>,
+        mesh: shards::Mesh<ShardMsg>,
+        stop: shards::StopToken,
+        connections: Arc<AtomicUsize>,
+        http_connections: Arc<AtomicUsize>,
+        cluster: Option<crate::cluster::runtime::ClusterHandle>,
+    ) -> ShardCtx {
+        let router = Router::new(&cfg);
+        let backends = BackendPool::new(
+            service_specs(&cfg, &router),
+            cfg.backend.request_timeout,
+            (cfg.limits.backend_inflight, cfg.limits.backend_queue_bytes),
+        );
+        let core = Core::new(
+            id,
+            count,
+            cfg.clone(),
+            cluster.is_some(),
+            Box::new(OsEntropy),
+            Instant::now(),
+        );
+        ShardCtx {
+            id,
+            count,
+            client_decoder: Cell::new(Decoder::new(Link::ClientToGateway, cfg.max_frame)),
+            core: RefCell::new(core),
+            tasks: RefCell::new(HashMap::new()),
+            backends,
+            mesh,
+            stop,
+            connections,
+            http_connections,
+            drain_started: shards::Notify::new(),
+            force_wake: shards::Notify::new(),
+            events: None,
+            cluster,
+            this: RefCell::new(std::rc::Weak::new()),
+        }
+    }
+
+    /// Run `f` on the core with `now`, then carry out what it asked for.
+    fn with<R>(&self, f: impl FnOnce(&mut Core, Instant) -> R) -> R {
+        let r = f(&mut self.core.borrow_mut(), Instant::now());
+        self.flush();
+        r
+    }
+
+    /// Carry out the core's outputs until it has none.
+    fn flush(&self) {
+        loop {
+            let (wake, forward, cluster) = {
+                let mut c = self.core.borrow_mut();
+                if !c.has_output() {
+                    return;
+                }
+                (c.poll_wake(), c.poll_forward(), c.poll_cluster())
+            };
+            if let Some(w) = wake {
+                if let Some(t) = self.tasks.borrow().get(&w.sid) {
+                    if w.reader {
+                        t.reader.notify();
+                    }
+                    if w.writer {
+                        t.writer.notify();
+                    }
+                }
+            }
+            if let Some(f) = forward {
+                self.forward(f);
+            }
+            if let Some(c) = cluster {
+                self.to_cluster(c);
+            }
+        }
+    }
+
+    fn forward(&self, f: Forward) {
+        let a = f.asker;
+        let mut pending = Pending::new(a.session, a.player, a.req_id, a.msg_id, a.login);
+        pending.life = a.life;
+        if let Err(code) = self.backends.send(&f.route, &f.header, &f.body, pending) {
+            self.core
+                .borrow_mut()
+                .handle_not_sent(a, code, Instant::now());
+        }
+    }
+
+    fn to_cluster(&self, out: ClusterOut) {
+        let Some(cluster) = self.cluster.clone() else {
+            return;
+        };
+        use crate::cluster::runtime::Cmd;
+        match out {
+            ClusterOut::Claim { sid, arrival } => match self.this.borrow().upgrade() {
+                Some(ctx) => {
+                    glommio::spawn_local(cluster::arrive_clustered(ctx, cluster, sid, arrival))
+                        .detach();
+                }
+                None => self.claimed(sid, arrival, false),
+            },
+            ClusterOut::Release { player } => {
+                let _ = cluster.cmds.send(Cmd::Release { player });
+            }
+            ClusterOut::Give { player, to, image } => {
+                let _ = cluster.cmds.send(Cmd::Give { player, to, image });
+            }
+        }
+    }
+
+    /// The counters (read, or bumped by the shell's own events).
+    pub fn stats(&self) -> Ref<'_, Stats> {
+        Ref::map(self.core.borrow(), |c| &c.stats)
+    }
+
+    /// The per-route and per-code metrics.
+    pub fn metrics(&self) -> Ref<'_, crate::metrics::Metrics> {
+        Ref::map(self.core.borrow(), |c| &c.metrics)
+    }
+
+    // ----- config --------------------------------------------------------
+
+    /// The config now (a reload may replace it between two calls).
+    pub fn cfg(&self) -> Rc<Config> {
+        self.core.borrow().cfg()
+    }
+
+    /// The route table now.
+    pub fn router(&self) -> Rc<Router> {
+        self.core.borrow().router()
+    }
+
+    /// The decoder of client frames (its max_frame follows reloads).
+    pub fn client_decoder(&self) -> Decoder {
+        self.client_decoder.get()
+    }
+
+    /// Apply a reloaded config: routes, services, limits and timeouts
+    /// change; sessions, players and requests in flight stay. Returns the
+    /// new backend connections, whose tasks the caller starts.
+    pub fn reload(&self, cfg: Rc<Config>) -> Vec<Rc<crate::backend::BackendConn>> {
+        let router = Router::new(&cfg);
+        let fresh = self.backends.reload(
+            service_specs(&cfg, &router),
+            cfg.backend.request_timeout,
+            (cfg.limits.backend_inflight, cfg.limits.backend_queue_bytes),
+        );
+        self.client_decoder
+            .set(Decoder::new(Link::ClientToGateway, cfg.max_frame));
+        self.core.borrow_mut().reload(cfg, Rc::new(router));
+        fresh
+    }
+
+    // ----- lifecycle -----------------------------------------------------
+
+    pub fn lifecycle(&self) -> Lifecycle {
+        self.core.borrow().lifecycle()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.core.borrow().is_draining()
+    }
+
+    pub fn is_drained(&self) -> bool {
+        self.core.borrow().is_drained()
+    }
+
+    pub fn is_forced(&self) -> bool {
+        self.core.borrow().is_forced()
+    }
+
+    /// Begin a drain (forced or not), or force the one going on. Returns
+    /// true when this call began it.
+    pub fn drain(&self, force: bool) -> bool {
+        let began = self.core.borrow_mut().drain(force);
+        if began {
+            self.drain_started.notify();
+        }
+        if force {
+            self.force_wake.notify();
+        }
+        began
+    }
+
+    /// The players went to the drain's report.
+    pub fn drained(&self) {
+        self.core.borrow_mut().drained();
+    }
+
+    // ----- sessions --------------------------------------------------------
+
+    /// Register a new session; its read loop and writer wait on the two
+    /// notifiers.
+    pub fn add_session(
+        &self,
+        peer: SocketAddr,
+        reader: Rc<shards::Notify>,
+        writer: Rc<shards::Notify>,
+    ) -> SessionId {
+        let sid = self.core.borrow_mut().add_session(Instant::now());
+        tracing::debug!(session = sid, %peer, "session registered");
+        self.tasks
+            .borrow_mut()
+            .insert(sid, Tasks { reader, writer });
+        sid
+    }
+
+    /// Forget a session whose connection is gone (or moved).
+    pub fn remove_session(&self, sid: SessionId) -> (Option<u64>, &'static str) {
+        self.tasks.borrow_mut().remove(&sid);
+        self.with(|c, now| c.remove_session(sid, now))
+    }
+
+    pub fn is_closing(&self, sid: SessionId) -> bool {
+        self.core.borrow().is_closing(sid)
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.core.borrow().session_count()
+    }
+
+    pub fn player_count(&self) -> usize {
+        self.core.borrow().player_count()
+    }
+
+    /// Bytes arrived on a session.
+    pub fn touch(&self, sid: SessionId) {
+        self.core.borrow_mut().handle_received(sid, Instant::now());
+    }
+
+    /// What the read loop of `sid` must do now.
+    pub fn next_step(&self, sid: SessionId) -> Step {
+        self.with(|c, now| c.next_step(sid, now))
+    }
+
+    /// What the writer of `sid` writes next.
+    pub fn poll_transmit(&self, sid: SessionId) -> Transmit {
+        self.core.borrow_mut().poll_transmit(sid)
+    }
+
+    /// The writer wrote what it took (or failed to).
+    pub fn written(&self, sid: SessionId, ok: bool) {
+        self.with(|c, now| c.handle_written(sid, ok, now));
+    }
+
+    /// Stop `sid`'s writer once what is queued is written (the connection
+    /// closes or moves).
+    pub fn finish_output(&self, sid: SessionId) {
+        self.with(|c, _| c.finish_output(sid));
+    }
+
+    /// A connection handed over by another shard, registered here as `sid`.
+    pub fn accept_handoff(&self, sid: SessionId, arrival: Arrival) {
+        self.with(|c, now| c.handle_handoff(sid, arrival, now));
+    }
+
+    /// The cluster's answer to a claim.
+    pub fn claimed(&self, sid: SessionId, arrival: Arrival, ok: bool) {
+        self.with(|c, now| c.handle_claimed(sid, arrival, ok, now));
+    }
+
+    /// One frame from a client.
+    pub fn on_client_frame(&self, sid: SessionId, frame: Frame) {
+        self.with(|c, now| c.handle_frame(sid, frame, now));
+    }
+
+    /// A frame that could not be decoded arrived on `sid`.
+    pub fn protocol_error(&self, sid: SessionId, why: &dyn std::fmt::Display) {
+        self.with(|c, now| c.handle_protocol_error(sid, why, now));
+    }
+
+    /// Close without a KICK (end of stream, read error).
+    pub fn close(&self, sid: SessionId, reason: &'static str) {
+        self.with(|c, now| c.handle_close(sid, reason, now));
+    }
+
+    pub fn kick(&self, sid: SessionId, code: Code) {
+        self.with(|c, now| c.handle_kick(sid, code, now));
+    }
+
+    /// Kick every session (the gateway is stopping).
+    pub fn kick_all(&self, code: Code) {
+        self.with(|c, now| c.kick_all(code, now));
+    }
+
+    /// The sweep timer.
+    pub fn tick(&self) {
+        self.with(|c, now| c.handle_tick(now));
+    }
+
+    // ----- push and admin --------------------------------------------------
+
+    pub fn push(&self, players: &[u64], msg_id: u32, body: &[u8]) -> PushCounts {
+        self.with(|c, now| c.handle_push(players, msg_id, body, now))
+    }
+
+    pub fn broadcast(&self, msg_id: u32, body: &[u8]) -> PushCounts {
+        self.with(|c, now| c.handle_broadcast(msg_id, body, now))
+    }
+
+    pub fn admin_kick(&self, player: u64) -> bool {
+        self.with(|c, now| c.handle_admin_kick(player, now))
+    }
+
+    pub fn list_players(&self, after: u64, limit: usize) -> Vec<PlayerInfo> {
+        self.core.borrow().list_players(after, limit)
+    }
+
+    pub fn player_info(&self, player: u64) -> Option<PlayerInfo> {
+        self.core.borrow().player_info(player)
+    }
+
+    /// The shard's metrics now.
+    pub fn snapshot(&self) -> crate::metrics::Snapshot {
+        let mut s = self.core.borrow().snapshot();
+        let c = self.core.borrow();
+        let st = &c.stats;
+        let b = &self.backends;
+        s.counters = vec![
+            (
+                "accepted",
+                "Client connections accepted.",
+                st.accepted.get(),
+            ),
+            (
+                "refused_max_connections",
+                "Client connections refused by max_connections.",
+                st.refused_max_connections.get(),
+            ),
+            (
+                "handoffs_out",
+                "Connections handed to another shard.",
+                st.handoffs_out.get(),
+            ),
+            (
+                "handoffs_in",
+                "Connections received from another shard.",
+                st.handoffs_in.get(),
+            ),
+            ("logins_ok", "Logins accepted.", st.logins_ok.get()),
+            (
+                "logins_rejected",
+                "Logins rejected (by the backend or for lack of one).",
+                st.logins_rejected.get(),
+            ),
+            ("resumes_ok", "Resumes served.", st.resumes_ok.get()),
+            (
+                "resumes_rejected",
+                "Resumes refused: RESUME_REJECTED.",
+                st.resumes_rejected.get(),
+            ),
+            (
+                "resumes_gap",
+                "Resumes refused: RESUME_GAP.",
+                st.resumes_gap.get(),
+            ),
+            (
+                "protocol_errors",
+                "Connections closed for a protocol error.",
+                st.protocol_errors.get(),
+            ),
+            (
+                "evictions",
+                "Unacknowledged frames evicted from outboxes.",
+                st.evictions.get(),
+            ),
+            (
+                "players_expired",
+                "Players ended after player_linger without a session.",
+                st.players_expired.get(),
+            ),
+            (
+                "backend_connects",
+                "Backend connections established (reconnects included).",
+                b.connects.get(),
+            ),
+            (
+                "backend_retries",
+                "Idempotent requests sent again after their backend connection died.",
+                b.retries.get(),
+            ),
+            (
+                "backend_unhealthy",
+                "Times a backend connection left rotation for missing health checks.",
+                b.unhealthy.get(),
+            ),
+            (
+                "overloaded",
+                "Requests refused OVERLOADED (session or backend in-flight bounds).",
+                st.overloaded.get(),
+            ),
+            (
+                "rate_limited",
+                "Requests refused RATE_LIMITED by the per-session token bucket.",
+                st.rate_limited.get(),
+            ),
+            (
+                "backend_unknown_answers",
+                "Backend answers to no pending request (dropped).",
+                b.unknown_answers.get(),
+            ),
+            (
+                "backend_timeouts",
+                "Requests answered TIMEOUT.",
+                b.timeouts.get(),
+            ),
+            (
+                "backend_failed_by_disconnect",
+                "Requests failed because their backend connection died.",
+                b.failed_by_disconnect.get(),
+            ),
+        ];
+        s.mesh_backlog = self.mesh.stats().backlog;
+        (s.backends_up, s.backends_unhealthy, s.backends_down) = b.health();
+        s
+    }
+
+    // ----- cluster, drain and snapshots ------------------------------------
+
+    /// Another gateway takes `player` over.
+    pub fn give_away(&self, player: u64, to: &str) {
+        let unix = crate::snapshot::unix_ms_now();
+        self.with(|c, now| c.handle_give_away(player, to, now, unix));
+    }
+
+    /// A player whose gateway died holding it starts here with nothing.
+    pub fn start_lost(&self, player: u64) {
+        self.with(|c, now| c.start_lost(player, now));
+    }
+
+    /// Requests of this shard waiting for a backend.
+    pub fn in_flight(&self) -> usize {
+        self.backends.in_flight()
+    }
+
+    /// During a drain: `KICK SHUTDOWN` to every quiet session; the sessions
+    /// still open.
+    pub fn kick_quiet(&self, quiet_since: Instant) -> usize {
+        self.with(|c, now| c.handle_kick_quiet(quiet_since, now))
+    }
+
+    /// Every player as a snapshot keeps it.
+    pub fn images(&self) -> Vec<crate::snapshot::PlayerImage> {
+        let unix = crate::snapshot::unix_ms_now();
+        self.core.borrow().images(Instant::now(), unix)
+    }
+
+    /// Load players from a snapshot (all homed here); (loaded, dropped).
+    pub fn restore(&self, images: &[crate::snapshot::PlayerImage]) -> (usize, usize) {
+        let unix = crate::snapshot::unix_ms_now();
+        self.with(|c, now| c.restore(images, now, unix))
+    }
+
+    /// Whether this shard holds `player`.
+    pub fn holds(&self, player: u64) -> bool {
+        self.core.borrow().holds(player)
+    }
+
+    /// Run `f` on the core (the cluster flows' steps).
+    pub(crate) fn core_step<R>(&self, f: impl FnOnce(&mut Core, Instant) -> R) -> R {
+        self.with(f)
+    }
+}
+
+/// Token secrets from the OS CSPRNG.
+struct OsEntropy;
+
+impl crate::core::Entropy for OsEntropy {
+    fn fill(&mut self, buf: &mut [u8]) {
+        if let Err(e) = getrandom::getrandom(buf) {
+            // Without randomness a token could be guessed: better to stop
+            // than to hand out weak tokens.
+            tracing::error!("the OS random source failed: {e}");
+            std::process::abort();
+        }
+    }
+}
+
+/// The backend services of `cfg`, in `router`'s service order.
+pub fn service_specs(cfg: &Config, router: &Router) -> Vec<crate::backend::ServiceSpec> {
+    router
+        .services()
+        .iter()
+        .map(|name| {
+            let (addrs, per) = cfg
+                .services
+                .get(name)
+                .map(|s| {
+                    (
+                        s.instances.iter().filter_map(|a| a.parse().ok()).collect(),
+                        s.connections,
+                    )
+                })
+                .unwrap_or_default();
+            (name.clone(), addrs, per)
+        })
+        .collect()
+}
+
+impl AnswerSink for ShardCtx {
+    fn on_answer(&self, p: Pending, a: Answer) {
+        if a.from_backend {
+            self.metrics().backend_latency(p.elapsed());
+        }
+        // A broadcast request gets one answer from all its instances.
+        let a = if p.group != 0 {
+            match self.backends.group_answer(p.group, a) {
+                crate::backend::GroupVerdict::Deliver(a) => a,
+                crate::backend::GroupVerdict::Drop => return,
+            }
+        } else {
+            a
+        };
+        let asker = Asker {
+            session: p.session,
+            player: p.player,
+            life: p.life,
+            req_id: p.req_id,
+            msg_id: p.msg_id,
+            login: p.login,
+        };
+        self.with(|c, now| c.handle_answer(asker, a, now));
+    }
+}

@@ -1,0 +1,117 @@
+//! Messages between shards, and between a shard and the process: what
+//! travels over the mesh (a connection in transit, push and admin
+//! commands, cluster steps, the drain) and what a shard tells the
+//! coordinator.
+
+use crate::config::Config;
+use crate::core::{PlayerInfo, PushCounts};
+use bytes::{Bytes, BytesMut};
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+/// Messages between shards.
+pub enum ShardMsg {
+    /// A connection moving to its player's home shard.
+    Handoff(Box<Handoff>),
+    /// Ask the home shard of `player` for its state.
+    PlayerInfo {
+        player: u64,
+        reply: flume::Sender<Option<PlayerInfo>>,
+    },
+    /// One PUSH to each of `players` (all homed on the receiving shard).
+    Push {
+        players: Vec<u64>,
+        msg_id: u32,
+        body: Bytes,
+        /// None: refused (the shard has drained; its players are gone).
+        reply: flume::Sender<Option<PushCounts>>,
+    },
+    /// One PUSH to every player the receiving shard holds.
+    Broadcast {
+        msg_id: u32,
+        body: Bytes,
+        reply: flume::Sender<Option<PushCounts>>,
+    },
+    /// `KICK ADMIN` to the session of `player`.
+    Kick {
+        player: u64,
+        reply: flume::Sender<bool>,
+    },
+    /// Up to `limit` players with id > `after`, ascending.
+    ListPlayers {
+        after: u64,
+        limit: usize,
+        reply: flume::Sender<Vec<PlayerInfo>>,
+    },
+    /// The shard's metrics now.
+    Metrics {
+        reply: flume::Sender<crate::metrics::Snapshot>,
+    },
+    /// Apply a reloaded config (the fields that need a restart are kept
+    /// as they were); the shard answers when done.
+    Reload {
+        cfg: Arc<Config>,
+        reply: flume::Sender<usize>,
+    },
+    /// Another gateway takes `player` over: let it go to gateway `to`.
+    GiveAway { player: u64, to: String },
+    /// A player migrated here: load it.
+    Adopt {
+        image: crate::snapshot::Image,
+        reply: flume::Sender<()>,
+    },
+    /// Move every player of the receiving shard to gateway `to`; the
+    /// answer is (migrated, failed).
+    Evacuate {
+        to: String,
+        reply: flume::Sender<(u64, u64)>,
+    },
+    /// Move `player` to gateway `to` (an operator's migration); the answer
+    /// is the target's client address.
+    Migrate {
+        player: u64,
+        to: String,
+        reply: flume::Sender<Result<String, String>>,
+    },
+    /// Drain (or, with `force`, stop draining and finish now); the shard
+    /// answers once, with its players.
+    Drain {
+        force: bool,
+        reply: flume::Sender<DrainReport>,
+    },
+}
+
+/// What a shard hands the coordinator at the end of a drain.
+#[derive(Debug)]
+pub struct DrainReport {
+    pub shard: usize,
+    /// Everything finished within the deadline, nothing forced.
+    pub clean: bool,
+    pub players: Vec<crate::snapshot::PlayerImage>,
+}
+
+/// Events a shard raises for the process (the coordinator).
+#[derive(Debug, Clone)]
+pub enum GatewayEvent {
+    /// `POST /v1/drain`.
+    DrainRequested,
+    /// A stop signal (SIGTERM, SIGINT).
+    Signal(i32),
+    /// Re-read the config file (SIGHUP, `POST /v1/reload`); the outcome
+    /// goes to the sender, if any.
+    Reload(Option<flume::Sender<Result<(), String>>>),
+}
+
+pub use crate::session::{Arrival, LoginReply};
+
+/// A connection in transit: its socket, the bytes read past the frame that
+/// sent it, and what to do on arrival.
+pub struct Handoff {
+    pub fd: OwnedFd,
+    /// The connection's place under `max_connections`, moving with it.
+    pub slot: crate::net::Slot,
+    pub peer: SocketAddr,
+    pub leftover: BytesMut,
+    pub arrival: Arrival,
+}
