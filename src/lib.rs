@@ -16,6 +16,7 @@
 //! | [`demo`] | the demo backend |
 //! | [`client`] | the reference client of the client link |
 //! | [`limits`] | raising process limits at start |
+//! | [`sim`] | the in-memory gateway: real cores, fake clients and backends, a simulated clock |
 //!
 //! The runtime (pinned executors, mesh, stop) is the `shards` crate.
 
@@ -35,4 +36,5 @@ pub mod protocol;
 pub mod router;
 pub mod session;
 pub mod shard;
+pub mod sim;
 pub mod snapshot;

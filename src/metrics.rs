@@ -49,6 +49,10 @@ impl Metrics {
     pub fn kick(&self, code: u16) {
         *self.kicks.borrow_mut().entry(code).or_default() += 1;
     }
+    /// Kicks with `code` so far.
+    pub fn kicks_of(&self, code: u16) -> u64 {
+        self.kicks.borrow().get(&code).copied().unwrap_or(0)
+    }
     pub fn request(&self, route_slot: usize) {
         *self.requests.borrow_mut().entry(route_slot).or_default() += 1;
     }

@@ -1,0 +1,545 @@
+//! An in-memory gateway for tests and benchmarks: several shard cores (the
+//! real [`Core`], with all its rules), fake client connections and a fake
+//! backend, on a simulated clock. No sockets, no threads, no sleeps: a test
+//! moves the clock itself, and a run repeats exactly from its seed (the
+//! idea of quinn's `Pair`).
+//!
+//! The harness plays the shell's part the way `shard::conn` does: a
+//! connection's read loop asks [`Core::next_step`] before each frame, its
+//! writer drains [`Core::poll_transmit`], a login or resume for a player
+//! homed on another shard moves the connection there (what was queued is
+//! written first, then the session is registered on the home shard), and
+//! every output the core asks for (wakes, requests for a backend) is
+//! carried out right after the call that produced it. A reader that
+//! paused, or a writer with nothing to write, runs again only when the core
+//! wakes it, so a forgotten wake shows up as a stuck connection.
+
+use crate::config::Config;
+use crate::core::{Answer, Core, Forward, PushCounts, SeededEntropy, Step, Transmit};
+use crate::protocol::{encode, Code, Decoder, Frame, Header, Kind, Link};
+use crate::session::{Arrival, SessionId};
+use bytes::{Bytes, BytesMut};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+/// A connection of the harness (an index, stable for the whole run).
+pub type ConnId = usize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reader {
+    Running,
+    /// Waits to be woken by the core.
+    Paused,
+    /// The gateway's side of the connection is gone.
+    Ended,
+}
+
+/// One client connection, both ends.
+struct Conn {
+    shard: usize,
+    sid: SessionId,
+    /// Bytes the client sent that the gateway has not read.
+    inbound: BytesMut,
+    /// Bytes the gateway wrote that the client has not read.
+    outbound: BytesMut,
+    reader: Reader,
+    /// The writer found nothing to write and waits to be woken.
+    writer_idle: bool,
+    /// The writer is finished (the core said `Done`).
+    writer_done: bool,
+    /// The client closed its side: the reader sees end of stream once it
+    /// has read what came before.
+    eof: bool,
+    /// The client is gone: writes fail.
+    peer_gone: bool,
+    /// The client reads nothing: the batch being written waits.
+    stalled: bool,
+    in_write: Option<Bytes>,
+    /// How many times the connection moved between shards.
+    handoffs: u32,
+}
+
+/// A request the fake backend received and has not answered.
+#[derive(Debug, Clone)]
+pub struct Sent {
+    /// The shard whose backend connection carried it.
+    pub shard: usize,
+    pub forward: Forward,
+    pub at: Instant,
+}
+
+/// The in-memory gateway.
+pub struct Sim {
+    pub now: Instant,
+    pub cores: Vec<Core>,
+    conns: Vec<Conn>,
+    by_sid: HashMap<(usize, SessionId), ConnId>,
+    /// Requests waiting for the fake backend, oldest first.
+    pub backend: Vec<Sent>,
+    /// While set, every request for a backend fails to be sent (as when no
+    /// instance is up): the core hears `BACKEND_UNAVAILABLE` for it.
+    pub backend_down: bool,
+    client_decoder: Decoder,
+    server_decoder: Decoder,
+}
+
+impl Sim {
+    /// `shards` cores on `cfg`; token secrets drawn from `seed`.
+    pub fn new(cfg: Config, shards: usize, seed: u64) -> Sim {
+        let now = Instant::now();
+        let max = cfg.max_frame;
+        let cfg = Rc::new(cfg);
+        let cores = (0..shards)
+            .map(|i| {
+                let entropy = SeededEntropy(seed ^ (i as u64).wrapping_mul(0x9E37_79B9));
+                Core::new(i, shards, cfg.clone(), false, Box::new(entropy), now)
+            })
+            .collect();
+        Sim {
+            now,
+            cores,
+            conns: Vec::new(),
+            by_sid: HashMap::new(),
+            backend: Vec::new(),
+            backend_down: false,
+            client_decoder: Decoder::new(Link::GatewayToClient, max),
+            server_decoder: Decoder::new(Link::ClientToGateway, max),
+        }
+    }
+
+    /// The shard a player lives on.
+    pub fn home(&self, player: u64) -> usize {
+        shards::home_shard(player, self.cores.len())
+    }
+
+    /// The core of the player's home shard.
+    pub fn home_core(&self, player: u64) -> &Core {
+        &self.cores[self.home(player)]
+    }
+
+    // ----- clients -------------------------------------------------------
+
+    /// A client connects; the connection is accepted by `shard`.
+    pub fn connect(&mut self, shard: usize) -> ConnId {
+        let sid = self.cores[shard].add_session(self.now);
+        let id = self.conns.len();
+        self.conns.push(Conn {
+            shard,
+            sid,
+            inbound: BytesMut::new(),
+            outbound: BytesMut::new(),
+            reader: Reader::Running,
+            writer_idle: false,
+            writer_done: false,
+            eof: false,
+            peer_gone: false,
+            stalled: false,
+            in_write: None,
+            handoffs: 0,
+        });
+        self.by_sid.insert((shard, sid), id);
+        id
+    }
+
+    /// The client sends one frame (read by the gateway on the next run).
+    pub fn send(&mut self, c: ConnId, h: &Header, body: &[u8]) {
+        let conn = &mut self.conns[c];
+        if !conn.eof {
+            encode(&mut conn.inbound, h, body);
+        }
+    }
+
+    /// The client sends raw bytes (a broken frame, a lying length).
+    pub fn send_raw(&mut self, c: ConnId, bytes: &[u8]) {
+        let conn = &mut self.conns[c];
+        if !conn.eof {
+            conn.inbound.extend_from_slice(bytes);
+        }
+    }
+
+    /// The client closes its side. `lose_unread`: what it sent and the
+    /// gateway has not read is lost too (the connection broke, rather than
+    /// closed cleanly). From now on nothing it is sent arrives.
+    pub fn hang_up(&mut self, c: ConnId, lose_unread: bool) {
+        let conn = &mut self.conns[c];
+        conn.eof = true;
+        conn.peer_gone = true;
+        conn.outbound.clear();
+        if lose_unread {
+            conn.inbound.clear();
+        }
+        // A paused read loop waits for the core alone (as the shell's does):
+        // it sees the end of stream once the core wakes it.
+    }
+
+    /// The client stops reading (its writes pile up in the gateway), or
+    /// starts again.
+    pub fn stall(&mut self, c: ConnId, stalled: bool) {
+        self.conns[c].stalled = stalled;
+        if !stalled {
+            self.complete_write(c);
+        }
+    }
+
+    /// The frames the client has received since it last looked.
+    pub fn recv(&mut self, c: ConnId) -> Vec<Frame> {
+        let mut out = Vec::new();
+        let conn = &mut self.conns[c];
+        // The gateway writes whole frames: anything undecodable is a bug.
+        while let Some(f) = self
+            .client_decoder
+            .decode(&mut conn.outbound)
+            .expect("the gateway wrote an undecodable frame")
+        {
+            out.push(f);
+        }
+        out
+    }
+
+    /// Whether the gateway still serves the connection.
+    pub fn is_open(&self, c: ConnId) -> bool {
+        self.conns[c].reader != Reader::Ended
+    }
+
+    /// The shard serving the connection now.
+    pub fn shard_of(&self, c: ConnId) -> usize {
+        self.conns[c].shard
+    }
+
+    /// The session id the connection has on its shard now.
+    pub fn session_of(&self, c: ConnId) -> SessionId {
+        self.conns[c].sid
+    }
+
+    /// How many times the connection moved between shards.
+    pub fn handoffs(&self, c: ConnId) -> u32 {
+        self.conns[c].handoffs
+    }
+
+    /// Bytes the gateway has queued for the connection and not written.
+    pub fn unsent(&self, c: ConnId) -> usize {
+        let conn = &self.conns[c];
+        self.cores[conn.shard].unsent(conn.sid)
+    }
+
+    // ----- the clock, pushes, the backend ------------------------------
+
+    /// Move the clock and fire every shard's sweep timer.
+    pub fn advance(&mut self, d: Duration) {
+        self.now += d;
+        for s in 0..self.cores.len() {
+            self.cores[s].handle_tick(self.now);
+            self.flush(s);
+        }
+    }
+
+    /// A push to one player (on its home shard).
+    pub fn push(&mut self, player: u64, msg_id: u32, body: &[u8]) -> PushCounts {
+        let s = self.home(player);
+        let counts = self.cores[s].handle_push(&[player], msg_id, body, self.now);
+        self.flush(s);
+        counts
+    }
+
+    /// Run `f` on shard `s`'s core with the clock, then carry out its outputs.
+    pub fn on_core<R>(&mut self, s: usize, f: impl FnOnce(&mut Core, Instant) -> R) -> R {
+        let r = f(&mut self.cores[s], self.now);
+        self.flush(s);
+        r
+    }
+
+    /// The backend answers its `i`-th waiting request.
+    pub fn answer(&mut self, i: usize, code: u16, player: u64, body: &[u8]) {
+        let sent = self.backend.remove(i);
+        let a = Answer {
+            from_backend: true,
+            code,
+            msg_id: sent.forward.header.msg_id,
+            player,
+            body: Bytes::copy_from_slice(body),
+        };
+        self.deliver_answer(sent, a);
+    }
+
+    /// The gateway gives up on the `i`-th waiting request (its deadline
+    /// passed): the client gets `TIMEOUT` and a late answer is dropped.
+    pub fn time_out(&mut self, i: usize) {
+        let sent = self.backend.remove(i);
+        let a = Answer {
+            from_backend: false,
+            code: Code::Timeout.into(),
+            msg_id: sent.forward.header.msg_id,
+            player: 0,
+            body: Bytes::new(),
+        };
+        self.deliver_answer(sent, a);
+    }
+
+    fn deliver_answer(&mut self, sent: Sent, a: Answer) {
+        let s = sent.shard;
+        self.cores[s].handle_answer(sent.forward.asker, a, self.now);
+        self.flush(s);
+    }
+
+    // ----- running -------------------------------------------------------
+
+    /// Run every connection until nothing more happens.
+    pub fn run(&mut self) {
+        loop {
+            let mut busy = false;
+            for c in 0..self.conns.len() {
+                busy |= self.pump(c, usize::MAX);
+            }
+            if !busy {
+                return;
+            }
+        }
+    }
+
+    /// Let connection `c` read at most `frames` frames and write what it
+    /// can; true if anything happened.
+    pub fn pump(&mut self, c: ConnId, frames: usize) -> bool {
+        let read = self.read(c, frames);
+        let wrote = self.write(c);
+        read || wrote
+    }
+
+    /// Carry out what core `s` asked for.
+    fn flush(&mut self, s: usize) {
+        loop {
+            let core = &mut self.cores[s];
+            if !core.has_output() {
+                return;
+            }
+            if let Some(w) = core.poll_wake() {
+                if let Some(&c) = self.by_sid.get(&(s, w.sid)) {
+                    let conn = &mut self.conns[c];
+                    if w.reader && conn.reader == Reader::Paused {
+                        conn.reader = Reader::Running;
+                    }
+                    if w.writer {
+                        conn.writer_idle = false;
+                    }
+                }
+            }
+            if let Some(forward) = self.cores[s].poll_forward() {
+                if self.backend_down {
+                    let asker = forward.asker;
+                    self.cores[s].handle_not_sent(asker, Code::BackendUnavailable, self.now);
+                } else {
+                    self.backend.push(Sent {
+                        shard: s,
+                        forward,
+                        at: self.now,
+                    });
+                }
+            }
+            // This gateway is alone: the core asks the cluster nothing.
+            if let Some(out) = self.cores[s].poll_cluster() {
+                panic!("a gateway alone asked the cluster: {out:?}");
+            }
+        }
+    }
+
+    /// The read loop of `c` (as `shard::conn::read_loop`).
+    fn read(&mut self, c: ConnId, mut budget: usize) -> bool {
+        let mut did = false;
+        while self.conns[c].reader == Reader::Running {
+            let (s, sid) = (self.conns[c].shard, self.conns[c].sid);
+            let step = self.cores[s].next_step(sid, self.now);
+            self.flush(s);
+            match step {
+                Step::Read => {}
+                Step::Pause => {
+                    self.conns[c].reader = Reader::Paused;
+                    return did;
+                }
+                Step::Close => {
+                    self.end(c);
+                    return true;
+                }
+                Step::Handoff { home, arrival } => {
+                    self.hand_off(c, home, arrival);
+                    return true;
+                }
+            }
+            if budget == 0 {
+                return did;
+            }
+            match self.server_decoder.decode(&mut self.conns[c].inbound) {
+                Ok(Some(frame)) => {
+                    budget -= 1;
+                    did = true;
+                    self.cores[s].handle_received(sid, self.now);
+                    self.cores[s].handle_frame(sid, frame, self.now);
+                    self.flush(s);
+                }
+                Ok(None) if self.conns[c].eof => {
+                    self.cores[s].handle_close(sid, "peer closed", self.now);
+                    self.flush(s);
+                    self.end(c);
+                    return true;
+                }
+                Ok(None) => return did,
+                Err(e) => {
+                    did = true;
+                    self.conns[c].inbound.clear();
+                    self.cores[s].handle_protocol_error(sid, &e, self.now);
+                    self.flush(s);
+                }
+            }
+        }
+        did
+    }
+
+    /// The writer of `c` (as `shard::conn::write_loop`).
+    fn write(&mut self, c: ConnId) -> bool {
+        let mut did = false;
+        loop {
+            let conn = &self.conns[c];
+            if conn.writer_idle || conn.writer_done || conn.in_write.is_some() {
+                return did;
+            }
+            let (s, sid) = (conn.shard, conn.sid);
+            match self.cores[s].poll_transmit(sid) {
+                Transmit::Bytes(b) => {
+                    did = true;
+                    self.conns[c].in_write = Some(b);
+                    if self.conns[c].stalled {
+                        return did;
+                    }
+                    self.complete_write(c);
+                }
+                Transmit::Idle => self.conns[c].writer_idle = true,
+                Transmit::Done => self.conns[c].writer_done = true,
+            }
+        }
+    }
+
+    /// The batch being written reaches the client (or fails to).
+    fn complete_write(&mut self, c: ConnId) {
+        let conn = &mut self.conns[c];
+        let Some(b) = conn.in_write.take() else {
+            return;
+        };
+        let ok = !conn.peer_gone;
+        if ok {
+            conn.outbound.extend_from_slice(&b);
+        }
+        let (s, sid) = (conn.shard, conn.sid);
+        self.cores[s].handle_written(sid, ok, self.now);
+        self.flush(s);
+    }
+
+    /// Write what is queued before the connection closes or moves: false if
+    /// it could not all be written (a stalled client: the shell gives up
+    /// after its flush deadline).
+    fn flush_output(&mut self, c: ConnId) -> bool {
+        let (s, sid) = (self.conns[c].shard, self.conns[c].sid);
+        self.cores[s].finish_output(sid);
+        self.flush(s);
+        self.conns[c].writer_idle = false;
+        self.write(c);
+        self.conns[c].writer_done
+    }
+
+    /// The connection closes on the gateway's side.
+    fn end(&mut self, c: ConnId) {
+        self.flush_output(c);
+        let (s, sid) = (self.conns[c].shard, self.conns[c].sid);
+        self.cores[s].remove_session(sid, self.now);
+        self.flush(s);
+        self.by_sid.remove(&(s, sid));
+        let conn = &mut self.conns[c];
+        conn.reader = Reader::Ended;
+        conn.in_write = None;
+        conn.writer_done = true;
+    }
+
+    /// The connection moves to shard `home` (as `shard::conn::serve`).
+    fn hand_off(&mut self, c: ConnId, home: usize, arrival: Arrival) {
+        let flushed = self.flush_output(c);
+        let (s, sid) = (self.conns[c].shard, self.conns[c].sid);
+        // A kick while the output flushed wins: close.
+        let kicked = self.cores[s].is_closing(sid);
+        self.cores[s].remove_session(sid, self.now);
+        self.flush(s);
+        self.by_sid.remove(&(s, sid));
+        if !flushed || kicked {
+            let conn = &mut self.conns[c];
+            conn.reader = Reader::Ended;
+            conn.in_write = None;
+            return;
+        }
+        let new = self.cores[home].add_session(self.now);
+        self.by_sid.insert((home, new), c);
+        let conn = &mut self.conns[c];
+        conn.shard = home;
+        conn.sid = new;
+        conn.reader = Reader::Running;
+        conn.writer_idle = false;
+        conn.writer_done = false;
+        conn.handoffs += 1;
+        self.cores[home].handle_handoff(new, arrival, self.now);
+        self.flush(home);
+    }
+}
+
+impl Sim {
+    /// The first login route's msg_id.
+    pub fn login_msg(&self) -> u32 {
+        let cfg = self.cores[0].cfg();
+        cfg.routes
+            .iter()
+            .find(|r| r.login)
+            .map(|r| r.msgs.0)
+            .expect("the config has a login route")
+    }
+
+    /// The index of the request of connection `c` waiting at the backend
+    /// with this req_id.
+    pub fn pending_of(&self, c: ConnId, req_id: u32) -> Option<usize> {
+        let conn = &self.conns[c];
+        self.backend.iter().position(|s| {
+            s.shard == conn.shard
+                && s.forward.asker.session == conn.sid
+                && s.forward.asker.req_id == req_id
+        })
+    }
+
+    /// Log `c` in as `player` (the backend accepts at once); the frames
+    /// it received.
+    pub fn login(&mut self, c: ConnId, player: u64, req_id: u32) -> Vec<Frame> {
+        let msg = self.login_msg();
+        self.send(c, &header(Kind::Request, msg, req_id, 0), b"login");
+        self.run();
+        let i = self
+            .pending_of(c, req_id)
+            .expect("the login request reached the backend");
+        self.answer(i, 0, player, b"welcome");
+        self.run();
+        self.recv(c)
+    }
+
+    /// Answer every waiting request with its own body (code 0).
+    pub fn answer_all(&mut self) {
+        while !self.backend.is_empty() {
+            let body = self.backend[0].forward.body.clone();
+            self.answer(0, 0, 0, &body);
+        }
+        self.run();
+    }
+}
+
+/// A header of `kind` with the fields a client sets.
+pub fn header(kind: Kind, msg_id: u32, req_id: u32, seq: u64) -> Header {
+    Header {
+        kind,
+        flags: 0,
+        code: 0,
+        msg_id,
+        req_id,
+        seq,
+    }
+}
