@@ -80,6 +80,10 @@ pub struct Sim {
     /// While set, every request for a backend fails to be sent (as when no
     /// instance is up): the core hears `BACKEND_UNAVAILABLE` for it.
     pub backend_down: bool,
+    /// While set, every client frame the gateway reads is logged in
+    /// [`Sim::take_read`] (a test's record of what the gateway accepted).
+    pub log_reads: bool,
+    read_log: Vec<(ConnId, Header)>,
     client_decoder: Decoder,
     server_decoder: Decoder,
 }
@@ -103,6 +107,8 @@ impl Sim {
             by_sid: HashMap::new(),
             backend: Vec::new(),
             backend_down: false,
+            log_reads: false,
+            read_log: Vec::new(),
             client_decoder: Decoder::new(Link::GatewayToClient, max),
             server_decoder: Decoder::new(Link::ClientToGateway, max),
         }
@@ -195,6 +201,12 @@ impl Sim {
             out.push(f);
         }
         out
+    }
+
+    /// The client frames the gateway read since the last call, in order
+    /// (with [`Sim::log_reads`] set).
+    pub fn take_read(&mut self) -> Vec<(ConnId, Header)> {
+        std::mem::take(&mut self.read_log)
     }
 
     /// Whether the gateway still serves the connection.
@@ -371,6 +383,9 @@ impl Sim {
                 Ok(Some(frame)) => {
                     budget -= 1;
                     did = true;
+                    if self.log_reads {
+                        self.read_log.push((c, frame.header));
+                    }
                     self.cores[s].handle_received(sid, self.now);
                     self.cores[s].handle_frame(sid, frame, self.now);
                     self.flush(s);
