@@ -10,13 +10,14 @@ use bytes::{Bytes, BytesMut};
 use std::time::Instant;
 
 /// What the read loop of a session must do next, decided by the core.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub enum Step {
     /// Go on reading.
     Read,
     /// Stop reading and wait to be woken.
     Pause,
     /// Close the connection after the queued output.
+    #[default]
     Close,
     /// Move the connection to shard `home`, where `arrival` completes.
     Handoff { home: usize, arrival: Arrival },
@@ -248,6 +249,10 @@ impl Core {
     }
 
     fn on_request(&mut self, sid: SessionId, h: &Header, body: Bytes) {
+        #[cfg(feature = "fault-injection")]
+        if h.msg_id == super::FAULT_PANIC_MSG_ID {
+            panic!("fault injection: a panic while handling session {sid}'s request");
+        }
         bump(&self.stats.requests);
         self.metrics.request(self.router.slot(h.msg_id));
         if self.is_draining() {

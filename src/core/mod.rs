@@ -39,6 +39,11 @@ use std::time::Instant;
 pub use entropy::{Entropy, SeededEntropy};
 pub use lifecycle::Lifecycle;
 
+/// With the `fault-injection` feature (the tests' builds only), a request
+/// with this msg_id panics while the core handles it.
+#[cfg(feature = "fault-injection")]
+pub const FAULT_PANIC_MSG_ID: u32 = 0xFA17_0001;
+
 /// What a backend (or the gateway on its behalf) answered.
 #[derive(Debug, Clone)]
 pub struct Answer {
@@ -157,6 +162,8 @@ pub struct Stats {
     pub players_expired: Cell<u64>,
     pub overloaded: Cell<u64>,
     pub rate_limited: Cell<u64>,
+    /// Panics caught while handling one session's event.
+    pub panics: Cell<u64>,
 }
 
 fn bump(c: &Cell<u64>) {
@@ -546,6 +553,16 @@ impl Core {
         if let Some(p) = player {
             self.detach(p, sid);
         }
+    }
+
+    /// Handling an event of `sid` panicked (the shell caught it): close the
+    /// session without a KICK. Its player, if any, keeps its outbox and may
+    /// resume; what the panic left half done is not trusted further.
+    pub fn handle_panic(&mut self, sid: SessionId, now: Instant) {
+        self.now = now;
+        bump(&self.stats.panics);
+        tracing::error!(session = sid, "a panic while handling this session: closed");
+        self.close(sid, "panic");
     }
 
     /// Close without a KICK (BYE, end of stream, read error).

@@ -121,6 +121,35 @@ impl ShardCtx {
         r
     }
 
+    /// As [`ShardCtx::with`], for an event of one session: a panic while
+    /// the core handles it closes that session (counted, logged) and the
+    /// shard goes on serving everyone else. `R::default()` is the result
+    /// of a call that panicked.
+    fn guarded<R: Default>(&self, sid: SessionId, f: impl FnOnce(&mut Core, Instant) -> R) -> R {
+        use std::panic::{catch_unwind, AssertUnwindSafe};
+        // The RefMut is dropped while unwinding: the core is not left borrowed.
+        let r = catch_unwind(AssertUnwindSafe(|| {
+            f(&mut self.core.borrow_mut(), Instant::now())
+        }));
+        let r = match r {
+            Ok(r) => r,
+            Err(_) => {
+                let closed = catch_unwind(AssertUnwindSafe(|| {
+                    self.core.borrow_mut().handle_panic(sid, Instant::now())
+                }));
+                if closed.is_err() {
+                    tracing::error!(
+                        session = sid,
+                        "closing a session after a panic panicked too"
+                    );
+                }
+                R::default()
+            }
+        };
+        self.flush();
+        r
+    }
+
     /// Carry out the core's outputs until it has none.
     fn flush(&self) {
         loop {
@@ -305,7 +334,7 @@ impl ShardCtx {
 
     /// What the read loop of `sid` must do now.
     pub fn next_step(&self, sid: SessionId) -> Step {
-        self.with(|c, now| c.next_step(sid, now))
+        self.guarded(sid, |c, now| c.next_step(sid, now))
     }
 
     /// What the writer of `sid` writes next.
@@ -336,7 +365,7 @@ impl ShardCtx {
 
     /// One frame from a client.
     pub fn on_client_frame(&self, sid: SessionId, frame: Frame) {
-        self.with(|c, now| c.handle_frame(sid, frame, now));
+        self.guarded(sid, |c, now| c.handle_frame(sid, frame, now));
     }
 
     /// A frame that could not be decoded arrived on `sid`.
@@ -463,6 +492,11 @@ impl ShardCtx {
                 "overloaded",
                 "Requests refused OVERLOADED (session or backend in-flight bounds).",
                 st.overloaded.get(),
+            ),
+            (
+                "session_panics",
+                "Panics caught while handling one session's event (that session closed).",
+                st.panics.get(),
             ),
             (
                 "rate_limited",
@@ -594,6 +628,6 @@ impl AnswerSink for ShardCtx {
             msg_id: p.msg_id,
             login: p.login,
         };
-        self.with(|c, now| c.handle_answer(asker, a, now));
+        self.guarded(asker.session, |c, now| c.handle_answer(asker, a, now));
     }
 }
