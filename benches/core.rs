@@ -1,5 +1,8 @@
 //! Criterion micro-benchmarks of the gateway's hot paths: the frame codec,
-//! the player's outbox (sequence / ack / resume check) and the router.
+//! the player's outbox (sequence / ack / resume check), the router, and the
+//! shard core alone (`core/*`: the user-space work of one relayed
+//! request/response pair and of one pushed frame, with no socket, set up on
+//! the in-memory harness).
 //!
 //! Run with `cargo bench --bench core` (add `-- --quick` for a short run).
 
@@ -273,5 +276,107 @@ fn router(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, codec, outbox, router);
+/// A core with one logged-in session (player 7), from the harness.
+fn logged_in_core() -> (slg_gateway::sim::Sim, slg_gateway::session::SessionId) {
+    let mut sim = slg_gateway::sim::Sim::new(Config::embedded_default(), 1, 1);
+    let c = sim.connect(0);
+    sim.login(c, 7, 1);
+    let sid = sim.session_of(c);
+    (sim, sid)
+}
+
+/// Write what the core queued for `sid` (as the shell's writer does).
+fn drain_output(core: &mut slg_gateway::core::Core, sid: u64, now: Instant) -> usize {
+    while core.poll_wake().is_some() {}
+    match core.poll_transmit(sid) {
+        slg_gateway::core::Transmit::Bytes(b) => {
+            core.handle_written(sid, true, now);
+            black_box(b).len()
+        }
+        _ => 0,
+    }
+}
+
+fn core(c: &mut Criterion) {
+    use slg_gateway::core::Answer;
+    use slg_gateway::protocol::Frame;
+    let mut g = c.benchmark_group("core");
+    g.throughput(Throughput::Elements(1));
+
+    // REQUEST in, forward out, answer in, sequenced RESPONSE written.
+    let (mut sim, sid) = logged_in_core();
+    let now = sim.now;
+    let core = &mut sim.cores[0];
+    let body = Bytes::from_static(&[0x5a; 64]);
+    let mut seq = 1u64;
+    let mut req_id = 10u32;
+    g.bench_function("request_response", |b| {
+        b.iter(|| {
+            req_id = req_id.wrapping_add(1);
+            let mut h = request_header();
+            h.req_id = req_id;
+            core.handle_frame(
+                sid,
+                Frame {
+                    header: h,
+                    body: body.clone(),
+                },
+                now,
+            );
+            let f = core.poll_forward().expect("forwarded");
+            let a = Answer {
+                from_backend: true,
+                code: 0,
+                msg_id: f.header.msg_id,
+                player: 0,
+                body: f.body,
+            };
+            core.handle_answer(f.asker, a, now);
+            seq += 1;
+            drain_output(core, sid, now);
+            // The client acknowledges now and then, as real ones do.
+            if seq % 64 == 0 {
+                let mut ack = Header::new(Kind::Ack);
+                ack.seq = seq;
+                core.handle_frame(
+                    sid,
+                    Frame {
+                        header: ack,
+                        body: Bytes::new(),
+                    },
+                    now,
+                );
+            }
+        })
+    });
+
+    // One PUSH to an online player, written.
+    let (mut sim, sid) = logged_in_core();
+    let now = sim.now;
+    let core = &mut sim.cores[0];
+    let mut seq = 1u64;
+    g.bench_function("push", |b| {
+        b.iter(|| {
+            let counts = core.handle_push(&[7], 2001, &[0xa5; 64], now);
+            black_box(counts);
+            seq += 1;
+            drain_output(core, sid, now);
+            if seq % 64 == 0 {
+                let mut ack = Header::new(Kind::Ack);
+                ack.seq = seq;
+                core.handle_frame(
+                    sid,
+                    Frame {
+                        header: ack,
+                        body: Bytes::new(),
+                    },
+                    now,
+                );
+            }
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, codec, outbox, router, core);
 criterion_main!(benches);
