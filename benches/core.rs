@@ -335,7 +335,7 @@ fn core(c: &mut Criterion) {
             seq += 1;
             drain_output(core, sid, now);
             // The client acknowledges now and then, as real ones do.
-            if seq % 64 == 0 {
+            if seq.is_multiple_of(64) {
                 let mut ack = Header::new(Kind::Ack);
                 ack.seq = seq;
                 core.handle_frame(
@@ -361,7 +361,7 @@ fn core(c: &mut Criterion) {
             black_box(counts);
             seq += 1;
             drain_output(core, sid, now);
-            if seq % 64 == 0 {
+            if seq.is_multiple_of(64) {
                 let mut ack = Header::new(Kind::Ack);
                 ack.seq = seq;
                 core.handle_frame(
