@@ -34,14 +34,23 @@ pub enum StartError {
     ShardInit { shard: usize, message: String },
 }
 
-/// Counters of one shard, returned when it stops.
+/// Counters of one shard, returned when it stops: the same list, names
+/// and help texts as its `/metrics` counters.
 #[derive(Debug, Clone, Default)]
 pub struct ShardReport {
     pub shard: usize,
-    pub accepted: u64,
-    pub refused_max_connections: u64,
-    pub logins_ok: u64,
-    pub protocol_errors: u64,
+    /// (name, help, value) of every counter.
+    pub counters: Vec<(&'static str, &'static str, u64)>,
+}
+
+impl ShardReport {
+    /// The counter `name` (0 if there is none of that name).
+    pub fn get(&self, name: &str) -> u64 {
+        self.counters
+            .iter()
+            .find(|(n, _, _)| *n == name)
+            .map_or(0, |c| c.2)
+    }
 }
 
 /// A running gateway.
@@ -732,21 +741,9 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
     for t in backend_tasks {
         t.await;
     }
-    let (accepted, refused_max_connections, logins_ok, protocol_errors) = {
-        let st = ctx.stats();
-        (
-            st.accepted.get(),
-            st.refused_max_connections.get(),
-            st.logins_ok.get(),
-            st.protocol_errors.get(),
-        )
-    };
     ShardReport {
         shard: id,
-        accepted,
-        refused_max_connections,
-        logins_ok,
-        protocol_errors,
+        counters: ctx.snapshot().counters,
     }
 }
 

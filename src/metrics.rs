@@ -7,6 +7,30 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::time::Duration;
 
+/// A struct of shard-local counters (`Cell<u64>`, one per name) with the
+/// help text of each beside it, and `list()` giving (name, help, value)
+/// for every one: a counter is declared once, in one place.
+#[macro_export]
+macro_rules! counters {
+    (
+        $(#[$meta:meta])*
+        pub struct $ty:ident { $( $name:ident : $help:literal ),* $(,)? }
+    ) => {
+        $(#[$meta])*
+        #[derive(Default)]
+        pub struct $ty {
+            $( #[doc = $help] pub $name: ::std::cell::Cell<u64>, )*
+        }
+
+        impl $ty {
+            /// Every counter: (name, help, value), in declaration order.
+            pub fn list(&self) -> Vec<(&'static str, &'static str, u64)> {
+                vec![ $( (stringify!($name), $help, self.$name.get()), )* ]
+            }
+        }
+    };
+}
+
 /// Upper bounds (seconds) of the backend latency histogram buckets.
 pub const LATENCY_BUCKETS: [f64; 15] = [
     0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,

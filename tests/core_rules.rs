@@ -382,7 +382,6 @@ fn a_slow_consumer_is_kicked_and_its_frames_wait_for_resume() {
     }
     // The client reads nothing, so the KICK cannot reach it: the gateway
     // closes the connection after its flush deadline.
-    assert_eq!(sim.cores[0].stats.kicks.get(), 1);
     assert_eq!(sim.cores[0].metrics.kicks_of(code(Code::SlowConsumer)), 1);
     // Every frame is still in the outbox: a resume gets them all.
     let c2 = sim.connect(0);

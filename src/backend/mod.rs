@@ -306,6 +306,44 @@ pub struct BackendPool {
     pub connects: Cell<u64>,
 }
 
+impl BackendPool {
+    /// The pool's counters: (name, help, value), each named once here.
+    pub fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        vec![
+            (
+                "backend_connects",
+                "Backend connections established (reconnects included).",
+                self.connects.get(),
+            ),
+            (
+                "backend_retries",
+                "Idempotent requests sent again after their backend connection died.",
+                self.retries.get(),
+            ),
+            (
+                "backend_unhealthy",
+                "Times a backend connection left rotation for missing health checks.",
+                self.unhealthy.get(),
+            ),
+            (
+                "backend_unknown_answers",
+                "Backend answers to no pending request (dropped).",
+                self.unknown_answers.get(),
+            ),
+            (
+                "backend_timeouts",
+                "Requests answered TIMEOUT.",
+                self.timeouts.get(),
+            ),
+            (
+                "backend_failed_by_disconnect",
+                "Requests failed because their backend connection died.",
+                self.failed_by_disconnect.get(),
+            ),
+        ]
+    }
+}
+
 fn build(
     spec: Vec<ServiceSpec>,
     reuse: &mut HashMap<(String, SocketAddr, usize), Rc<BackendConn>>,

@@ -143,7 +143,6 @@ impl Core {
     /// A RESPONSE to a request of session `sid`: sequenced when the session
     /// is bound to a player, seq 0 before login.
     fn respond(&mut self, sid: SessionId, req_id: u32, msg_id: u32, code: u16, body: &[u8]) {
-        bump(&self.stats.responses);
         self.metrics.response(self.router.slot(msg_id), code);
         let h = Header {
             kind: Kind::Response,
@@ -253,7 +252,6 @@ impl Core {
         if h.msg_id == super::FAULT_PANIC_MSG_ID {
             panic!("fault injection: a panic while handling session {sid}'s request");
         }
-        bump(&self.stats.requests);
         self.metrics.request(self.router.slot(h.msg_id));
         if self.is_draining() {
             return self.respond(sid, h.req_id, h.msg_id, Code::ShuttingDown.into(), &[]);
@@ -474,7 +472,6 @@ impl Core {
                 );
                 return;
             }
-            bump(&self.stats.responses);
             self.metrics
                 .response(self.router.slot(asker.msg_id), a.code);
             self.deliver(asker.player, h, &a.body);

@@ -142,28 +142,27 @@ struct Conn {
     tx: Tx,
 }
 
-/// Shard-local counters (summed across shards when read).
-#[derive(Default)]
-pub struct Stats {
-    pub accepted: Cell<u64>,
-    pub refused_max_connections: Cell<u64>,
-    pub handoffs_out: Cell<u64>,
-    pub handoffs_in: Cell<u64>,
-    pub logins_ok: Cell<u64>,
-    pub logins_rejected: Cell<u64>,
-    pub resumes_ok: Cell<u64>,
-    pub resumes_rejected: Cell<u64>,
-    pub resumes_gap: Cell<u64>,
-    pub requests: Cell<u64>,
-    pub responses: Cell<u64>,
-    pub protocol_errors: Cell<u64>,
-    pub kicks: Cell<u64>,
-    pub evictions: Cell<u64>,
-    pub players_expired: Cell<u64>,
-    pub overloaded: Cell<u64>,
-    pub rate_limited: Cell<u64>,
-    /// Panics caught while handling one session's event.
-    pub panics: Cell<u64>,
+crate::counters! {
+    /// Shard-local counters of the core and the shell's accept loop: the
+    /// one list of their names and help texts (summed across shards when
+    /// read; each becomes `slg_<name>_total` in `/metrics`).
+    pub struct Stats {
+        accepted: "Client connections accepted.",
+        refused_max_connections: "Client connections refused by max_connections.",
+        handoffs_out: "Connections handed to another shard.",
+        handoffs_in: "Connections received from another shard.",
+        logins_ok: "Logins accepted.",
+        logins_rejected: "Logins rejected (by the backend or for lack of one).",
+        resumes_ok: "Resumes served.",
+        resumes_rejected: "Resumes refused: RESUME_REJECTED.",
+        resumes_gap: "Resumes refused: RESUME_GAP.",
+        protocol_errors: "Connections closed for a protocol error.",
+        evictions: "Unacknowledged frames evicted from outboxes.",
+        players_expired: "Players ended after player_linger without a session.",
+        overloaded: "Requests refused OVERLOADED (session or backend in-flight bounds).",
+        rate_limited: "Requests refused RATE_LIMITED by the per-session token bucket.",
+        session_panics: "Panics caught while handling one session's event (that session closed).",
+    }
 }
 
 fn bump(c: &Cell<u64>) {
@@ -535,7 +534,6 @@ impl Core {
             if !c.session.close(code.name()) {
                 return;
             }
-            bump(&self.stats.kicks);
             self.metrics.kick(code.into());
             tracing::info!(session = sid, ?player, reason = code.name(), "kick");
             if code == Code::SlowConsumer {
@@ -560,7 +558,7 @@ impl Core {
     /// resume; what the panic left half done is not trusted further.
     pub fn handle_panic(&mut self, sid: SessionId, now: Instant) {
         self.now = now;
-        bump(&self.stats.panics);
+        bump(&self.stats.session_panics);
         tracing::error!(session = sid, "a panic while handling this session: closed");
         self.close(sid, "panic");
     }
@@ -592,5 +590,27 @@ impl Core {
         for sid in all {
             self.kick(sid, code);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Stats;
+
+    #[test]
+    fn every_counter_is_listed_once_with_its_help() {
+        let st = Stats::default();
+        st.session_panics.set(3);
+        let list = st.list();
+        let mut names: Vec<&str> = list.iter().map(|c| c.0).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), list.len(), "a name listed twice");
+        assert!(list.iter().all(|c| !c.1.is_empty()));
+        assert!(list.contains(&(
+            "session_panics",
+            "Panics caught while handling one session's event (that session closed).",
+            3
+        )));
     }
 }
