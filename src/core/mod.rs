@@ -16,11 +16,13 @@
 //! | `mod.rs` | the tables, output queues, kicks and closes |
 //! | [`client`] | client frames: requests, acks, resume, login, answers |
 //! | [`players`] | push, admin, timers, drain, snapshots, migration steps |
+//! | [`stats`] | the counters, each declared once with its help text |
 
 mod client;
 mod entropy;
 mod lifecycle;
 mod players;
+mod stats;
 
 pub use client::Step;
 pub use players::{PlayerInfo, PushCounts};
@@ -31,13 +33,14 @@ use crate::protocol::{encode, Code, Header, Kind};
 use crate::router::{Route, Router};
 use crate::session::{Arrival, Session, SessionId};
 use bytes::{Bytes, BytesMut};
-use std::cell::Cell;
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::time::Instant;
 
 pub use entropy::{Entropy, SeededEntropy};
 pub use lifecycle::Lifecycle;
+pub use stats::Stats;
+use stats::{add, bump};
 
 /// With the `fault-injection` feature (the tests' builds only), a request
 /// with this msg_id panics while the core handles it.
@@ -140,37 +143,6 @@ impl Tx {
 struct Conn {
     session: Session,
     tx: Tx,
-}
-
-crate::counters! {
-    /// Shard-local counters of the core and the shell's accept loop: the
-    /// one list of their names and help texts (summed across shards when
-    /// read; each becomes `slg_<name>_total` in `/metrics`).
-    pub struct Stats {
-        accepted: "Client connections accepted.",
-        refused_max_connections: "Client connections refused by max_connections.",
-        handoffs_out: "Connections handed to another shard.",
-        handoffs_in: "Connections received from another shard.",
-        logins_ok: "Logins accepted.",
-        logins_rejected: "Logins rejected (by the backend or for lack of one).",
-        resumes_ok: "Resumes served.",
-        resumes_rejected: "Resumes refused: RESUME_REJECTED.",
-        resumes_gap: "Resumes refused: RESUME_GAP.",
-        protocol_errors: "Connections closed for a protocol error.",
-        evictions: "Unacknowledged frames evicted from outboxes.",
-        players_expired: "Players ended after player_linger without a session.",
-        overloaded: "Requests refused OVERLOADED (session or backend in-flight bounds).",
-        rate_limited: "Requests refused RATE_LIMITED by the per-session token bucket.",
-        session_panics: "Panics caught while handling one session's event (that session closed).",
-    }
-}
-
-fn bump(c: &Cell<u64>) {
-    add(c, 1);
-}
-
-fn add(c: &Cell<u64>, n: u64) {
-    c.set(c.get() + n);
 }
 
 /// Everything one shard owns, and its rules.
@@ -590,27 +562,5 @@ impl Core {
         for sid in all {
             self.kick(sid, code);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Stats;
-
-    #[test]
-    fn every_counter_is_listed_once_with_its_help() {
-        let st = Stats::default();
-        st.session_panics.set(3);
-        let list = st.list();
-        let mut names: Vec<&str> = list.iter().map(|c| c.0).collect();
-        names.sort_unstable();
-        names.dedup();
-        assert_eq!(names.len(), list.len(), "a name listed twice");
-        assert!(list.iter().all(|c| !c.1.is_empty()));
-        assert!(list.contains(&(
-            "session_panics",
-            "Panics caught while handling one session's event (that session closed).",
-            3
-        )));
     }
 }

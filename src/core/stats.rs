@@ -1,0 +1,56 @@
+//! The core's counters, declared once with their help texts.
+
+use std::cell::Cell;
+
+crate::counters! {
+    /// Shard-local counters of the core and the shell's accept loop: the
+    /// one list of their names and help texts (summed across shards when
+    /// read; each becomes `slg_<name>_total` in `/metrics`).
+    pub struct Stats {
+        accepted: "Client connections accepted.",
+        refused_max_connections: "Client connections refused by max_connections.",
+        handoffs_out: "Connections handed to another shard.",
+        handoffs_in: "Connections received from another shard.",
+        logins_ok: "Logins accepted.",
+        logins_rejected: "Logins rejected (by the backend or for lack of one).",
+        resumes_ok: "Resumes served.",
+        resumes_rejected: "Resumes refused: RESUME_REJECTED.",
+        resumes_gap: "Resumes refused: RESUME_GAP.",
+        protocol_errors: "Connections closed for a protocol error.",
+        evictions: "Unacknowledged frames evicted from outboxes.",
+        players_expired: "Players ended after player_linger without a session.",
+        overloaded: "Requests refused OVERLOADED (session or backend in-flight bounds).",
+        rate_limited: "Requests refused RATE_LIMITED by the per-session token bucket.",
+        session_panics: "Panics caught while handling one session's event (that session closed).",
+    }
+}
+
+pub(super) fn bump(c: &Cell<u64>) {
+    add(c, 1);
+}
+
+pub(super) fn add(c: &Cell<u64>, n: u64) {
+    c.set(c.get() + n);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Stats;
+
+    #[test]
+    fn every_counter_is_listed_once_with_its_help() {
+        let st = Stats::default();
+        st.session_panics.set(3);
+        let list = st.list();
+        let mut names: Vec<&str> = list.iter().map(|c| c.0).collect();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), list.len(), "a name listed twice");
+        assert!(list.iter().all(|c| !c.1.is_empty()));
+        assert!(list.contains(&(
+            "session_panics",
+            "Panics caught while handling one session's event (that session closed).",
+            3
+        )));
+    }
+}
