@@ -34,6 +34,21 @@ pub enum StartError {
     ShardInit { shard: usize, message: String },
 }
 
+/// How the cluster's threads reach the shards' inboxes.
+fn cluster_sink(senders: Vec<flume::Sender<ShardMsg>>) -> crate::cluster::runtime::Shards {
+    use crate::cluster::runtime::ToShard;
+    crate::cluster::runtime::Shards {
+        count: senders.len(),
+        send: Arc::new(move |i, m| {
+            let msg = match m {
+                ToShard::GiveAway { player, to } => ShardMsg::GiveAway { player, to },
+                ToShard::Adopt { image, reply } => ShardMsg::Adopt { image, reply },
+            };
+            senders.get(i).is_some_and(|s| s.send(msg).is_ok())
+        }),
+    }
+}
+
 /// Counters of one shard, returned when it stops: the same list, names
 /// and help texts as its `/metrics` counters.
 #[derive(Debug, Clone, Default)]
@@ -244,7 +259,7 @@ impl Gateway {
                     .unwrap_or_else(|| http_addr.to_string()),
                 handle,
                 rx,
-                shards.senders(),
+                cluster_sink(shards.senders()),
             )),
             _ => None,
         };

@@ -6,7 +6,6 @@
 
 use super::{Claim, Directory};
 use crate::config::ClusterConfig;
-use crate::shard::ShardMsg;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -71,7 +70,7 @@ pub enum Cmd {
         path: String,
         body: bytes::Bytes,
         token: Option<String>,
-        reply: flume::Sender<Result<crate::shard::PushCounts, String>>,
+        reply: flume::Sender<Result<crate::core::PushCounts, String>>,
     },
 }
 
@@ -81,6 +80,26 @@ pub struct ClusterHandle {
     pub cmds: flume::Sender<Cmd>,
     pub gateway_id: String,
     pub when_redis_down: crate::config::RedisDown,
+}
+
+/// What the cluster's threads ask of a shard (the gateway puts it in the
+/// shard's inbox; this module knows nothing of the shard's messages).
+pub enum ToShard {
+    /// Another gateway takes the player over: send it its state.
+    GiveAway { player: u64, to: String },
+    /// A player migrated here: load it, then answer on `reply`.
+    Adopt {
+        image: crate::snapshot::Image,
+        reply: flume::Sender<()>,
+    },
+}
+
+/// The gateway's shards as the cluster's threads reach them.
+#[derive(Clone)]
+pub struct Shards {
+    pub count: usize,
+    /// Deliver to shard `i`; false if it is gone.
+    pub send: Arc<dyn Fn(usize, ToShard) -> bool + Send + Sync>,
 }
 
 /// The running control threads.
@@ -103,14 +122,14 @@ impl ClusterRuntime {
         (handle, rx)
     }
 
-    /// Start the threads; `shards` reach the shard inboxes (for requests
-    /// of other gateways).
+    /// Start the threads; `shards` delivers to the gateway's shards (for
+    /// requests of other gateways).
     pub fn start(
         cfg: &ClusterConfig,
         http: String,
         handle: ClusterHandle,
         rx: flume::Receiver<Cmd>,
-        shards: Vec<flume::Sender<ShardMsg>>,
+        shards: Shards,
     ) -> ClusterRuntime {
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
@@ -367,12 +386,7 @@ fn fetch(
     let _ = reply.send(outcome);
 }
 
-fn inbox_loop(
-    cfg: &ClusterConfig,
-    shards: &[flume::Sender<ShardMsg>],
-    cmds: &flume::Sender<Cmd>,
-    stop: &AtomicBool,
-) {
+fn inbox_loop(cfg: &ClusterConfig, shards: &Shards, cmds: &flume::Sender<Cmd>, stop: &AtomicBool) {
     let mut dir = None;
     while !stop.load(Ordering::Acquire) {
         if dir.is_none() {
@@ -392,22 +406,25 @@ fn inbox_loop(
                     words.next().and_then(|p| p.parse::<u64>().ok()),
                     words.next(),
                 ) {
-                    (Some("adopt"), Some(player), Some(from)) if !shards.is_empty() => {
+                    (Some("adopt"), Some(player), Some(from)) if shards.count > 0 => {
                         match words.next().and_then(|e| e.parse::<u64>().ok()) {
                             Some(epoch) => adopt(cfg, d, player, from, epoch, shards, cmds),
                             None => tracing::warn!(message = %msg, "cluster: adopt without epoch"),
                         }
                     }
-                    (Some("take"), Some(player), Some(to)) if !shards.is_empty() => {
+                    (Some("take"), Some(player), Some(to)) if shards.count > 0 => {
                         // A request read late (the asker gave up) would hand
                         // the state to nobody: only a live one is served.
                         match d.wanted(player, to) {
                             Ok(true) => {
-                                let home = shards::home_shard(player, shards.len());
-                                let _ = shards[home].send(ShardMsg::GiveAway {
-                                    player,
-                                    to: to.to_string(),
-                                });
+                                let home = shards::home_shard(player, shards.count);
+                                (shards.send)(
+                                    home,
+                                    ToShard::GiveAway {
+                                        player,
+                                        to: to.to_string(),
+                                    },
+                                );
                             }
                             Ok(false) => tracing::warn!(
                                 player,
@@ -483,7 +500,7 @@ fn forward(
     path: &str,
     body: &[u8],
     token: Option<&str>,
-) -> Result<crate::shard::PushCounts, String> {
+) -> Result<crate::core::PushCounts, String> {
     use std::io::{Read, Write};
     let addr: std::net::SocketAddr = http
         .parse()
@@ -530,7 +547,7 @@ fn forward(
     }
     let v: serde_json::Value = serde_json::from_str(body).map_err(|e| e.to_string())?;
     let n = |k: &str| v[k].as_u64().unwrap_or(0);
-    Ok(crate::shard::PushCounts {
+    Ok(crate::core::PushCounts {
         delivered: n("delivered"),
         cached: n("cached"),
         offline: n("offline"),
@@ -603,7 +620,7 @@ fn adopt(
     player: u64,
     from: &str,
     epoch: u64,
-    shards: &[flume::Sender<ShardMsg>],
+    shards: &Shards,
     cmds: &flume::Sender<Cmd>,
 ) {
     let Ok(Some(bytes)) = d.take_handover(player, Duration::from_secs(1)) else {
@@ -631,10 +648,8 @@ fn adopt(
         }
     }
     let (tx, rx) = flume::bounded(1);
-    let home = shards::home_shard(player, shards.len());
-    if shards[home]
-        .send(ShardMsg::Adopt { image, reply: tx })
-        .is_err()
+    let home = shards::home_shard(player, shards.count);
+    if !(shards.send)(home, ToShard::Adopt { image, reply: tx })
         || rx.recv_timeout(Duration::from_secs(2)).is_err()
     {
         tracing::warn!(
