@@ -79,8 +79,12 @@ fn login_takeover_across_shards() {
 
 #[test]
 fn resume_replays_exactly_the_missed_frames_then_goes_live() {
+    // The rule itself is core_rules' (resume_replays_exactly_the_frames_after_last,
+    // an_answer_after_the_connection_dropped_waits_for_the_resume); here
+    // two players over four shards check the wiring: fds handed home, the
+    // backend's late answer routed to the outbox.
     let h = Harness::start(4);
-    for player in 40..48u64 {
+    for player in 40..42u64 {
         let mut a = h.client();
         let li = a.login_demo(player).expect("login");
         for _ in 0..3 {
@@ -133,22 +137,6 @@ fn resume_of_an_older_session_kicks_it() {
     assert_eq!(r.resume_point, 1);
     assert_eq!(a.expect_kick().expect("kick"), code(Code::Replaced));
     assert_eq!(b.request(ECHO, b"z").expect("echo").header.seq, 2);
-}
-
-#[test]
-fn expired_token_is_rejected() {
-    let h = Harness::with(2, |cfg| cfg.token_lifetime = Duration::from_millis(300));
-    let mut a = h.client();
-    let li = a.login_demo(70).expect("login");
-    drop(a);
-    std::thread::sleep(Duration::from_millis(500));
-    let mut b = h.client();
-    match b.resume(&li.token, 1) {
-        Err(ClientError::ResumeRefused(x)) => assert_eq!(x, code(Code::ResumeRejected)),
-        other => panic!("expired token must be refused: {other:?}"),
-    }
-    // The player is still there (linger is 5 minutes): a login resumes its seq.
-    assert_eq!(b.login_demo(70).expect("login").response.header.seq, 2);
 }
 
 #[test]
