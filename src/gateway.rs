@@ -5,6 +5,11 @@
 //! `Gateway::start(config)` returns once every shard listens, with the
 //! addresses actually bound (port 0 picks one), so tests and harnesses start
 //! a real gateway and talk to it.
+//!
+//! Why one file of this length: it is the process's wiring (start, the
+//! per-shard tasks, drain coordination, stop), read top to bottom as the
+//! order things happen in; each part is short and calls into the modules
+//! that hold the rules.
 
 use crate::backend::{run_connection, AnswerSink};
 use crate::config::{Config, ConfigError};

@@ -9,6 +9,11 @@
 //! left without an answer and none gets two (each pending entry is removed
 //! exactly once, by the answer, the deadline or the failure, whichever
 //! comes first).
+//!
+//! Why one file of this length: the pending table, the deadline queue and
+//! the connection tasks share the exactly-once invariant above, and it is
+//! easiest to check with all three in view. Splitting it (pool / connection
+//! task / deadlines) is planned with issue 14's work on this path.
 
 use crate::net::{Outbound, ReadMore, SharedStream};
 use crate::protocol::{encode, Code, Decoder, Header, Kind, Link};

@@ -3,6 +3,10 @@
 //! this gateway's inbox (other gateways asking for a player). The shards
 //! talk to them with [`ClusterHandle`] and get answers on channels they
 //! await; nothing here runs on a shard.
+//!
+//! Why one file of this length: the two control threads and the commands
+//! they serve are one protocol with Redis; the directory's own rules are in
+//! `cluster/mod.rs`.
 
 use super::{Claim, Directory};
 use crate::config::ClusterConfig;

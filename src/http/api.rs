@@ -4,6 +4,10 @@
 //! A request lands on any shard. What concerns players is split by home
 //! shard and sent over the mesh; the handler awaits the answers holding no
 //! shard state, so a shard is never blocked by another.
+//!
+//! Why one file of this length: one handler per endpoint of the push/admin
+//! API (PROTOCOL.md section 5 and docs/PROTOCOL.md), each short, listed in
+//! the order of the table they implement.
 
 use super::{Request, Response};
 use crate::metrics::Snapshot;
