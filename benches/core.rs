@@ -297,6 +297,20 @@ fn drain_output(core: &mut slg_gateway::core::Core, sid: u64, now: Instant) -> u
     }
 }
 
+/// The client acknowledges every 64 frames, as real ones do now and then
+/// (the outbox stays small).
+fn ack_now_and_then(core: &mut slg_gateway::core::Core, sid: u64, seq: u64, now: Instant) {
+    if seq.is_multiple_of(64) {
+        let mut ack = Header::new(Kind::Ack);
+        ack.seq = seq;
+        let frame = slg_gateway::protocol::Frame {
+            header: ack,
+            body: Bytes::new(),
+        };
+        core.handle_frame(sid, frame, now);
+    }
+}
+
 fn core(c: &mut Criterion) {
     use slg_gateway::core::Answer;
     use slg_gateway::protocol::Frame;
@@ -334,19 +348,7 @@ fn core(c: &mut Criterion) {
             core.handle_answer(f.asker, a, now);
             seq += 1;
             drain_output(core, sid, now);
-            // The client acknowledges now and then, as real ones do.
-            if seq.is_multiple_of(64) {
-                let mut ack = Header::new(Kind::Ack);
-                ack.seq = seq;
-                core.handle_frame(
-                    sid,
-                    Frame {
-                        header: ack,
-                        body: Bytes::new(),
-                    },
-                    now,
-                );
-            }
+            ack_now_and_then(core, sid, seq, now);
         })
     });
 
@@ -361,18 +363,7 @@ fn core(c: &mut Criterion) {
             black_box(counts);
             seq += 1;
             drain_output(core, sid, now);
-            if seq.is_multiple_of(64) {
-                let mut ack = Header::new(Kind::Ack);
-                ack.seq = seq;
-                core.handle_frame(
-                    sid,
-                    Frame {
-                        header: ack,
-                        body: Bytes::new(),
-                    },
-                    now,
-                );
-            }
+            ack_now_and_then(core, sid, seq, now);
         })
     });
     g.finish();

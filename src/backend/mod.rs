@@ -17,7 +17,6 @@
 
 use crate::net::{Outbound, ReadMore, SharedStream};
 use crate::protocol::{encode, Code, Decoder, Header, Kind, Link};
-use crate::session::SessionId;
 use bytes::{Bytes, BytesMut};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -28,16 +27,8 @@ use std::time::{Duration, Instant};
 /// A request in flight to a backend: where its answer goes.
 #[derive(Debug, Clone)]
 pub struct Pending {
-    pub session: SessionId,
-    /// The authenticated player the request was sent for (0: none).
-    pub player: u64,
-    /// That player's life when it was sent.
-    pub life: u64,
-    /// The client's req_id and msg_id, echoed in the answer.
-    pub req_id: u32,
-    pub msg_id: u32,
-    /// A login request: its answer may authenticate the session.
-    pub login: bool,
+    /// Whose request it is (what the core carries back with the answer).
+    pub asker: Asker,
     /// Unique per shard; tells a deadline entry from a reused req_id.
     pub(crate) ticket: u64,
     /// When it was sent to the backend (for the latency histogram).
@@ -61,15 +52,10 @@ pub struct Retry {
 }
 
 impl Pending {
-    /// A pending request for `session`; the pool fills in the rest.
-    pub fn new(session: SessionId, player: u64, req_id: u32, msg_id: u32, login: bool) -> Pending {
+    /// A pending request of `asker`; the pool fills in the rest.
+    pub fn new(asker: Asker) -> Pending {
         Pending {
-            session,
-            player,
-            life: 0,
-            req_id,
-            msg_id,
-            login,
+            asker,
             ticket: 0,
             sent_at: Instant::now(),
             group: 0,
@@ -83,7 +69,7 @@ impl Pending {
     }
 }
 
-pub use crate::core::Answer;
+pub use crate::core::{Answer, Asker};
 
 impl Answer {
     /// A gateway error answer for `p`.
@@ -91,7 +77,7 @@ impl Answer {
         Answer {
             from_backend: false,
             code: code.into(),
-            msg_id: p.msg_id,
+            msg_id: p.asker.msg_id,
             player: 0,
             body: Bytes::new(),
         }
@@ -542,9 +528,13 @@ impl BackendPool {
             return Ok(());
         }
         let n = service.instances.len();
-        let i = crate::router::pick(route.balance, pending.player, n, &service.cursor, |i| {
-            service.instances[i].has_conn(&room)
-        })
+        let i = crate::router::pick(
+            route.balance,
+            pending.asker.player,
+            n,
+            &service.cursor,
+            |i| service.instances[i].has_conn(&room),
+        )
         .ok_or_else(refusal)?;
         let conn = service.instances[i]
             .conn(&room)
@@ -562,7 +552,7 @@ impl BackendPool {
         mut pending: Pending,
         deadline: Instant,
     ) {
-        let player = pending.player;
+        let player = pending.asker.player;
         let req_id = conn.alloc_req_id();
         let ticket = self.next_ticket.get();
         self.next_ticket.set(ticket + 1);
@@ -622,7 +612,7 @@ impl BackendPool {
         };
         let room = self.has_room();
         let n = service.instances.len();
-        let Some(i) = crate::router::pick(r.balance, p.player, n, &service.cursor, |i| {
+        let Some(i) = crate::router::pick(r.balance, p.asker.player, n, &service.cursor, |i| {
             service.instances[i].has_conn(&room)
         }) else {
             return Err(p);
@@ -930,6 +920,18 @@ async fn read_answers<S: AnswerSink>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A request of session 1 (msg_id 1) for `player`.
+    fn asker(player: u64, req_id: u32) -> Asker {
+        Asker {
+            session: 1,
+            player,
+            life: 0,
+            req_id,
+            msg_id: 1,
+            login: false,
+        }
+    }
     use crate::config::Balance;
     use crate::router::Route;
 
@@ -955,7 +957,7 @@ mod tests {
         );
         for balance in [Balance::RoundRobin, Balance::HashPlayer] {
             for i in 0..10 {
-                let p = Pending::new(1, 7, i, 1, false);
+                let p = Pending::new(asker(7, i));
                 pool.send(
                     &route(balance),
                     &Header::new(Kind::Request),
@@ -982,7 +984,7 @@ mod tests {
                 &route(Balance::RoundRobin),
                 &Header::new(Kind::Request),
                 &Bytes::new(),
-                Pending::new(1, 0, req, 1, false),
+                Pending::new(asker(0, req)),
             )
             .expect("send")
         };
@@ -1000,6 +1002,9 @@ mod tests {
             "the shorter timeout is due first"
         );
         let gone = pool.expired(early);
-        assert_eq!(gone.iter().map(|p| p.req_id).collect::<Vec<_>>(), vec![2]);
+        assert_eq!(
+            gone.iter().map(|p| p.asker.req_id).collect::<Vec<_>>(),
+            vec![2]
+        );
     }
 }

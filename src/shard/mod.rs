@@ -18,7 +18,7 @@ pub use msg::{Arrival, DrainReport, GatewayEvent, Handoff, LoginReply, ShardMsg}
 
 use crate::backend::{Answer, AnswerSink, BackendPool, Pending};
 use crate::config::Config;
-use crate::core::{Asker, ClusterOut, Core, Forward, Lifecycle, Stats, Transmit};
+use crate::core::{ClusterOut, Core, Forward, Lifecycle, Stats, Transmit};
 use crate::protocol::{Code, Decoder, Frame, Link};
 use crate::router::Router;
 use crate::session::SessionId;
@@ -181,8 +181,7 @@ impl ShardCtx {
 
     fn forward(&self, f: Forward) {
         let a = f.asker;
-        let mut pending = Pending::new(a.session, a.player, a.req_id, a.msg_id, a.login);
-        pending.life = a.life;
+        let pending = Pending::new(a);
         if let Err(code) = self.backends.send(&f.route, &f.header, &f.body, pending) {
             self.core
                 .borrow_mut()
@@ -523,14 +522,7 @@ impl AnswerSink for ShardCtx {
         } else {
             a
         };
-        let asker = Asker {
-            session: p.session,
-            player: p.player,
-            life: p.life,
-            req_id: p.req_id,
-            msg_id: p.msg_id,
-            login: p.login,
-        };
+        let asker = p.asker;
         self.guarded(asker.session, |c, now| c.handle_answer(asker, a, now));
     }
 }
