@@ -521,3 +521,29 @@ fn bye_ends_the_player_and_drops_its_late_answers() {
     let f = resume(&mut sim, c3, &t, 1);
     assert_eq!(shape(&f), [(Kind::Error, code(Code::ResumeRejected), 0)]);
 }
+
+#[test]
+fn a_session_closed_after_a_panic_leaves_its_player_to_resume() {
+    let mut sim = Sim::new(config(), 1, 1);
+    let c = sim.connect(0);
+    let t = token(&sim.login(c, 7, 1));
+    push(&mut sim, 7, "kept");
+    sim.recv(c);
+    // What the shell does when handling this session's event panicked.
+    let sid = sim.session_of(c);
+    sim.on_core(0, |core, now| core.handle_panic(sid, now));
+    sim.run();
+    assert!(!sim.is_open(c));
+    assert_eq!(sim.cores[0].stats.session_panics.get(), 1);
+    push(&mut sim, 7, "while away");
+    let c2 = sim.connect(0);
+    let f = resume(&mut sim, c2, &t, 1);
+    assert_eq!(
+        shape(&f),
+        [
+            (Kind::Session, 0, 1),
+            (Kind::Push, 0, 2),
+            (Kind::Push, 0, 3)
+        ]
+    );
+}
