@@ -6,6 +6,7 @@
 //! | [`protocol`] | frames, kinds, codes, the codec of both links |
 //! | [`config`] | the RON file: schema, loading, validation |
 //! | [`gateway`] | start and stop a whole gateway (shards, listeners) |
+//! | [`error`] | the one error type at the core's borders: origin, retry safety, wire code |
 //! | [`core`] | one shard's tables and every protocol rule, with no I/O |
 //! | [`shard`] | the shell around the core: tasks, backends, mesh, cluster flows |
 //! | [`session`] | one connection's rules ([`session::Session`]); its tasks are [`shard::conn`] |
@@ -26,6 +27,7 @@ pub mod cluster;
 pub mod config;
 pub mod core;
 pub mod demo;
+pub mod error;
 pub mod gateway;
 pub mod http;
 pub mod limits;

@@ -51,6 +51,8 @@ pub const SESSION_STATES: [&str; 6] = [
 #[derive(Default)]
 pub struct Metrics {
     kicks: RefCell<BTreeMap<u16, u64>>,
+    /// Errors at the core's borders, by origin and code.
+    errors: RefCell<BTreeMap<(crate::error::Origin, u16), u64>>,
     /// Requests by route slot (0: no route; i + 1: route i).
     requests: RefCell<HashMap<usize, u64>>,
     /// Responses by (route slot, code).
@@ -72,6 +74,18 @@ impl Metrics {
 
     pub fn kick(&self, code: u16) {
         *self.kicks.borrow_mut().entry(code).or_default() += 1;
+    }
+    /// An error at the core's borders.
+    pub fn error(&self, origin: crate::error::Origin, code: u16) {
+        *self.errors.borrow_mut().entry((origin, code)).or_default() += 1;
+    }
+    /// Errors from `origin` with `code` so far.
+    pub fn errors_of(&self, origin: crate::error::Origin, code: u16) -> u64 {
+        self.errors
+            .borrow()
+            .get(&(origin, code))
+            .copied()
+            .unwrap_or(0)
     }
     /// Kicks with `code` so far.
     pub fn kicks_of(&self, code: u16) -> u64 {
@@ -102,6 +116,12 @@ impl Metrics {
     /// Fill the counter part of a snapshot.
     pub fn fill(&self, s: &mut Snapshot) {
         s.kicks = self.kicks.borrow().iter().map(|(k, v)| (*k, *v)).collect();
+        s.errors = self
+            .errors
+            .borrow()
+            .iter()
+            .map(|(&(o, c), &v)| (o.name(), c, v))
+            .collect();
         s.requests = self
             .requests
             .borrow()
@@ -159,6 +179,8 @@ pub struct Snapshot {
     /// Named monotonic counters (metric name suffix, value).
     pub counters: Vec<(&'static str, &'static str, u64)>,
     pub kicks: Vec<(u16, u64)>,
+    /// (origin, code, count) of errors at the core's borders.
+    pub errors: Vec<(&'static str, u16, u64)>,
     pub requests: Vec<(usize, u64)>,
     pub responses: Vec<(usize, u16, u64)>,
     pub latency: Histogram,
@@ -319,6 +341,22 @@ pub fn render(snaps: &[Snapshot], ctx: &Context) -> String {
         for (shard, v) in values {
             o.line(&full, &format!("shard=\"{shard}\""), v);
         }
+    }
+
+    o.head(
+        "errors_total",
+        "counter",
+        "Errors at the core's borders, by origin (client, backend, cluster, internal) and code.",
+    );
+    let mut errors: BTreeMap<(&str, u16), u64> = BTreeMap::new();
+    for s in snaps {
+        for (origin, c, v) in &s.errors {
+            *errors.entry((origin, *c)).or_default() += v;
+        }
+    }
+    for ((origin, c), v) in errors {
+        let labels = format!("origin=\"{origin}\",code=\"{}\"", code_label(c));
+        o.line("errors_total", &labels, v);
     }
 
     o.head("kicks_total", "counter", "KICKs sent, by reason.");

@@ -338,7 +338,11 @@ impl Sim {
             if let Some(forward) = self.cores[s].poll_forward() {
                 if self.backend_down {
                     let asker = forward.asker;
-                    self.cores[s].handle_not_sent(asker, Code::BackendUnavailable, self.now);
+                    let err = crate::error::Error::not_sent(
+                        Code::BackendUnavailable,
+                        "the harness's backend is down",
+                    );
+                    self.cores[s].handle_not_sent(asker, err, self.now);
                 } else {
                     self.backend.push(Sent {
                         shard: s,
@@ -400,7 +404,8 @@ impl Sim {
                 Err(e) => {
                     did = true;
                     self.conns[c].inbound.clear();
-                    self.cores[s].handle_protocol_error(sid, &e, self.now);
+                    let err = crate::error::Error::protocol(e.to_string());
+                    self.cores[s].handle_protocol_error(sid, err, self.now);
                     self.flush(s);
                 }
             }

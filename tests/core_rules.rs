@@ -5,6 +5,7 @@
 
 use bytes::Bytes;
 use slg_gateway::config::{Config, RateLimit};
+use slg_gateway::error::Origin;
 use slg_gateway::protocol::{parse_session_body, Code, Frame, Kind};
 use slg_gateway::sim::{header, ConnId, Sim};
 use std::time::Duration;
@@ -472,6 +473,8 @@ fn a_request_with_no_instance_up_is_answered_backend_unavailable() {
         shape(&sim.recv(c)),
         [(Kind::Response, code(Code::BackendUnavailable), 2)]
     );
+    let errors = |sim: &Sim, o, c| sim.cores[0].metrics.errors_of(o, code(c));
+    assert_eq!(errors(&sim, Origin::Backend, Code::BackendUnavailable), 1);
     // And a timeout is an answer too, given once.
     sim.backend_down = false;
     request(&mut sim, c, 150, 3);
@@ -495,6 +498,10 @@ fn garbage_on_the_wire_is_a_protocol_error_for_that_connection_only() {
         [(Kind::Kick, code(Code::ProtocolError), 0)]
     );
     assert!(!sim.is_open(bad));
+    let errors = sim.cores[0]
+        .metrics
+        .errors_of(Origin::Client, code(Code::ProtocolError));
+    assert_eq!(errors, 1);
     push(&mut sim, 7, "still here");
     assert_eq!(shape(&sim.recv(good)), [(Kind::Push, 0, 2)]);
 }

@@ -477,13 +477,14 @@ impl BackendPool {
         header: &Header,
         body: &Bytes,
         mut pending: Pending,
-    ) -> Result<(), Code> {
+    ) -> Result<(), crate::error::Error> {
+        use crate::error::Error;
         let service = self
             .services
             .borrow()
             .get(route.service)
             .cloned()
-            .ok_or(Code::NoRoute)?;
+            .ok_or_else(|| Error::not_sent(Code::NoRoute, "the route's service is gone"))?;
         let room = self.has_room();
         let deadline = Instant::now() + self.request_timeout.get();
         if route.idempotent {
@@ -498,9 +499,12 @@ impl BackendPool {
         let refusal = || {
             // Reachable instances, all full: the gateway refuses for load.
             if service.instances.iter().any(Instance::reachable) {
-                Code::Overloaded
+                Error::not_sent(Code::Overloaded, "every instance of the service is full")
             } else {
-                Code::BackendUnavailable
+                Error::not_sent(
+                    Code::BackendUnavailable,
+                    "no instance of the service is reachable",
+                )
             }
         };
         if route.balance == crate::config::Balance::Broadcast {

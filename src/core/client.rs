@@ -297,16 +297,24 @@ impl Core {
         }
     }
 
-    /// A [`Forward`] could not be sent: the client gets `code` for it.
-    pub fn handle_not_sent(&mut self, asker: Asker, code: Code, now: Instant) {
+    /// A [`Forward`] could not be sent: the client gets the error's code.
+    pub fn handle_not_sent(&mut self, asker: Asker, err: crate::error::Error, now: Instant) {
         self.now = now;
+        self.metrics.error(err.origin, err.code.into());
+        tracing::debug!(session = asker.session, req_id = asker.req_id, error = %err, "not sent");
         if let Some(c) = self.sessions.get_mut(&asker.session) {
             c.session.not_forwarded(asker.login);
         }
-        if code == Code::Overloaded {
+        if err.code == Code::Overloaded {
             bump(&self.stats.overloaded);
         }
-        self.respond(asker.session, asker.req_id, asker.msg_id, code.into(), &[]);
+        self.respond(
+            asker.session,
+            asker.req_id,
+            asker.msg_id,
+            err.code.into(),
+            &[],
+        );
     }
 
     // ----- login and resume on the home shard ---------------------------

@@ -488,11 +488,11 @@ impl Core {
     pub fn handle_protocol_error(
         &mut self,
         sid: SessionId,
-        why: &dyn std::fmt::Display,
+        err: crate::error::Error,
         now: Instant,
     ) {
         self.now = now;
-        self.protocol_error(sid, why);
+        self.protocol_error(sid, &err.detail);
     }
 
     /// Send `KICK code` and close the session after its queued output (for
@@ -551,6 +551,8 @@ impl Core {
     /// A frame that broke the protocol arrived on `sid`.
     fn protocol_error(&mut self, sid: SessionId, why: &dyn std::fmt::Display) {
         bump(&self.stats.protocol_errors);
+        self.metrics
+            .error(crate::error::Origin::Client, Code::ProtocolError.into());
         tracing::info!(session = sid, error = %why, "protocol error");
         self.kick(sid, Code::ProtocolError);
     }

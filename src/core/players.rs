@@ -300,12 +300,15 @@ impl Core {
 
     /// A migration of `player` begins: its session reads nothing more and
     /// pushes for it are held. Err: it cannot begin.
-    pub fn begin_migration(&mut self, player: u64) -> Result<(), String> {
+    pub fn begin_migration(&mut self, player: u64) -> Result<(), crate::error::Error> {
+        use crate::error::{Error, Origin};
         if !self.players.contains_key(&player) {
-            return Err(format!("player {player} is not on this gateway"));
+            let why = format!("player {player} is not on this gateway");
+            return Err(Error::new(Origin::Cluster, Code::Migrating, true, why));
         }
         if self.migrating.contains_key(&player) {
-            return Err(format!("player {player} is already migrating"));
+            let why = format!("player {player} is already migrating");
+            return Err(Error::new(Origin::Cluster, Code::Migrating, true, why));
         }
         self.migrating.insert(player, Vec::new());
         self.hold_session(player, true);

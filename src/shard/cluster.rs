@@ -99,7 +99,8 @@ pub async fn migrate_player(ctx: Rc<ShardCtx>, player: u64, to: String) -> Resul
     let Some(cluster) = ctx.cluster.clone() else {
         return Err("this gateway is not in a cluster".into());
     };
-    ctx.core_step(|c, _| c.begin_migration(player))?;
+    ctx.core_step(|c, _| c.begin_migration(player))
+        .map_err(|e| e.detail.into_owned())?;
     let rollback = |ctx: &ShardCtx, why: String| -> Result<String, String> {
         ctx.core_step(|c, now| c.rollback_migration(player, now));
         tracing::warn!(player, error = %why, "migration rolled back");

@@ -182,10 +182,10 @@ impl ShardCtx {
     fn forward(&self, f: Forward) {
         let a = f.asker;
         let pending = Pending::new(a);
-        if let Err(code) = self.backends.send(&f.route, &f.header, &f.body, pending) {
+        if let Err(err) = self.backends.send(&f.route, &f.header, &f.body, pending) {
             self.core
                 .borrow_mut()
-                .handle_not_sent(a, code, Instant::now());
+                .handle_not_sent(a, err, Instant::now());
         }
     }
 
@@ -369,7 +369,8 @@ impl ShardCtx {
 
     /// A frame that could not be decoded arrived on `sid`.
     pub fn protocol_error(&self, sid: SessionId, why: &dyn std::fmt::Display) {
-        self.with(|c, now| c.handle_protocol_error(sid, why, now));
+        let err = crate::error::Error::protocol(why.to_string());
+        self.guarded(sid, |c, now| c.handle_protocol_error(sid, err, now));
     }
 
     /// Close without a KICK (end of stream, read error).
