@@ -1,3 +1,7 @@
+//! The codec's tests: fixed vectors, then property tests for each of the
+//! four link directions (round trips, lying lengths, illegal kinds); one
+//! file of this length because every direction needs its own generators.
+
 use super::*;
 use crate::protocol::{Code, Kind, DEFAULT_MAX_FRAME};
 use proptest::prelude::*;
