@@ -8,7 +8,9 @@
 //! connection's read loop asks [`Core::next_step`] before each frame, its
 //! writer drains [`Core::poll_transmit`], a login or resume for a player
 //! homed on another shard moves the connection there (what was queued is
-//! written first, then the session is registered on the home shard), and
+//! written first, then the hand-off travels an in-memory mesh, in order,
+//! and is registered on the home shard when delivered: other events may
+//! happen while it is on its way), and
 //! every output the core asks for (wakes, requests for a backend) is
 //! carried out right after the call that produced it. A reader that
 //! paused, or a writer with nothing to write, runs again only when the core
@@ -33,6 +35,9 @@ enum Reader {
     Paused,
     /// The gateway's side of the connection is gone.
     Ended,
+    /// Handed to another shard: the message is on the mesh, no shard
+    /// serves the connection until it arrives.
+    InTransit,
 }
 
 /// One client connection, both ends.
@@ -75,6 +80,8 @@ pub struct Sim {
     pub cores: Vec<Core>,
     conns: Vec<Conn>,
     by_sid: HashMap<(usize, SessionId), ConnId>,
+    /// Hand-offs on the mesh, in the order they were sent.
+    mesh: std::collections::VecDeque<(ConnId, usize, Arrival)>,
     /// Requests waiting for the fake backend, oldest first.
     pub backend: Vec<Sent>,
     /// While set, every request for a backend fails to be sent (as when no
@@ -105,6 +112,7 @@ impl Sim {
             cores,
             conns: Vec::new(),
             by_sid: HashMap::new(),
+            mesh: std::collections::VecDeque::new(),
             backend: Vec::new(),
             backend_down: false,
             log_reads: false,
@@ -299,7 +307,7 @@ impl Sim {
     /// Run every connection until nothing more happens.
     pub fn run(&mut self) {
         loop {
-            let mut busy = false;
+            let mut busy = self.deliver_mesh();
             for c in 0..self.conns.len() {
                 busy |= self.pump(c, usize::MAX);
             }
@@ -312,6 +320,16 @@ impl Sim {
     /// Let connection `c` read at most `frames` frames and write what it
     /// can; true if anything happened.
     pub fn pump(&mut self, c: ConnId, frames: usize) -> bool {
+        if self.conns[c].reader == Reader::InTransit {
+            // Its hand-off arrives, and those sent before it.
+            while let Some(&(first, _, _)) = self.mesh.front() {
+                self.deliver_one();
+                if first == c {
+                    break;
+                }
+            }
+            return true;
+        }
         let read = self.read(c, frames);
         let wrote = self.write(c);
         read || wrote
@@ -492,6 +510,24 @@ impl Sim {
             conn.in_write = None;
             return;
         }
+        self.conns[c].reader = Reader::InTransit;
+        self.mesh.push_back((c, home, arrival));
+    }
+
+    /// Deliver every hand-off on the mesh; true if there was any.
+    fn deliver_mesh(&mut self) -> bool {
+        let any = !self.mesh.is_empty();
+        while !self.mesh.is_empty() {
+            self.deliver_one();
+        }
+        any
+    }
+
+    /// The oldest hand-off arrives on its home shard (as `shard::conn::adopt`).
+    fn deliver_one(&mut self) {
+        let Some((c, home, arrival)) = self.mesh.pop_front() else {
+            return;
+        };
         let new = self.cores[home].add_session(self.now);
         self.by_sid.insert((home, new), c);
         let conn = &mut self.conns[c];

@@ -57,6 +57,9 @@ struct ConnModel {
     /// The client's last SESSION pass when it sent its RESUME (a SESSION
     /// read later replaced the token that RESUME carries).
     resumed_after: u64,
+    /// When it sent its login or resume: a token it brings was issued
+    /// after that (how long after, the client cannot know).
+    asked_at: Instant,
 }
 
 /// One player's client, and its record of its stream.
@@ -207,6 +210,7 @@ impl Case {
             state: State::Fresh,
             garbage: false,
             resumed_after: 0,
+            asked_at: self.sim.now,
         });
         let resume = self.clients[p].token.is_some() && self.rng.chance(80);
         if resume {
@@ -242,9 +246,11 @@ impl Case {
         let last = self.clients[p].contiguous;
         self.sim.send(id, &header(Kind::Resume, 0, 0, last), &token);
         let after = self.clients[p].session_pass;
+        let now = self.sim.now;
         let m = self.conn_mut(p, id);
         m.state = State::Resume(last);
         m.resumed_after = after;
+        m.asked_at = now;
         let player = self.clients[p].id;
         self.log
             .push(format!("player {player}: resume on conn {id} from {last}"));
@@ -295,6 +301,9 @@ impl Case {
             let ids: Vec<ConnId> = self.clients[p].conns.iter().map(|c| c.id).collect();
             for id in ids {
                 for f in self.sim.recv(id) {
+                    let (k, code, seq) = (f.header.kind, f.header.code, f.header.seq);
+                    self.log
+                        .push(format!("  conn {id} got {k:?} {code:#x} seq {seq}"));
                     if let Err(e) = self.on_frame(p, id, &f) {
                         let player = self.clients[p].id;
                         self.fail(format!(
@@ -357,7 +366,8 @@ impl Case {
                 if player != c.id {
                     return Err(format!("SESSION for player {player}"));
                 }
-                c.token = Some((Bytes::copy_from_slice(token), now));
+                // Its age is counted from the oldest moment it can date from.
+                c.token = Some((Bytes::copy_from_slice(token), m.asked_at));
                 c.alive = true;
                 c.token_doubt = raced;
                 c.session_pass = pass;
@@ -387,9 +397,10 @@ impl Case {
                 if alone && current && fresh && player_held && c.alive {
                     return Err(format!(
                         "a fresh token of a living player refused (conns {:?}, pass {pass}, \
-                         last SESSION in pass {})",
+                         last SESSION in pass {}, token age {:?})",
                         c.conns.iter().map(|m| (m.id, m.state)).collect::<Vec<_>>(),
-                        c.session_pass
+                        c.session_pass,
+                        c.token.as_ref().map(|(_, at)| now.duration_since(*at)),
                     ));
                 }
                 m.state = State::Fresh;
