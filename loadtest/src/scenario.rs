@@ -6,6 +6,9 @@
 //! body); what is still outstanding at the end is a violation. Any client
 //! error (connect, login, kick, close, decode) is counted and fails the run
 //! unless `allow_errors` admits it.
+//!
+//! One file of this length: one loop per scenario, side by side, so the
+//! checks each applies are compared at a glance.
 
 use crate::check::{LOST, MISDELIVERED, REPEATED};
 use crate::options::{Options, Scenario, Target};
