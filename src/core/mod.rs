@@ -560,9 +560,6 @@ impl Core {
     /// Kick every session (the gateway is stopping).
     pub fn kick_all(&mut self, code: Code, now: Instant) {
         self.now = now;
-        let all: Vec<SessionId> = self.sessions.keys().copied().collect();
-        for sid in all {
-            self.kick(sid, code);
-        }
+        self.kick_where(code, |_| true);
     }
 }

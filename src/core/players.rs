@@ -150,17 +150,26 @@ impl Core {
     pub fn handle_tick(&mut self, now: Instant) {
         self.now = now;
         if let Some(cutoff) = now.checked_sub(self.cfg.session_idle) {
-            let idle: Vec<SessionId> = self
-                .sessions
-                .iter()
-                .filter(|(_, c)| c.session.quiet_since(cutoff))
-                .map(|(&sid, _)| sid)
-                .collect();
-            for sid in idle {
-                self.kick(sid, Code::Idle);
-            }
+            self.kick_where(Code::Idle, |s| s.quiet_since(cutoff));
         }
         self.end_lingering(now);
+    }
+
+    /// `KICK code` to every session for which `pred` holds.
+    pub(super) fn kick_where(
+        &mut self,
+        code: Code,
+        pred: impl Fn(&crate::session::Session) -> bool,
+    ) {
+        let chosen: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .filter(|(_, c)| pred(&c.session))
+            .map(|(&sid, _)| sid)
+            .collect();
+        for sid in chosen {
+            self.kick(sid, code);
+        }
     }
 
     fn end_lingering(&mut self, now: Instant) {
@@ -202,15 +211,7 @@ impl Core {
     /// Returns the sessions still open.
     pub fn handle_kick_quiet(&mut self, quiet_since: Instant, now: Instant) -> usize {
         self.now = now;
-        let quiet: Vec<SessionId> = self
-            .sessions
-            .iter()
-            .filter(|(_, c)| c.session.quiet_after(quiet_since))
-            .map(|(&sid, _)| sid)
-            .collect();
-        for sid in quiet {
-            self.kick(sid, Code::Shutdown);
-        }
+        self.kick_where(Code::Shutdown, |s| s.quiet_after(quiet_since));
         self.session_count()
     }
 
