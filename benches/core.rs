@@ -288,6 +288,7 @@ fn logged_in_core() -> (slg_gateway::sim::Sim, slg_gateway::session::SessionId) 
 /// Write what the core queued for `sid` (as the shell's writer does).
 fn drain_output(core: &mut slg_gateway::core::Core, sid: u64, now: Instant) -> usize {
     while core.poll_wake().is_some() {}
+    while core.poll_event().is_some() {}
     match core.poll_transmit(sid) {
         slg_gateway::core::Transmit::Bytes(b) => {
             core.handle_written(sid, true, now);

@@ -72,6 +72,12 @@ impl Error {
         Error::new(Origin::Client, Code::ProtocolError, false, detail)
     }
 
+    /// The cluster could not do its part (a claim, a fetch, a hand-over);
+    /// nothing was applied.
+    pub fn cluster(detail: impl Into<Cow<'static, str>>) -> Error {
+        Error::new(Origin::Cluster, Code::BackendUnavailable, true, detail)
+    }
+
     /// A request that never reached a backend (safe to send again).
     pub fn not_sent(code: Code, detail: impl Into<Cow<'static, str>>) -> Error {
         Error::new(Origin::Backend, code, true, detail)

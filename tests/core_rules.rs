@@ -5,6 +5,7 @@
 
 use bytes::Bytes;
 use slg_gateway::config::{Config, RateLimit};
+use slg_gateway::core::{Event, PlayerEnd};
 use slg_gateway::error::Origin;
 use slg_gateway::protocol::{parse_session_body, Code, Frame, Kind};
 use slg_gateway::sim::{header, ConnId, Sim};
@@ -30,6 +31,11 @@ fn shape(frames: &[Frame]) -> Vec<(Kind, u16, u64)> {
         .iter()
         .map(|f| (f.header.kind, f.header.code, f.header.seq))
         .collect()
+}
+
+/// The events (log lines) the cores reported since the last call.
+fn events(sim: &mut Sim) -> Vec<Event> {
+    sim.take_events().into_iter().map(|(_, e)| e).collect()
 }
 
 fn code(c: Code) -> u16 {
@@ -189,8 +195,28 @@ fn a_takeover_on_the_same_shard_kicks_the_old_session() {
     sim.recv(a);
     sim.send(a, &header(Kind::Ack, 0, 0, 2), &[]);
     push(&mut sim, 7, "y");
+    let old_sid = sim.session_of(a);
     let b = sim.connect(0);
+    sim.take_events();
     let f = sim.login(b, 7, 2);
+    let new_sid = sim.session_of(b);
+    let log = events(&mut sim);
+    assert!(
+        log.contains(&Event::Kicked {
+            sid: old_sid,
+            player: Some(7),
+            code: Code::Replaced
+        }),
+        "{log:?}"
+    );
+    assert!(
+        log.contains(&Event::Login {
+            sid: new_sid,
+            player: 7,
+            replaced: Some(old_sid)
+        }),
+        "{log:?}"
+    );
     // The new session: R = the last ack, the unacknowledged frame, then the
     // login answer.
     assert_eq!(
@@ -324,6 +350,19 @@ fn an_idle_session_is_kicked_and_a_busy_one_is_not() {
     }
     assert_eq!(shape(&sim.recv(quiet)), [(Kind::Kick, code(Code::Idle), 0)]);
     assert!(!sim.is_open(quiet));
+    let quiet_sid = sim.session_of(quiet);
+    let kicks: Vec<Event> = events(&mut sim)
+        .into_iter()
+        .filter(|e| matches!(e, Event::Kicked { .. }))
+        .collect();
+    assert_eq!(
+        kicks,
+        [Event::Kicked {
+            sid: quiet_sid,
+            player: None,
+            code: Code::Idle
+        }]
+    );
     assert!(sim.is_open(busy));
 }
 
@@ -338,8 +377,16 @@ fn a_player_without_a_session_ends_after_linger() {
     sim.run();
     sim.advance(linger - Duration::from_secs(1));
     assert!(sim.home_core(7).holds(7), "still within its linger");
+    sim.take_events();
     sim.advance(Duration::from_secs(2));
     assert!(!sim.home_core(7).holds(7));
+    assert_eq!(
+        events(&mut sim),
+        [Event::PlayerEnded {
+            player: 7,
+            why: PlayerEnd::LingerExpired
+        }]
+    );
     let counts = sim.push(7, 2001, b"late");
     assert_eq!(counts.offline, 1);
     let c2 = sim.connect(0);
@@ -490,9 +537,29 @@ fn garbage_on_the_wire_is_a_protocol_error_for_that_connection_only() {
     let bad = sim.connect(0);
     let good = sim.connect(0);
     sim.login(good, 7, 1);
+    sim.take_events();
     // A length beyond max_frame.
     sim.send_raw(bad, &[0xff, 0xff, 0xff, 0xff, 0, 0]);
     sim.run();
+    let bad_sid = sim.session_of(bad);
+    match events(&mut sim).as_slice() {
+        [Event::Failed {
+            sid,
+            req_id: None,
+            error,
+        }, Event::Kicked {
+            sid: kicked,
+            code: Code::ProtocolError,
+            ..
+        }] => {
+            assert_eq!((*sid, *kicked), (bad_sid, bad_sid));
+            assert_eq!(
+                (error.origin, error.code),
+                (Origin::Client, Code::ProtocolError)
+            );
+        }
+        other => panic!("a protocol error, then its kick: {other:?}"),
+    }
     assert_eq!(
         shape(&sim.recv(bad)),
         [(Kind::Kick, code(Code::ProtocolError), 0)]
@@ -512,18 +579,34 @@ fn bye_ends_the_player_and_drops_its_late_answers() {
     let c = sim.connect(0);
     let t = token(&sim.login(c, 7, 1));
     request(&mut sim, c, 150, 2);
+    sim.take_events();
     sim.send(c, &header(Kind::Bye, 0, 0, 0), &[]);
     sim.run();
     assert!(!sim.is_open(c));
+    assert_eq!(
+        events(&mut sim),
+        [Event::PlayerEnded {
+            player: 7,
+            why: PlayerEnd::Bye
+        }]
+    );
     assert!(!sim.home_core(7).holds(7));
     // A new life: the old life's answer must not enter its stream.
     let c2 = sim.connect(0);
     let f = sim.login(c2, 7, 3);
     assert_eq!(shape(&f), [(Kind::Session, 0, 0), (Kind::Response, 0, 1)]);
     let i = sim.pending_of(c, 2).expect("the old request is still out");
+    sim.take_events();
     sim.answer(i, 0, 0, b"old");
     sim.run();
     assert!(sim.recv(c2).is_empty());
+    assert_eq!(
+        events(&mut sim),
+        [Event::StrayAnswer {
+            player: 7,
+            req_id: 2
+        }]
+    );
     let c3 = sim.connect(0);
     let f = resume(&mut sim, c3, &t, 1);
     assert_eq!(shape(&f), [(Kind::Error, code(Code::ResumeRejected), 0)]);
@@ -542,6 +625,7 @@ fn a_session_closed_after_a_panic_leaves_its_player_to_resume() {
     sim.run();
     assert!(!sim.is_open(c));
     assert_eq!(sim.cores[0].stats.session_panics.get(), 1);
+    assert!(events(&mut sim).contains(&Event::Panicked { sid }));
     push(&mut sim, 7, "while away");
     let c2 = sim.connect(0);
     let f = resume(&mut sim, c2, &t, 1);

@@ -2,10 +2,12 @@
 //! to a backend), ACK and PING, RESUME, BYE; a login or resume completed on
 //! the player's home shard; backend answers delivered to the player.
 
+use super::event::{Event, PlayerEnd};
 use super::{add, bump, Answer, Asker, ClusterOut, Core, Forward};
+use crate::error::Error;
 use crate::player::{token_player, Player, ResumeError};
 use crate::protocol::{encode, session_body, Code, Frame, Header, Kind};
-use crate::session::{Arrival, Decision, LoginReply, Next, Session, SessionId};
+use crate::session::{Arrival, CloseReason, Decision, LoginReply, Next, Session, SessionId};
 use bytes::{Bytes, BytesMut};
 use std::time::Instant;
 
@@ -76,13 +78,27 @@ impl Core {
     }
 
     /// The cluster's answer to a [`ClusterOut::Claim`]: the player may be
-    /// served here (its state, if any, already restored), or not.
-    pub fn handle_claimed(&mut self, sid: SessionId, arrival: Arrival, ok: bool, now: Instant) {
+    /// served here (its state, if any, already restored), or not (the
+    /// login is answered `BACKEND_UNAVAILABLE`, the resume refused).
+    pub fn handle_claimed(
+        &mut self,
+        sid: SessionId,
+        arrival: Arrival,
+        claim: Result<(), Error>,
+        now: Instant,
+    ) {
         self.now = now;
-        if ok {
-            self.arrive_here(sid, arrival);
-        } else {
-            self.refuse_arrival(sid, arrival);
+        match claim {
+            Ok(()) => self.arrive_here(sid, arrival),
+            Err(error) => {
+                self.metrics.error(error.origin, error.code.into());
+                self.event(Event::ArrivalRefused {
+                    sid,
+                    player: arrival.player(),
+                    error,
+                });
+                self.refuse_arrival(sid, arrival);
+            }
         }
     }
 
@@ -170,7 +186,10 @@ impl Core {
             Kind::Resume => self.on_resume(sid, &h, frame.body),
             Kind::Bye => self.on_bye(sid),
             // The client-link decoder admits no other kind.
-            _ => self.protocol_error(sid, &format_args!("kind {} from a client", h.kind.name())),
+            _ => self.protocol_error(
+                sid,
+                Error::protocol(format!("kind {} from a client", h.kind.name())),
+            ),
         }
     }
 
@@ -182,7 +201,9 @@ impl Core {
                 .get_mut(&p)
                 .map(|pl| (pl.ack(h.seq), pl.last_seq()));
             match acked {
-                Some((Err(e), _)) => return self.protocol_error(sid, &e),
+                Some((Err(e), _)) => {
+                    return self.protocol_error(sid, Error::protocol(e.to_string()))
+                }
                 Some((Ok(()), l)) => last = l,
                 None => {}
             }
@@ -196,11 +217,14 @@ impl Core {
 
     fn on_bye(&mut self, sid: SessionId) {
         let player = self.session_player(sid);
-        self.close(sid, "BYE");
+        self.close(sid, CloseReason::Bye);
         if let Some(p) = player {
             self.players.remove(&p);
             self.released(p);
-            tracing::info!(session = sid, player = p, "bye: player ended");
+            self.event(Event::PlayerEnded {
+                player: p,
+                why: PlayerEnd::Bye,
+            });
         }
     }
 
@@ -242,7 +266,7 @@ impl Core {
         if failures >= crate::session::MAX_RESUME_FAILURES {
             self.protocol_error(
                 sid,
-                &format_args!("{failures} resumes refused on one connection"),
+                Error::protocol(format!("{failures} resumes refused on one connection")),
             );
         }
     }
@@ -298,23 +322,17 @@ impl Core {
     }
 
     /// A [`Forward`] could not be sent: the client gets the error's code.
-    pub fn handle_not_sent(&mut self, asker: Asker, err: crate::error::Error, now: Instant) {
+    pub fn handle_not_sent(&mut self, asker: Asker, err: Error, now: Instant) {
         self.now = now;
-        self.metrics.error(err.origin, err.code.into());
-        tracing::debug!(session = asker.session, req_id = asker.req_id, error = %err, "not sent");
+        let code = err.code;
+        self.failed(asker.session, Some(asker.req_id), err);
         if let Some(c) = self.sessions.get_mut(&asker.session) {
             c.session.not_forwarded(asker.login);
         }
-        if err.code == Code::Overloaded {
+        if code == Code::Overloaded {
             bump(&self.stats.overloaded);
         }
-        self.respond(
-            asker.session,
-            asker.req_id,
-            asker.msg_id,
-            err.code.into(),
-            &[],
-        );
+        self.respond(asker.session, asker.req_id, asker.msg_id, code.into(), &[]);
     }
 
     // ----- login and resume on the home shard ---------------------------
@@ -394,7 +412,11 @@ impl Core {
         if !self.attach(sid, player, old, frames) {
             return;
         }
-        tracing::info!(session = sid, player, shard = self.id, replaced = ?old, "login");
+        self.event(Event::Login {
+            sid,
+            player,
+            replaced: old,
+        });
         bump(&self.stats.logins_ok);
         self.respond(sid, reply.req_id, reply.msg_id, reply.code, &reply.body);
     }
@@ -423,18 +445,29 @@ impl Core {
             Ok((old, frames)) => {
                 if self.attach(sid, player, old, frames) {
                     bump(&self.stats.resumes_ok);
-                    tracing::info!(session = sid, player, from = last, replaced = ?old, "resume");
+                    self.event(Event::Resume {
+                        sid,
+                        player,
+                        from: last,
+                        replaced: old,
+                    });
                 }
             }
             Err(e) => {
                 if let Some(c) = self.sessions.get_mut(&sid) {
                     c.session.resume_failed();
                 }
-                tracing::debug!(session = sid, player, error = %e, "resume refused");
+                self.event(Event::ResumeRefused {
+                    sid,
+                    player,
+                    why: e,
+                });
                 match e {
                     ResumeError::Rejected => self.reject_resume(sid, Code::ResumeRejected),
                     ResumeError::Gap(_) => self.reject_resume(sid, Code::ResumeGap),
-                    ResumeError::Beyond { .. } => self.protocol_error(sid, &e),
+                    ResumeError::Beyond { .. } => {
+                        self.protocol_error(sid, Error::protocol(e.to_string()))
+                    }
                 }
             }
         }
@@ -473,11 +506,10 @@ impl Core {
                 .get(&asker.player)
                 .is_some_and(|pl| pl.life == asker.life);
             if !same_life {
-                tracing::debug!(
-                    player = asker.player,
-                    req_id = asker.req_id,
-                    "answer for an ended player dropped"
-                );
+                self.event(Event::StrayAnswer {
+                    player: asker.player,
+                    req_id: asker.req_id,
+                });
                 return;
             }
             self.metrics
@@ -491,10 +523,7 @@ impl Core {
     fn on_login_answer(&mut self, asker: Asker, a: Answer) {
         let accepted = (a.code == 0 && a.player != 0).then_some(a.player);
         if a.code == 0 && a.player == 0 {
-            tracing::warn!(
-                session = asker.session,
-                "login accepted by backend without a player id: refused"
-            );
+            self.event(Event::LoginWithoutPlayer { sid: asker.session });
         }
         let binding = {
             let Some(c) = self.sessions.get_mut(&asker.session) else {

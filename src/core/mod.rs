@@ -20,6 +20,7 @@
 
 mod client;
 mod entropy;
+mod event;
 mod lifecycle;
 mod players;
 mod stats;
@@ -28,16 +29,18 @@ pub use client::Step;
 pub use players::{PlayerInfo, PushCounts};
 
 use crate::config::Config;
+use crate::error::Error;
 use crate::player::{Player, SECRET_LEN};
 use crate::protocol::{encode, Code, Header, Kind};
 use crate::router::{Route, Router};
-use crate::session::{Arrival, Session, SessionId};
+use crate::session::{Arrival, CloseReason, Session, SessionId};
 use bytes::{Bytes, BytesMut};
 use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::time::Instant;
 
 pub use entropy::{Entropy, SeededEntropy};
+pub use event::{Event, PlayerEnd};
 pub use lifecycle::Lifecycle;
 pub use stats::Stats;
 use stats::{add, bump};
@@ -171,6 +174,7 @@ pub struct Core {
     wakes: VecDeque<Wake>,
     forwards: VecDeque<Forward>,
     cluster_out: VecDeque<ClusterOut>,
+    events: VecDeque<Event>,
 }
 
 impl Core {
@@ -201,6 +205,7 @@ impl Core {
             wakes: VecDeque::new(),
             forwards: VecDeque::new(),
             cluster_out: VecDeque::new(),
+            events: VecDeque::new(),
         }
     }
 
@@ -287,7 +292,10 @@ impl Core {
 
     /// Whether any output waits (the shell drains until none does).
     pub fn has_output(&self) -> bool {
-        !(self.wakes.is_empty() && self.forwards.is_empty() && self.cluster_out.is_empty())
+        !(self.wakes.is_empty()
+            && self.forwards.is_empty()
+            && self.cluster_out.is_empty()
+            && self.events.is_empty())
     }
 
     fn wake(&mut self, sid: SessionId, reader: bool, writer: bool) {
@@ -340,7 +348,7 @@ impl Core {
             // The peer is gone: nothing more will be written.
             c.tx.closing = true;
             c.tx.buf.clear();
-            self.close(sid, "write error");
+            self.close(sid, CloseReason::WriteFailed);
         }
     }
 
@@ -418,10 +426,10 @@ impl Core {
     /// Forget a session whose connection is gone (or moved). Its player, if
     /// bound to it, stays without a session and starts to linger. Returns
     /// the player it was bound to and why it closed.
-    pub fn remove_session(&mut self, sid: SessionId, now: Instant) -> (Option<u64>, &'static str) {
+    pub fn remove_session(&mut self, sid: SessionId, now: Instant) -> (Option<u64>, CloseReason) {
         self.now = now;
         let Some(c) = self.sessions.remove(&sid) else {
-            return (None, "");
+            return (None, CloseReason::Open);
         };
         let player = c.session.player();
         if let Some(p) = player {
@@ -479,7 +487,7 @@ impl Core {
     }
 
     /// Close `sid` without a KICK (end of stream, read error).
-    pub fn handle_close(&mut self, sid: SessionId, reason: &'static str, now: Instant) {
+    pub fn handle_close(&mut self, sid: SessionId, reason: CloseReason, now: Instant) {
         self.now = now;
         self.close(sid, reason);
     }
@@ -492,7 +500,7 @@ impl Core {
         now: Instant,
     ) {
         self.now = now;
-        self.protocol_error(sid, &err.detail);
+        self.protocol_error(sid, err);
     }
 
     /// Send `KICK code` and close the session after its queued output (for
@@ -503,11 +511,10 @@ impl Core {
                 return;
             };
             let player = c.session.player();
-            if !c.session.close(code.name()) {
+            if !c.session.close(CloseReason::Kick(code)) {
                 return;
             }
             self.metrics.kick(code.into());
-            tracing::info!(session = sid, ?player, reason = code.name(), "kick");
             if code == Code::SlowConsumer {
                 c.tx.pushed_total -= c.tx.buf.len() as u64;
                 c.tx.buf.clear();
@@ -520,6 +527,7 @@ impl Core {
             player
         };
         self.close_tx(sid);
+        self.event(Event::Kicked { sid, player, code });
         if let Some(p) = player {
             self.detach(p, sid);
         }
@@ -531,12 +539,12 @@ impl Core {
     pub fn handle_panic(&mut self, sid: SessionId, now: Instant) {
         self.now = now;
         bump(&self.stats.session_panics);
-        tracing::error!(session = sid, "a panic while handling this session: closed");
-        self.close(sid, "panic");
+        self.event(Event::Panicked { sid });
+        self.close(sid, CloseReason::Panic);
     }
 
     /// Close without a KICK (BYE, end of stream, read error).
-    fn close(&mut self, sid: SessionId, reason: &'static str) {
+    fn close(&mut self, sid: SessionId, reason: CloseReason) {
         let Some(c) = self.sessions.get_mut(&sid) else {
             return;
         };
@@ -549,12 +557,16 @@ impl Core {
     }
 
     /// A frame that broke the protocol arrived on `sid`.
-    fn protocol_error(&mut self, sid: SessionId, why: &dyn std::fmt::Display) {
+    fn protocol_error(&mut self, sid: SessionId, error: Error) {
         bump(&self.stats.protocol_errors);
-        self.metrics
-            .error(crate::error::Origin::Client, Code::ProtocolError.into());
-        tracing::info!(session = sid, error = %why, "protocol error");
+        self.failed(sid, None, error);
         self.kick(sid, Code::ProtocolError);
+    }
+
+    /// A failure at the core's border: counted by origin and code, logged.
+    fn failed(&mut self, sid: SessionId, req_id: Option<u32>, error: Error) {
+        self.metrics.error(error.origin, error.code.into());
+        self.event(Event::Failed { sid, req_id, error });
     }
 
     /// Kick every session (the gateway is stopping).

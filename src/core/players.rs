@@ -2,6 +2,7 @@
 //! the admin commands, the sweep timer (idle kicks, linger), the drain's
 //! steps, snapshots, and the core's side of a migration.
 
+use super::event::{Event, PlayerEnd};
 use super::{add, ClusterOut, Core};
 use crate::player::Player;
 use crate::protocol::{encode, Code, Header, Kind};
@@ -179,12 +180,15 @@ impl Core {
         self.players.retain(|id, p| {
             let keep = !p.expired(now, linger);
             if !keep {
-                tracing::info!(player = id, "player ended: linger expired");
                 ended.push(*id);
             }
             keep
         });
         for id in ended {
+            self.event(Event::PlayerEnded {
+                player: id,
+                why: PlayerEnd::LingerExpired,
+            });
             self.released(id);
         }
         let ended = before - self.players.len();
@@ -275,12 +279,11 @@ impl Core {
             };
             img.encode().ok()
         });
-        tracing::info!(
+        self.event(Event::GaveAway {
             player,
-            to,
-            with_state = image.is_some(),
-            "player handed to another gateway"
-        );
+            to: to.to_string(),
+            with_state: image.is_some(),
+        });
         self.cluster_out.push_back(ClusterOut::Give {
             player,
             to: to.to_string(),
@@ -329,7 +332,7 @@ impl Core {
         player: u64,
         now: Instant,
         unix_ms: u64,
-    ) -> Option<Result<Vec<u8>, String>> {
+    ) -> Option<Result<Vec<u8>, crate::error::Error>> {
         let p = self.players.get(&player)?;
         Some(
             crate::snapshot::Image {
@@ -338,14 +341,26 @@ impl Core {
                 players: vec![p.to_image(now, unix_ms)],
             }
             .encode()
-            .map_err(|e| e.to_string()),
+            .map_err(|e| {
+                crate::error::Error::new(
+                    crate::error::Origin::Internal,
+                    Code::Migrating,
+                    true,
+                    format!("the player's image could not be encoded: {e}"),
+                )
+            }),
         )
     }
 
-    /// The migration failed: the held pushes are delivered here and the
-    /// session reads again.
-    pub fn rollback_migration(&mut self, player: u64, now: Instant) {
+    /// The migration failed (`why`, counted and logged): the held pushes
+    /// are delivered here and the session reads again.
+    pub fn rollback_migration(&mut self, player: u64, why: &crate::error::Error, now: Instant) {
         self.now = now;
+        self.metrics.error(why.origin, why.code.into());
+        self.event(Event::MigrationRolledBack {
+            player,
+            error: why.clone(),
+        });
         let held = self.migrating.remove(&player).unwrap_or_default();
         for (msg_id, body) in held {
             let mut h = Header::new(Kind::Push);
@@ -397,7 +412,7 @@ impl Core {
             let before = c.tx.buf.len();
             encode(&mut c.tx.buf, &h, &body);
             c.tx.pushed_total += (c.tx.buf.len() - before) as u64;
-            c.session.close("REDIRECT");
+            c.session.close(crate::session::CloseReason::Redirect);
         }
         self.close_tx(sid);
     }

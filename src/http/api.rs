@@ -633,7 +633,7 @@ async fn migrate(ctx: &ShardCtx, req: &Request) -> Response {
                 super::json_string(&addr)
             ),
         ),
-        Some(Err(e)) => Response::error(409, &format!("not migrated: {e}")),
+        Some(Err(e)) => Response::error(409, &format!("not migrated: {}", e.detail)),
         None => Response::error(503, "the migration did not finish in time"),
     }
 }

@@ -15,6 +15,49 @@ use std::time::Instant;
 /// bits, a per-shard counter below.
 pub type SessionId = u64;
 
+/// Why a session closed: the `reason` of its `close` log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Open (not closing yet).
+    Open,
+    /// The gateway sent `KICK code`.
+    Kick(Code),
+    /// The client said BYE.
+    Bye,
+    /// The client closed its end.
+    PeerClosed,
+    /// Reading from the connection failed.
+    ReadFailed,
+    /// Writing to the connection failed.
+    WriteFailed,
+    /// Its player moved to another gateway (after `REDIRECT`).
+    Redirect,
+    /// Handling one of its events panicked (an internal fault).
+    Panic,
+}
+
+impl CloseReason {
+    /// The label in the log line.
+    pub fn name(self) -> &'static str {
+        match self {
+            CloseReason::Open => "open",
+            CloseReason::Kick(code) => code.name(),
+            CloseReason::Bye => "BYE",
+            CloseReason::PeerClosed => "peer closed",
+            CloseReason::ReadFailed => "read error",
+            CloseReason::WriteFailed => "write error",
+            CloseReason::Redirect => "REDIRECT",
+            CloseReason::Panic => "panic",
+        }
+    }
+}
+
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// The lifecycle of a session (DESIGN.md, session row).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
@@ -143,7 +186,7 @@ pub struct Session {
     /// The per-session rate limit.
     bucket: RateBucket,
     /// Why the session is closing, for the log line of its end.
-    close_reason: &'static str,
+    close_reason: CloseReason,
     /// Stream offset where the last outbox replay ends: replayed bytes not
     /// yet written do not count against `write_queue_bytes` (they are
     /// bounded by the outbox limits already).
@@ -165,7 +208,7 @@ impl Session {
             resume_failures: 0,
             held: false,
             bucket: RateBucket::full(rate, now),
-            close_reason: "",
+            close_reason: CloseReason::Open,
             replay_end: 0,
             last_rx: now,
         }
@@ -201,8 +244,8 @@ impl Session {
         self.inflight
     }
 
-    /// Why it is closing ("" while open).
-    pub fn close_reason(&self) -> &'static str {
+    /// Why it is closing (`Open` while open).
+    pub fn close_reason(&self) -> CloseReason {
         self.close_reason
     }
 
@@ -422,7 +465,7 @@ impl Session {
     }
 
     /// Start closing for `reason`; returns false if it already was.
-    pub fn close(&mut self, reason: &'static str) -> bool {
+    pub fn close(&mut self, reason: CloseReason) -> bool {
         let was = self.state != State::Closing;
         self.state = State::Closing;
         self.held = false;

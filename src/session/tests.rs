@@ -66,8 +66,8 @@ fn login_lifecycle() {
         s.on_request(Some(&login)),
         Decision::Reply(Code::AlreadyAuthenticated)
     );
-    assert!(s.close("test"));
-    assert!(!s.close("test"));
+    assert!(s.close(CloseReason::Bye));
+    assert!(!s.close(CloseReason::Bye));
     assert_eq!(s.on_request(Some(&game)), Decision::Ignore);
     s.bind(42);
     assert!(s.is_closing());
@@ -93,7 +93,7 @@ fn resume_only_from_a_logged_out_session() {
         Decision::Forward { login: true }
     );
     assert_eq!(t.on_resume(), Decision::Reply(Code::ResumeRejected));
-    t.close("test");
+    t.close(CloseReason::Bye);
     assert_eq!(t.on_resume(), Decision::Ignore);
 }
 
@@ -227,9 +227,9 @@ fn a_login_waits_for_the_requests_in_flight_then_arrives() {
     assert!(matches!(s.next_step(), Next::Read));
     s.hold(true);
     assert!(matches!(s.next_step(), Next::Pause));
-    s.close("test");
+    s.close(CloseReason::Bye);
     assert!(matches!(s.next_step(), Next::Close));
-    assert_eq!(s.close_reason(), "test");
+    assert_eq!(s.close_reason(), CloseReason::Bye);
 }
 
 #[test]
@@ -286,7 +286,7 @@ fn idle_and_quiet_checks_use_the_last_receive() {
     s.touch(t1);
     assert!(!s.quiet_since(t1));
     assert!(s.quiet_after(t1));
-    s.close("test");
+    s.close(CloseReason::Bye);
     assert!(
         !s.quiet_since(t1 + Duration::from_secs(1)),
         "closing is not idle"

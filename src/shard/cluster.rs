@@ -4,6 +4,7 @@
 //! evacuating a shard.
 
 use super::ShardCtx;
+use crate::error::Error;
 use crate::session::{Arrival, SessionId};
 use std::rc::Rc;
 use std::time::Instant;
@@ -31,7 +32,7 @@ pub(super) async fn arrive_clustered(
     } else {
         Err("the cluster is stopped".into())
     };
-    let outcome: Result<(), String> = match claim {
+    let outcome: Result<(), Error> = match claim.map_err(Error::cluster) {
         Ok(Claim::Granted { .. }) => Ok(()),
         Ok(Claim::TakenOver { from, .. }) => {
             // Its gateway died without handing it over: what it held is
@@ -61,8 +62,9 @@ pub(super) async fn arrive_clustered(
                 rx.recv_async()
                     .await
                     .unwrap_or_else(|_| Err("the cluster is stopped".into()))
+                    .map_err(Error::cluster)
             } else {
-                Err("the cluster is stopped".into())
+                Err(Error::cluster("the cluster is stopped"))
             };
             match fetched {
                 Ok(Some(bytes)) => match crate::snapshot::Image::decode(&bytes) {
@@ -71,7 +73,7 @@ pub(super) async fn arrive_clustered(
                         tracing::info!(player, from = by, "player taken over from another gateway");
                         Ok(())
                     }
-                    Err(e) => Err(format!("hand-over state unusable: {e}")),
+                    Err(e) => Err(Error::cluster(format!("hand-over state unusable: {e}"))),
                 },
                 Ok(None) => Ok(()),
                 Err(e) => Err(e),
@@ -83,27 +85,19 @@ pub(super) async fn arrive_clustered(
         }
         Err(e) => Err(e),
     };
-    match outcome {
-        Ok(()) => ctx.claimed(sid, arrival, true),
-        Err(e) => {
-            tracing::warn!(player, error = %e, "login or resume refused: the cluster could not give this gateway the player");
-            ctx.claimed(sid, arrival, false);
-        }
-    }
+    ctx.claimed(sid, arrival, outcome);
 }
 
 /// Migrate `player` to gateway `to`: hold its session's new requests, let
 /// those in flight finish, hand its state over through the cluster, then
 /// `REDIRECT` the client there. Any failure rolls back: the player stays.
-pub async fn migrate_player(ctx: Rc<ShardCtx>, player: u64, to: String) -> Result<String, String> {
+pub async fn migrate_player(ctx: Rc<ShardCtx>, player: u64, to: String) -> Result<String, Error> {
     let Some(cluster) = ctx.cluster.clone() else {
-        return Err("this gateway is not in a cluster".into());
+        return Err(Error::cluster("this gateway is not in a cluster"));
     };
-    ctx.core_step(|c, _| c.begin_migration(player))
-        .map_err(|e| e.detail.into_owned())?;
-    let rollback = |ctx: &ShardCtx, why: String| -> Result<String, String> {
-        ctx.core_step(|c, now| c.rollback_migration(player, now));
-        tracing::warn!(player, error = %why, "migration rolled back");
+    ctx.core_step(|c, _| c.begin_migration(player))?;
+    let rollback = |ctx: &ShardCtx, why: Error| -> Result<String, Error> {
+        ctx.core_step(|c, now| c.rollback_migration(player, &why, now));
         Err(why)
     };
     // Requests in flight finish first: each gets its answer (or TIMEOUT)
@@ -115,13 +109,16 @@ pub async fn migrate_player(ctx: Rc<ShardCtx>, player: u64, to: String) -> Resul
         Instant::now() + ctx.cfg().backend.request_timeout + std::time::Duration::from_secs(1);
     while ctx.core_step(|c, _| c.player_inflight(player)) > 0 {
         if Instant::now() >= deadline {
-            return rollback(&ctx, "requests in flight did not finish in time".into());
+            return rollback(
+                &ctx,
+                Error::cluster("requests in flight did not finish in time"),
+            );
         }
         glommio::timer::sleep(std::time::Duration::from_millis(5)).await;
     }
     let unix = crate::snapshot::unix_ms_now();
     let image = match ctx.core_step(|c, now| c.migration_image(player, now, unix)) {
-        None => return rollback(&ctx, "the player ended meanwhile".into()),
+        None => return rollback(&ctx, Error::cluster("the player ended meanwhile")),
         Some(Err(e)) => return rollback(&ctx, e),
         Some(Ok(b)) => b,
     };
@@ -133,7 +130,7 @@ pub async fn migrate_player(ctx: Rc<ShardCtx>, player: u64, to: String) -> Resul
         reply: tx,
     };
     if cluster.cmds.send(cmd).is_err() {
-        return rollback(&ctx, "the cluster is stopped".into());
+        return rollback(&ctx, Error::cluster("the cluster is stopped"));
     }
     // No timeout of our own: the control thread always answers (its waits
     // are bounded), and only its answer says whether the target took the
@@ -184,8 +181,8 @@ pub async fn migrate_player(ctx: Rc<ShardCtx>, player: u64, to: String) -> Resul
             }
             Ok(addr)
         }
-        Some(Err(e)) => rollback(&ctx, e),
-        None => rollback(&ctx, "the cluster is stopped".into()),
+        Some(Err(e)) => rollback(&ctx, Error::cluster(e)),
+        None => rollback(&ctx, Error::cluster("the cluster is stopped")),
     }
 }
 

@@ -6,7 +6,7 @@
 use crate::core::Transmit;
 use crate::net::Slot;
 use crate::net::{read_more, ReadMore, SharedStream};
-use crate::session::SessionId;
+use crate::session::{CloseReason, SessionId};
 use crate::shard::{Arrival, Handoff, ShardCtx, ShardMsg, Step};
 use bytes::BytesMut;
 use futures_lite::AsyncWriteExt;
@@ -66,7 +66,7 @@ pub async fn serve(
             }
             let (player, reason) = ctx.remove_session(sid);
             drop(slot);
-            tracing::info!(session = sid, %peer, ?player, reason, "close");
+            tracing::info!(session = sid, %peer, ?player, reason = reason.name(), "close");
         }
         End::Handoff { home, arrival } => {
             // Everything already queued goes out from here first.
@@ -201,7 +201,7 @@ async fn read_loop(
         match read_more(stream, buf, want, ctl.notified()).await {
             ReadMore::Interrupted => {}
             ReadMore::Eof => {
-                ctx.close(sid, "peer closed");
+                ctx.close(sid, CloseReason::PeerClosed);
                 return End::Close;
             }
             ReadMore::Data(n) => {
@@ -214,7 +214,7 @@ async fn read_loop(
             }
             ReadMore::Err(e) => {
                 tracing::debug!(session = sid, error = %e, "read error");
-                ctx.close(sid, "read error");
+                ctx.close(sid, CloseReason::ReadFailed);
                 return End::Close;
             }
         }

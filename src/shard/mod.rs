@@ -11,6 +11,7 @@
 
 pub mod cluster;
 pub mod conn;
+mod log;
 mod msg;
 
 pub use crate::core::{PlayerInfo, PushCounts, Step};
@@ -21,7 +22,7 @@ use crate::config::Config;
 use crate::core::{ClusterOut, Core, Forward, Lifecycle, Stats, Transmit};
 use crate::protocol::{Code, Decoder, Frame, Link};
 use crate::router::Router;
-use crate::session::SessionId;
+use crate::session::{CloseReason, SessionId};
 use std::cell::{Cell, Ref, RefCell};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -158,6 +159,9 @@ impl ShardCtx {
                 if !c.has_output() {
                     return;
                 }
+                while let Some(e) = c.poll_event() {
+                    log::log(self.id, &e);
+                }
                 (c.poll_wake(), c.poll_forward(), c.poll_cluster())
             };
             if let Some(w) = wake {
@@ -200,7 +204,11 @@ impl ShardCtx {
                     glommio::spawn_local(cluster::arrive_clustered(ctx, cluster, sid, arrival))
                         .detach();
                 }
-                None => self.claimed(sid, arrival, false),
+                None => self.claimed(
+                    sid,
+                    arrival,
+                    Err(crate::error::Error::cluster("the shard is stopping")),
+                ),
             },
             ClusterOut::Release { player } => {
                 let _ = cluster.cmds.send(Cmd::Release { player });
@@ -309,7 +317,7 @@ impl ShardCtx {
     }
 
     /// Forget a session whose connection is gone (or moved).
-    pub fn remove_session(&self, sid: SessionId) -> (Option<u64>, &'static str) {
+    pub fn remove_session(&self, sid: SessionId) -> (Option<u64>, CloseReason) {
         self.tasks.borrow_mut().remove(&sid);
         self.with(|c, now| c.remove_session(sid, now))
     }
@@ -358,8 +366,13 @@ impl ShardCtx {
     }
 
     /// The cluster's answer to a claim.
-    pub fn claimed(&self, sid: SessionId, arrival: Arrival, ok: bool) {
-        self.with(|c, now| c.handle_claimed(sid, arrival, ok, now));
+    pub fn claimed(
+        &self,
+        sid: SessionId,
+        arrival: Arrival,
+        claim: Result<(), crate::error::Error>,
+    ) {
+        self.with(|c, now| c.handle_claimed(sid, arrival, claim, now));
     }
 
     /// One frame from a client.
@@ -374,7 +387,7 @@ impl ShardCtx {
     }
 
     /// Close without a KICK (end of stream, read error).
-    pub fn close(&self, sid: SessionId, reason: &'static str) {
+    pub fn close(&self, sid: SessionId, reason: CloseReason) {
         self.with(|c, now| c.handle_close(sid, reason, now));
     }
 

@@ -72,7 +72,7 @@ pub enum ShardMsg {
     Migrate {
         player: u64,
         to: String,
-        reply: flume::Sender<Result<String, String>>,
+        reply: flume::Sender<Result<String, crate::error::Error>>,
     },
     /// Drain (or, with `force`, stop draining and finish now); the shard
     /// answers once, with its players.

@@ -17,9 +17,9 @@
 //! wakes it, so a forgotten wake shows up as a stuck connection.
 
 use crate::config::Config;
-use crate::core::{Answer, Core, Forward, PushCounts, SeededEntropy, Step, Transmit};
+use crate::core::{Answer, Core, Event, Forward, PushCounts, SeededEntropy, Step, Transmit};
 use crate::protocol::{encode, Code, Decoder, Frame, Header, Link};
-use crate::session::{Arrival, SessionId};
+use crate::session::{Arrival, CloseReason, SessionId};
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -94,6 +94,8 @@ pub struct Sim {
     /// [`Sim::take_read`] (a test's record of what the gateway accepted).
     pub log_reads: bool,
     read_log: Vec<(ConnId, Header)>,
+    /// What the cores reported for the log, with the shard, oldest first.
+    events: Vec<(usize, Event)>,
     client_decoder: Decoder,
     server_decoder: Decoder,
 }
@@ -119,6 +121,7 @@ impl Sim {
             backend: Vec::new(),
             backend_down: false,
             log_reads: false,
+            events: Vec::new(),
             read_log: Vec::new(),
             client_decoder: Decoder::new(Link::GatewayToClient, max),
             server_decoder: Decoder::new(Link::ClientToGateway, max),
@@ -218,6 +221,12 @@ impl Sim {
     /// (with [`Sim::log_reads`] set).
     pub fn take_read(&mut self) -> Vec<(ConnId, Header)> {
         std::mem::take(&mut self.read_log)
+    }
+
+    /// What the cores reported for the log since the last call (shard,
+    /// event), oldest first: the log lines a real gateway would write.
+    pub fn take_events(&mut self) -> Vec<(usize, Event)> {
+        std::mem::take(&mut self.events)
     }
 
     /// Whether the gateway still serves the connection.
@@ -345,6 +354,9 @@ impl Sim {
             if !core.has_output() {
                 return;
             }
+            while let Some(e) = core.poll_event() {
+                self.events.push((s, e));
+            }
             if let Some(w) = core.poll_wake() {
                 if let Some(&c) = self.by_sid.get(&(s, w.sid)) {
                     let conn = &mut self.conns[c];
@@ -416,7 +428,7 @@ impl Sim {
                     self.flush(s);
                 }
                 Ok(None) if self.conns[c].eof => {
-                    self.cores[s].handle_close(sid, "peer closed", self.now);
+                    self.cores[s].handle_close(sid, CloseReason::PeerClosed, self.now);
                     self.flush(s);
                     self.end(c);
                     return true;
