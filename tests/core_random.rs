@@ -8,6 +8,11 @@
 //! exactly 1..N of its stream, every request the gateway read answered
 //! exactly once and every push it took delivered exactly once.
 //!
+//! A quarter of the sequences run with an outbox of a few frames, so frames
+//! are evicted: there a resume may get RESUME_GAP and a login SESSION GAP,
+//! but only past frames the gateway really evicted, and every frame a
+//! client never got must lie in a range a GAP declared lost.
+//!
 //! The run's seed is printed; `SLG_SIM_SEED=<seed>` repeats a run and
 //! `SLG_SIM_CASES=<n>` changes how many sequences it has (10,000 by default).
 
@@ -71,8 +76,10 @@ struct Client {
     token: Option<(Bytes, Instant)>,
     /// This life's frames by seq: (kind, code, msg_id, req_id, body).
     seen: HashMap<u64, (Kind, u16, u32, u32, Bytes)>,
-    /// Every seq up to this one was received.
+    /// Every seq up to this one was received (or declared lost by GAP).
     contiguous: u64,
+    /// Seqs a SESSION GAP declared lost, never received.
+    lost: BTreeSet<u64>,
     /// What the gateway has read of this client's acknowledgements.
     acked: u64,
     /// At most this: a RESUME it read acknowledges too, if it succeeded.
@@ -101,6 +108,7 @@ impl Client {
             token: None,
             seen: HashMap::new(),
             contiguous: 0,
+            lost: BTreeSet::new(),
             acked: 0,
             acked_maybe: 0,
             owed_answers: BTreeSet::new(),
@@ -120,6 +128,7 @@ impl Client {
         self.token = None;
         self.seen.clear();
         self.contiguous = 0;
+        self.lost.clear();
         self.acked = 0;
         self.acked_maybe = 0;
         self.owed_answers.clear();
@@ -159,6 +168,10 @@ struct Case {
     /// Receive passes so far.
     pass: u64,
     token_lifetime: Duration,
+    /// The outbox holds a few frames only: evictions happen.
+    evicting: bool,
+    /// SESSION GAPs and RESUME_GAPs the clients got (the run shows them).
+    gaps: u64,
     log: Vec<String>,
 }
 
@@ -169,7 +182,12 @@ impl Case {
         cfg.session_idle = Duration::from_secs(60);
         cfg.player_linger = Duration::from_secs(120);
         cfg.token_lifetime = Duration::from_secs(90);
-        cfg.outbox.max_frames = 100_000;
+        let evicting = rng.chance(25);
+        cfg.outbox.max_frames = if evicting {
+            2 + rng.below(8) as usize
+        } else {
+            100_000
+        };
         cfg.outbox.max_bytes = 1 << 30;
         cfg.limits.session_inflight = 4;
         let token_lifetime = cfg.token_lifetime;
@@ -190,6 +208,8 @@ impl Case {
             closed_in: HashMap::new(),
             pass: 0,
             token_lifetime,
+            evicting,
+            gaps: 0,
             log: Vec::new(),
         }
     }
@@ -321,10 +341,13 @@ impl Case {
     fn on_frame(&mut self, p: usize, id: ConnId, f: &Frame) -> Result<(), String> {
         let now = self.sim.now;
         let lifetime = self.token_lifetime;
-        let player_held = self
+        let info = self
             .sim
             .home_core(self.clients[p].id)
-            .holds(self.clients[p].id);
+            .player_info(self.clients[p].id);
+        let player_held = info.is_some();
+        // Seqs up to this one were evicted in this life (it only grows).
+        let evicted = info.map_or(0, |i| i.evicted_through);
         let pass = self.pass;
         // Whether another connection of this player may have bound in the
         // same step as this one (which SESSION came last is not known).
@@ -342,11 +365,35 @@ impl Case {
         let h = f.header;
         match h.kind {
             Kind::Session => {
-                if h.code != 0 {
-                    return Err("SESSION says GAP though nothing was evicted".into());
-                }
                 let r = h.seq;
+                let gap = h.code == u16::from(Code::GAP);
+                if h.code != 0 && !gap {
+                    return Err(format!("SESSION with code {:#x}", h.code));
+                }
+                if gap {
+                    // Only a login, only past frames really evicted: R is the
+                    // seq before the oldest retained frame.
+                    if !matches!(m.state, State::Login(_)) || r > evicted || r < c.acked {
+                        return Err(format!(
+                            "SESSION GAP with R = {r} in state {:?} (evicted through \
+                             {evicted}, acked {})",
+                            m.state, c.acked
+                        ));
+                    }
+                    self.gaps += 1;
+                    for s in 1..=r {
+                        if !c.seen.contains_key(&s) {
+                            c.lost.insert(s);
+                        }
+                    }
+                    while c.seen.contains_key(&(c.contiguous + 1))
+                        || c.lost.contains(&(c.contiguous + 1))
+                    {
+                        c.contiguous += 1;
+                    }
+                }
                 match m.state {
+                    State::Login(_) if gap => c.acked = r,
                     State::Resume(last) if r != last => {
                         return Err(format!("resume from {last} answered with R = {r}"))
                     }
@@ -379,9 +426,11 @@ impl Case {
                 };
                 // Frames after `last` the client acknowledged on another
                 // connection meanwhile are gone: a gap.
-                let gap_ok =
-                    h.code == u16::from(Code::ResumeGap) && last < c.acked.max(c.acked_maybe);
+                // So are frames after it the outbox evicted.
+                let gap_ok = h.code == u16::from(Code::ResumeGap)
+                    && (last < c.acked.max(c.acked_maybe) || last < evicted);
                 if gap_ok {
+                    self.gaps += 1;
                     m.state = State::Fresh;
                     return Ok(());
                 }
@@ -442,8 +491,13 @@ impl Case {
                     }
                     return Ok(());
                 }
+                if c.lost.remove(&h.seq) {
+                    return Err(format!("seq {} was declared lost, then came", h.seq));
+                }
                 c.seen.insert(h.seq, fp);
-                while c.seen.contains_key(&(c.contiguous + 1)) {
+                while c.seen.contains_key(&(c.contiguous + 1))
+                    || c.lost.contains(&(c.contiguous + 1))
+                {
                     c.contiguous += 1;
                 }
                 if h.kind == Kind::Push {
@@ -738,24 +792,40 @@ impl Case {
             let Some(info) = self.sim.home_core(c.id).player_info(c.id) else {
                 self.fail(format!("player {} logged in but not held", c.id));
             };
-            if c.contiguous != info.seq || c.seen.len() as u64 != info.seq {
+            let whole = (c.seen.len() + c.lost.len()) as u64;
+            if c.contiguous != info.seq || whole != info.seq {
                 self.fail(format!(
-                    "player {}: holds 1..{} ({} frames) of a stream of {}",
+                    "player {}: holds 1..{} ({} frames, {} declared lost) of a stream of {}",
                     c.id,
                     c.contiguous,
                     c.seen.len(),
+                    c.lost.len(),
                     info.seq
                 ));
             }
-            if let Some(r) = c.owed_answers.iter().find(|r| !c.answered.contains_key(r)) {
-                self.fail(format!("player {}: request {r} never answered", c.id));
+            if !c.lost.is_empty() && !self.evicting {
+                self.fail(format!("player {}: frames lost with no eviction", c.id));
             }
-            if let Some(n) = c
+            // Each frame declared lost carried one answer or push at most.
+            let missing_answers: Vec<u32> = c
+                .owed_answers
+                .iter()
+                .copied()
+                .filter(|r| !c.answered.contains_key(r))
+                .collect();
+            let missing_pushes: Vec<u64> = c
                 .owed_pushes
                 .iter()
-                .find(|n| !c.pushes_seen.contains_key(n))
-            {
-                self.fail(format!("player {}: push {n} never delivered", c.id));
+                .copied()
+                .filter(|n| !c.pushes_seen.contains_key(n))
+                .collect();
+            if missing_answers.len() + missing_pushes.len() > c.lost.len() {
+                self.fail(format!(
+                    "player {}: requests {missing_answers:?} never answered, pushes \
+                     {missing_pushes:?} never delivered, {} frames declared lost",
+                    c.id,
+                    c.lost.len()
+                ));
             }
         }
     }
@@ -778,7 +848,7 @@ fn random_event_sequences_keep_every_stream_whole() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(10_000);
     println!("seed = {seed} (SLG_SIM_SEED={seed} repeats this run), {cases} sequences");
-    let mut events = 0u64;
+    let (mut events, mut gaps) = (0u64, 0u64);
     let only: Option<u64> = std::env::var("SLG_SIM_CASE")
         .ok()
         .and_then(|s| s.parse().ok());
@@ -791,14 +861,17 @@ fn random_event_sequences_keep_every_stream_whole() {
                 case.event();
             }
             case.settle();
-            n
+            (n, case.gaps)
         });
         match result {
-            Ok(n) if only.is_some() => {
-                println!("case {case_seed}: {n} events, whole");
+            Ok((n, g)) if only.is_some() => {
+                println!("case {case_seed}: {n} events, {g} gaps, whole");
                 return;
             }
-            Ok(n) => events += n,
+            Ok((n, g)) => {
+                events += n;
+                gaps += g;
+            }
             Err(e) => {
                 let msg = e
                     .downcast_ref::<String>()
@@ -809,7 +882,11 @@ fn random_event_sequences_keep_every_stream_whole() {
             }
         }
     }
-    println!("{cases} sequences, {events} events: every stream whole");
+    println!("{cases} sequences, {events} events, {gaps} GAP or RESUME_GAP: every stream whole");
+    // A quarter of the sequences evict: a run of any size meets gaps.
+    if cases >= 1000 {
+        assert!(gaps > 0, "no sequence met an eviction's gap");
+    }
 }
 
 /// The checks themselves catch a broken stream: a client that skips a

@@ -42,6 +42,9 @@ pub struct PlayerInfo {
     pub outbox: usize,
     pub outbox_bytes: usize,
     pub evictions: u64,
+    /// Every seq up to this one is gone from the outbox unacknowledged
+    /// (evicted); 0 when nothing was.
+    pub evicted_through: u64,
     pub shard: usize,
 }
 
@@ -140,6 +143,7 @@ impl Core {
             outbox: p.outbox.len(),
             outbox_bytes: p.outbox.bytes(),
             evictions: p.outbox.evictions(),
+            evicted_through: p.outbox.evicted_through(),
             shard: self.id,
         })
     }
