@@ -15,6 +15,10 @@
 //!
 //! The run's seed is printed; `SLG_SIM_SEED=<seed>` repeats a run and
 //! `SLG_SIM_CASES=<n>` changes how many sequences it has (10,000 by default).
+//!
+//! One file of this length on purpose: the client model (`on_frame`), the
+//! random events and the final accounting share one record per player, and
+//! each check reads best next to the events that make it necessary.
 
 use bytes::Bytes;
 use slg_gateway::config::Config;

@@ -2,6 +2,9 @@
 //! (`slg_gateway::sim`): the real shard cores, fake clients and a fake
 //! backend on a simulated clock. No sockets and no sleeps: a timer "passes"
 //! when the test moves the clock.
+//!
+//! One file of this length on purpose: one test per rule of the issue's
+//! list, each short, and a reader looks a rule up here by its name.
 
 use bytes::Bytes;
 use slg_gateway::config::{Config, RateLimit};

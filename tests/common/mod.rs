@@ -3,8 +3,8 @@
 #![allow(dead_code)]
 
 use slg_gateway::client::Client;
-use slg_gateway::config::{Config, ServiceConfig};
-use slg_gateway::demo::DemoBackend;
+use slg_gateway::config::{Balance, Config, RouteConfig, ServiceConfig};
+use slg_gateway::demo::{DemoBackend, WHOAMI};
 use slg_gateway::gateway::Gateway;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -355,4 +355,56 @@ pub fn free_port() -> u16 {
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .expect("free port")
+}
+
+/// A gateway whose `demo` service is `instances` with `balance` on the
+/// WHOAMI route, reconnecting fast; `tune` changes the rest.
+pub fn balanced_gateway(
+    instances: &[SocketAddr],
+    balance: Balance,
+    tune: impl FnOnce(&mut Config),
+) -> Gateway {
+    let mut cfg = config(instances[0], 1);
+    cfg.services.insert(
+        "demo".into(),
+        ServiceConfig {
+            instances: instances.iter().map(|a| a.to_string()).collect(),
+            connections: 1,
+        },
+    );
+    cfg.routes.push(RouteConfig {
+        msgs: (WHOAMI, WHOAMI),
+        service: "demo".into(),
+        auth: balance == Balance::HashPlayer,
+        login: false,
+        balance,
+        idempotent: false,
+    });
+    cfg.backend.reconnect_min = Duration::from_millis(50);
+    cfg.backend.reconnect_max = Duration::from_millis(200);
+    tune(&mut cfg);
+    Gateway::start(cfg).expect("gateway")
+}
+
+/// Wait until every instance's connection is up (the first requests could
+/// otherwise queue on a connection still being made).
+pub fn settle_backends() {
+    std::thread::sleep(Duration::from_millis(150));
+}
+
+/// Start a logging demo instance on `addr`; when it is a port an instance
+/// just left, the port may be busy a moment: try again, then fail the test.
+pub fn start_logged(
+    addr: SocketAddr,
+    log: &flume::Sender<slg_gateway::demo::Answered>,
+) -> DemoBackend {
+    let mut last = None;
+    for _ in 0..40 {
+        match DemoBackend::start_with_log(addr, log.clone()) {
+            Ok(d) => return d,
+            Err(e) => last = Some(e),
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("a demo instance cannot start on {addr}: {last:?}");
 }
