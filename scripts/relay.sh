@@ -16,6 +16,7 @@
 #
 #   scripts/relay.sh                      # SECS=5 ROUNDS=3 SESSIONS=1000 PACE=20000
 #   SECS=10 ROUNDS=5 scripts/relay.sh
+#   SHAPES="inflight4 paced" scripts/relay.sh   # some shapes only
 #
 # Needs haproxy (apt-get install haproxy). Opens about 2 x SESSIONS + 10
 # files per process (the open-files cap here is 20000).
@@ -77,7 +78,15 @@ one() {
 }
 
 rate=$(python3 -c "print($PACE / $SESSIONS)")
-shapes=("inflight4:--inflight 4 --rate 0" "inflight1:--inflight 1 --rate 0" "paced:--inflight 1 --rate $rate")
+shapes=()
+for name in ${SHAPES:-inflight4 inflight1 paced}; do
+    case $name in
+        inflight4) shapes+=("inflight4:--inflight 4 --rate 0") ;;
+        inflight1) shapes+=("inflight1:--inflight 1 --rate 0") ;;
+        paced) shapes+=("paced:--inflight 1 --rate $rate") ;;
+        *) echo "relay.sh: unknown shape $name (inflight4, inflight1, paced)" >&2; exit 2 ;;
+    esac
+done
 for round in $(seq 1 "$ROUNDS"); do
     for s in "${shapes[@]}"; do
         name=${s%%:*}; args=${s#*:}
@@ -90,7 +99,7 @@ for round in $(seq 1 "$ROUNDS"); do
     done
 done
 
-summary="$out/summary.txt"
+summary="$out/${SUMMARY:-summary}.txt"
 {
     echo "# date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "# machine: $(uname -a)"
@@ -98,9 +107,9 @@ summary="$out/summary.txt"
     echo "# commit: $(git rev-parse HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (work tree modified)')"
     echo "# haproxy: $(haproxy -v 2>/dev/null | head -1)"
     echo "# command: SECS=$SECS ROUNDS=$ROUNDS SESSIONS=$SESSIONS PACE=$PACE scripts/relay.sh"
-    python3 - "$out" "$ROUNDS" <<'PY'
+    python3 - "$out" "$ROUNDS" "${SHAPES:-inflight4 inflight1 paced}" <<'PY'
 import json, statistics, sys
-out, rounds = sys.argv[1], int(sys.argv[2])
+out, rounds, shapes = sys.argv[1], int(sys.argv[2]), sys.argv[3].split()
 def load(shape, target, r):
     d = json.load(open(f"{out}/{shape}-{target}-{r}.json"))
     cpu = d["gateway_cpu_us_per_message"] if target == "gateway" else d["watched_cpu_us_per_message"]
@@ -108,7 +117,7 @@ def load(shape, target, r):
     return d["throughput"], cpu, d["latency_us"]["p99"], bad
 print(f"{'shape':<10} {'target':<8} {'msgs/s':>9} {'cpu us/msg':>10} {'p99 ms':>7}  runs (msgs/s, us/msg)")
 med = {}
-for shape in ["inflight4", "inflight1", "paced"]:
+for shape in shapes:
     for target in ["haproxy", "gateway"]:
         runs = [load(shape, target, r) for r in range(1, rounds + 1)]
         m = [statistics.median(x[i] for x in runs) for i in range(3)]
