@@ -45,20 +45,7 @@ sed 's|demo_backend: Some("127.0.0.1:7100"),|demo_backend: None,|' config/gatewa
 $GW --config "$cfg" >/dev/null 2>&1 & gw=$!; pids+=($gw)
 # HAProxy in TCP mode, relaying to the same demo backend.
 hcfg=$(mktemp --suffix=.cfg)
-cat > "$hcfg" <<HAP
-global
-    maxconn 9000
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 120s
-    timeout server 120s
-frontend fe
-    bind 127.0.0.1:7200
-    default_backend be
-backend be
-    server demo 127.0.0.1:7100
-HAP
+scripts/haproxy-cfg.sh > "$hcfg"
 haproxy -f "$hcfg" -db >/dev/null 2>&1 & hap=$!; pids+=($hap)
 sleep 1
 

@@ -45,21 +45,7 @@ sed -e 's|demo_backend: Some("127.0.0.1:7100"),|demo_backend: None,|' \
 grep -q '^    shards: Some(1),' "$cfg" || { echo "relay.sh: could not set shards: Some(1)" >&2; exit 1; }
 $GW --config "$cfg" >/dev/null 2>&1 & gw=$!; pids+=($gw)
 hcfg=$(mktemp --suffix=.cfg)
-cat > "$hcfg" <<HAP
-global
-    maxconn 9000
-    nbthread 1
-defaults
-    mode tcp
-    timeout connect 5s
-    timeout client 120s
-    timeout server 120s
-frontend fe
-    bind 127.0.0.1:7200
-    default_backend be
-backend be
-    server demo 127.0.0.1:7100
-HAP
+scripts/haproxy-cfg.sh 1 > "$hcfg"
 haproxy -f "$hcfg" -db >"$out/haproxy.log" 2>&1 & hap=$!; pids+=($hap)
 sleep 1
 kill -0 "$hap" 2>/dev/null || { echo "relay.sh: haproxy did not start:" >&2; cat "$out/haproxy.log" >&2; exit 1; }
