@@ -585,9 +585,10 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
                 if ctx.stop.is_stopped() {
                     break;
                 }
-                for p in ctx.backends.expired(Instant::now()) {
+                let now = Instant::now();
+                for p in ctx.backends.expired(now) {
                     let a = crate::backend::Answer::error(&p, crate::protocol::Code::Timeout);
-                    ctx.on_answer(p, a);
+                    ctx.on_answer(p, a, now);
                 }
             }
         })

@@ -8,7 +8,9 @@ use crate::net::{Outbound, ReadMore, SharedStream};
 use crate::protocol::{encode, Code, Decoder, Header, Kind, Link};
 use bytes::BytesMut;
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+// foldhash: the keys are ids, hashed on every frame; SipHash cost 6% of
+// the relay's CPU (docs/PERFORMANCE.md). Seeded per process.
+use foldhash::{HashMap, HashMapExt};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -119,7 +121,8 @@ impl std::fmt::Debug for BackendConn {
 
 /// Where a backend connection task hands its answers.
 pub trait AnswerSink {
-    fn on_answer(&self, pending: Pending, answer: Answer);
+    /// `now`: when the answer arrived (one clock read per read batch).
+    fn on_answer(&self, pending: Pending, answer: Answer, now: Instant);
 }
 
 /// How one backend connection is run (from the config).
@@ -277,7 +280,7 @@ fn fail_all<S: AnswerSink>(sink: &S, pool: &BackendPool, conn: &BackendConn) {
             pool.failed_by_disconnect
                 .set(pool.failed_by_disconnect.get() + 1);
             let a = Answer::error(&p, Code::BackendUnavailable);
-            sink.on_answer(p, a);
+            sink.on_answer(p, a, Instant::now());
         }
     }
 }
@@ -311,6 +314,8 @@ async fn read_answers<S: AnswerSink>(
 ) -> String {
     let mut buf = BytesMut::with_capacity(16 * 1024);
     loop {
+        // Every answer this read brought arrived at one instant.
+        let now = Instant::now();
         loop {
             match decoder.decode(&mut buf) {
                 // Anything but a RESPONSE is a PONG: the link is alive.
@@ -330,6 +335,7 @@ async fn read_answers<S: AnswerSink>(
                             player: frame.header.seq,
                             body: frame.body,
                         },
+                        now,
                     ),
                     None => {
                         stats.unknown_answers.set(stats.unknown_answers.get() + 1);

@@ -21,12 +21,14 @@ mod deadline;
 mod tests;
 
 pub use conn::{run_connection, AnswerSink, BackendConn, ConnState, LinkSettings};
-use deadline::Deadline;
+use deadline::{Deadline, DeadlineQueue};
 
 use crate::protocol::{encode, Code, Header, Kind};
 use bytes::Bytes;
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+// foldhash: the keys are ids, hashed on every frame; SipHash cost 6% of
+// the relay's CPU (docs/PERFORMANCE.md). Seeded per process.
+use foldhash::{HashMap, HashMapExt};
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -59,20 +61,20 @@ pub struct Retry {
 }
 
 impl Pending {
-    /// A pending request of `asker`; the pool fills in the rest.
-    pub fn new(asker: Asker) -> Pending {
+    /// A pending request of `asker`, made `now`; the pool fills in the rest.
+    pub fn new(asker: Asker, now: Instant) -> Pending {
         Pending {
             asker,
             ticket: 0,
-            sent_at: Instant::now(),
+            sent_at: now,
             group: 0,
             retry: None,
         }
     }
 
-    /// Time since it was sent.
-    pub fn elapsed(&self) -> Duration {
-        self.sent_at.elapsed()
+    /// Time from when it was sent to `now`.
+    pub fn elapsed(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.sent_at)
     }
 }
 
@@ -153,7 +155,7 @@ pub struct BackendPool {
     services: RefCell<Vec<Rc<Service>>>,
     /// Connections a reload removed, until their last requests are answered.
     retired: RefCell<Vec<Rc<BackendConn>>>,
-    deadlines: RefCell<std::collections::BinaryHeap<Deadline>>,
+    deadlines: RefCell<DeadlineQueue>,
     deadline_wake: shards::Notify,
     groups: RefCell<HashMap<u64, Group>>,
     next_group: Cell<u64>,
@@ -249,7 +251,7 @@ impl BackendPool {
         BackendPool {
             services: RefCell::new(build(spec, &mut HashMap::new())),
             retired: RefCell::new(Vec::new()),
-            deadlines: RefCell::new(std::collections::BinaryHeap::new()),
+            deadlines: RefCell::new(DeadlineQueue::default()),
             deadline_wake: shards::Notify::new(),
             groups: RefCell::new(HashMap::new()),
             next_group: Cell::new(1),
@@ -347,12 +349,14 @@ impl BackendPool {
     /// Send a request to `route.service`: one instance chosen by the
     /// route's balancing, or every instance for a broadcast route. On
     /// error nothing was sent and the caller answers the client with it.
+    /// `now` is the time it is sent (its deadline counts from it).
     pub fn send(
         &self,
         route: &crate::router::Route,
         header: &Header,
         body: &Bytes,
         mut pending: Pending,
+        now: Instant,
     ) -> Result<(), crate::error::Error> {
         use crate::error::Error;
         let service = self
@@ -362,7 +366,7 @@ impl BackendPool {
             .cloned()
             .ok_or_else(|| Error::not_sent(Code::NoRoute, "the route's service is gone"))?;
         let room = self.has_room();
-        let deadline = Instant::now() + self.request_timeout.get();
+        let deadline = now + self.request_timeout.get();
         if route.idempotent {
             pending.retry = Some(Rc::new(Retry {
                 service: service.name.clone(),
@@ -403,7 +407,7 @@ impl BackendPool {
             );
             pending.group = gid;
             for conn in targets {
-                self.send_on(&conn, header.msg_id, body, pending.clone(), deadline);
+                self.send_on(&conn, header.msg_id, body, pending.clone(), deadline, now);
             }
             return Ok(());
         }
@@ -420,7 +424,7 @@ impl BackendPool {
             .conn(&room)
             .cloned()
             .ok_or_else(refusal)?;
-        self.send_on(&conn, header.msg_id, body, pending, deadline);
+        self.send_on(&conn, header.msg_id, body, pending, deadline, now);
         Ok(())
     }
 
@@ -431,13 +435,14 @@ impl BackendPool {
         body: &[u8],
         mut pending: Pending,
         deadline: Instant,
+        now: Instant,
     ) {
         let player = pending.asker.player;
         let req_id = conn.alloc_req_id();
         let ticket = self.next_ticket.get();
         self.next_ticket.set(ticket + 1);
         pending.ticket = ticket;
-        pending.sent_at = Instant::now();
+        pending.sent_at = now;
         conn.pending.borrow_mut().insert(req_id, pending);
         let h = Header {
             kind: Kind::Request,
@@ -478,7 +483,8 @@ impl BackendPool {
         let Some(r) = p.retry.clone() else {
             return Err(p);
         };
-        if Instant::now() >= r.deadline || p.group != 0 {
+        let now = Instant::now();
+        if now >= r.deadline || p.group != 0 {
             return Err(p);
         }
         let Some(service) = self
@@ -501,7 +507,7 @@ impl BackendPool {
             return Err(p);
         };
         self.retries.set(self.retries.get() + 1);
-        self.send_on(&conn, r.msg_id, &r.body.clone(), p, r.deadline);
+        self.send_on(&conn, r.msg_id, &r.body.clone(), p, r.deadline, now);
         Ok(())
     }
 

@@ -39,12 +39,14 @@ fn every_connection_of_an_instance_takes_requests() {
     );
     for balance in [Balance::RoundRobin, Balance::HashPlayer] {
         for i in 0..10 {
-            let p = Pending::new(asker(7, i));
+            let now = Instant::now();
+            let p = Pending::new(asker(7, i), now);
             pool.send(
                 &route(balance),
                 &Header::new(Kind::Request),
                 &Bytes::new(),
                 p,
+                now,
             )
             .expect("send");
         }
@@ -66,7 +68,8 @@ fn the_earliest_deadline_comes_first_whatever_the_order() {
             &route(Balance::RoundRobin),
             &Header::new(Kind::Request),
             &Bytes::new(),
-            Pending::new(asker(0, req)),
+            Pending::new(asker(0, req), Instant::now()),
+            Instant::now(),
         )
         .expect("send")
     };

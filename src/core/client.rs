@@ -141,17 +141,26 @@ impl Core {
     /// A sequenced frame to `player`: it takes the next seq and waits in
     /// the outbox until acknowledged; if the player has a session it is
     /// queued there too. Returns false if this shard does not hold the player.
-    pub(super) fn deliver(&mut self, player: u64, h: Header, body: &[u8]) -> bool {
-        let (frame, session) = {
-            let Some(p) = self.players.get_mut(&player) else {
-                return false;
-            };
-            let (frame, evicted) = p.sequence(h, body);
-            add(&self.stats.evictions, evicted as u64);
-            (frame, p.session)
+    /// `body` is kept as it is (a broadcast passes one shared body to
+    /// every player): a body sliced from a larger read buffer is copied
+    /// by the caller, or it would keep the whole buffer alive.
+    pub(super) fn deliver(&mut self, player: u64, h: Header, body: Bytes) -> bool {
+        let Some(p) = self.players.get_mut(&player) else {
+            return false;
         };
-        if let Some(sid) = session {
-            self.queue(sid, |out| out.extend_from_slice(&frame));
+        let limit = self.cfg.write_queue_bytes;
+        let sessions = &mut self.sessions;
+        let mut queued = None;
+        let session = p.session;
+        let evicted = p.sequence(h, body, |frame| {
+            if let Some(sid) = session {
+                queued = Self::push_tx(sessions, sid, limit, |out| frame.write_to(out))
+                    .map(|over| (sid, over));
+            }
+        });
+        add(&self.stats.evictions, evicted as u64);
+        if let Some((sid, over)) = queued {
+            self.queued(sid, over);
         }
         true
     }
@@ -169,7 +178,7 @@ impl Core {
             seq: 0,
         };
         match self.session_player(sid) {
-            Some(p) if self.deliver(p, h, body) => {}
+            Some(p) if self.deliver(p, h, Bytes::copy_from_slice(body)) => {}
             _ => self.send_plain(sid, h, body),
         }
     }
@@ -405,7 +414,7 @@ impl Core {
             let mut frames = BytesMut::new();
             Self::session_frame(player, &token, r, gap, &mut frames);
             for f in p.outbox.after(r) {
-                frames.extend_from_slice(f);
+                f.write_to(&mut frames);
             }
             (old, frames)
         };
@@ -436,7 +445,7 @@ impl Core {
                 let mut frames = BytesMut::new();
                 Self::session_frame(player, &token, last, false, &mut frames);
                 for f in p.outbox.after(last) {
-                    frames.extend_from_slice(f);
+                    f.write_to(&mut frames);
                 }
                 (old, frames)
             }),
@@ -514,7 +523,8 @@ impl Core {
             }
             self.metrics
                 .response(self.router.slot(asker.msg_id), a.code);
-            self.deliver(asker.player, h, &a.body);
+            // Copied out of the backend's read buffer (see `deliver`).
+            self.deliver(asker.player, h, Bytes::copy_from_slice(&a.body));
         } else {
             self.respond(asker.session, asker.req_id, asker.msg_id, a.code, &a.body);
         }

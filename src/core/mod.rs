@@ -35,7 +35,8 @@ use crate::protocol::{encode, Code, Header, Kind};
 use crate::router::{Route, Router};
 use crate::session::{Arrival, CloseReason, Session, SessionId};
 use bytes::{Bytes, BytesMut};
-use std::collections::{HashMap, VecDeque};
+use foldhash::{HashMap, HashMapExt};
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::time::Instant;
 
@@ -361,18 +362,34 @@ impl Core {
     /// limit (the frames stay in the player's outbox).
     fn queue(&mut self, sid: SessionId, f: impl FnOnce(&mut BytesMut)) {
         let limit = self.cfg.write_queue_bytes;
-        let over = {
-            let Some(c) = self.sessions.get_mut(&sid) else {
-                return;
-            };
-            if c.tx.closing {
-                return;
-            }
-            let before = c.tx.buf.len();
-            f(&mut c.tx.buf);
-            c.tx.pushed_total += (c.tx.buf.len() - before) as u64;
-            c.session.counted_queue(c.tx.queued(), c.tx.written_total) > limit
-        };
+        if let Some(over) = Self::push_tx(&mut self.sessions, sid, limit, f) {
+            self.queued(sid, over);
+        }
+    }
+
+    /// The first half of [`Core::queue`], on the session table alone (so a
+    /// caller may hold a player meanwhile): appends to the session's
+    /// output; `Some(over its limit)` if it took it, `None` if the session
+    /// is gone or closing.
+    fn push_tx(
+        sessions: &mut HashMap<SessionId, Conn>,
+        sid: SessionId,
+        limit: usize,
+        f: impl FnOnce(&mut BytesMut),
+    ) -> Option<bool> {
+        let c = sessions.get_mut(&sid)?;
+        if c.tx.closing {
+            return None;
+        }
+        let before = c.tx.buf.len();
+        f(&mut c.tx.buf);
+        c.tx.pushed_total += (c.tx.buf.len() - before) as u64;
+        Some(c.session.counted_queue(c.tx.queued(), c.tx.written_total) > limit)
+    }
+
+    /// The second half of [`Core::queue`]: wake the writer; a queue over
+    /// its limit is a slow consumer.
+    fn queued(&mut self, sid: SessionId, over: bool) {
         self.wake(sid, false, true);
         if over {
             self.kick(sid, Code::SlowConsumer);

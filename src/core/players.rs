@@ -65,13 +65,15 @@ impl Core {
         let mut h = Header::new(Kind::Push);
         h.msg_id = msg_id;
         let max_held = self.cfg.outbox.max_frames;
+        // One copy of the body for every player this shard delivers it to.
+        let body = Bytes::copy_from_slice(body);
         for &player in players {
             let online = self.players.get(&player).map(|p| p.session.is_some());
             if let Some(held) = self.migrating.get_mut(&player) {
                 // It leaves for another gateway: the push goes with it, up
                 // to what an outbox could hold; beyond, it is not taken.
                 if held.len() < max_held {
-                    held.push((msg_id, Bytes::copy_from_slice(body)));
+                    held.push((msg_id, body.clone()));
                     counts.cached += 1;
                 } else {
                     counts.offline += 1;
@@ -84,7 +86,7 @@ impl Core {
                     counts.offline_players.push(player);
                 }
                 Some(online) => {
-                    self.deliver(player, h, body);
+                    self.deliver(player, h, body.clone());
                     if online {
                         counts.delivered += 1;
                     } else {
@@ -369,7 +371,7 @@ impl Core {
         for (msg_id, body) in held {
             let mut h = Header::new(Kind::Push);
             h.msg_id = msg_id;
-            self.deliver(player, h, &body);
+            self.deliver(player, h, body);
         }
         self.hold_session(player, false);
     }

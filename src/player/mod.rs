@@ -7,11 +7,11 @@
 
 pub mod outbox;
 
-pub use outbox::Outbox;
+pub use outbox::{Outbox, SeqFrame};
 
-use crate::protocol::{encode, frame_len, Header};
+use crate::protocol::Header;
 use crate::session::SessionId;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use std::time::{Duration, Instant};
 use subtle::ConstantTimeEq;
 
@@ -97,17 +97,16 @@ impl Player {
         self.acked
     }
 
-    /// Give `h` the next seq, encode the frame and keep it in the outbox.
-    /// Returns the encoded frame (to queue to the session, if any) and
-    /// how many old frames the outbox evicted for it.
-    pub fn sequence(&mut self, mut h: Header, body: &[u8]) -> (Bytes, usize) {
+    /// Give `h` the next seq and keep the frame (with `body`, shared or
+    /// not) in the outbox; `send` sees it first (to queue it to the
+    /// session, if any: a frame too big for the outbox is still sent).
+    /// Returns how many old frames the outbox evicted for it.
+    pub fn sequence(&mut self, mut h: Header, body: Bytes, send: impl FnOnce(&SeqFrame)) -> usize {
         self.seq += 1;
         h.seq = self.seq;
-        let mut buf = BytesMut::with_capacity(frame_len(body.len()));
-        encode(&mut buf, &h, body);
-        let frame = buf.freeze();
-        let evicted = self.outbox.push(self.seq, frame.clone());
-        (frame, evicted)
+        let frame = SeqFrame::new(&h, body);
+        send(&frame);
+        self.outbox.push(self.seq, frame)
     }
 
     /// Record that the client holds every seq <= `seq`; frees the outbox.
@@ -255,10 +254,18 @@ impl Player {
                     .unwrap_or(now)
             }
         };
-        let frames = img
+        // An image holding something that is not a frame (it passed its
+        // checksum, so a bug of whoever wrote it) keeps none of them: the
+        // next login reports the gap rather than replaying a hole.
+        let frames: Option<Vec<(u64, SeqFrame)>> = img
             .outbox
             .iter()
-            .map(|f| (f.seq, Bytes::copy_from_slice(&f.frame)));
+            .map(|f| Some((f.seq, SeqFrame::from_wire(&f.frame)?)))
+            .collect();
+        let (evicted_through, frames) = match frames {
+            Some(f) => (img.evicted_through, f),
+            None => (img.seq, Vec::new()),
+        };
         Player {
             id: img.id,
             life: 0,
@@ -268,7 +275,7 @@ impl Player {
             outbox: Outbox::restore(
                 max_frames,
                 max_bytes,
-                img.evicted_through,
+                evicted_through,
                 img.evictions,
                 frames,
             ),
@@ -298,7 +305,7 @@ mod tests {
 
     fn push(p: &mut Player, n: usize) {
         for _ in 0..n {
-            p.sequence(Header::new(Kind::Push), b"x");
+            p.sequence(Header::new(Kind::Push), Bytes::from_static(b"x"), |_| ());
         }
     }
 
@@ -430,7 +437,7 @@ mod tests {
                 let token = p.issue_token([5; SECRET_LEN], now, Duration::from_secs(60));
                 for op in ops {
                     match op {
-                        Op::Send(n) => { p.sequence(Header::new(Kind::Push), &vec![1u8; n]); }
+                        Op::Send(n) => { p.sequence(Header::new(Kind::Push), Bytes::from(vec![1u8; n]), |_| ()); }
                         Op::Ack(s) => {
                             let r = p.ack(s);
                             prop_assert_eq!(r.is_ok(), s <= p.last_seq());

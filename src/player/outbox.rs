@@ -2,15 +2,77 @@
 //! acknowledged, kept for replay on resume or login. Bounded by frame count
 //! and by bytes; when either bound is passed the oldest frames go first and
 //! the loss is remembered, so a later resume or login can report the gap.
+//!
+//! A frame is kept as its own 24-byte head (len, header with the player's
+//! seq) and a body that may be shared: a broadcast to 10,000 players keeps
+//! one copy of its body, not 10,000.
 
-use bytes::Bytes;
+use crate::protocol::{encode_head, Header, FRAME_HEAD};
+use bytes::{BufMut, Bytes, BytesMut};
 use std::collections::VecDeque;
+
+/// One sequenced frame: its head (len prefix and header) and its body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeqFrame {
+    head: [u8; FRAME_HEAD],
+    body: Bytes,
+}
+
+impl SeqFrame {
+    /// The frame `h` with `body` (which it keeps, shared or not).
+    pub fn new(h: &Header, body: Bytes) -> SeqFrame {
+        SeqFrame {
+            head: encode_head(h, body.len()),
+            body,
+        }
+    }
+
+    /// A whole encoded frame as a snapshot keeps it; `None` if it is
+    /// shorter than a head or its len prefix does not match.
+    pub fn from_wire(frame: &[u8]) -> Option<SeqFrame> {
+        let (head, body) = frame.split_first_chunk::<FRAME_HEAD>()?;
+        let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+        (len + crate::protocol::LEN_PREFIX == frame.len()).then(|| SeqFrame {
+            head: *head,
+            body: Bytes::copy_from_slice(body),
+        })
+    }
+
+    /// Encoded length (head and body).
+    pub fn len(&self) -> usize {
+        FRAME_HEAD + self.body.len()
+    }
+
+    /// Never: a frame has at least its head.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    pub fn body(&self) -> &Bytes {
+        &self.body
+    }
+
+    /// Appends the encoded frame to `out`.
+    pub fn write_to(&self, out: &mut BytesMut) {
+        out.reserve(self.len());
+        out.put_slice(&self.head);
+        out.put_slice(&self.body);
+    }
+
+    /// The encoded frame in one buffer.
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(self.len());
+        v.extend_from_slice(&self.head);
+        v.extend_from_slice(&self.body);
+        v
+    }
+}
 
 /// The bounded ring of unacknowledged frames of one player.
 #[derive(Debug, Clone)]
 pub struct Outbox {
-    /// (seq, whole encoded frame), seqs consecutive and ascending.
-    frames: VecDeque<(u64, Bytes)>,
+    /// (seq, frame), seqs consecutive and ascending.
+    frames: VecDeque<(u64, SeqFrame)>,
     bytes: usize,
     max_frames: usize,
     max_bytes: usize,
@@ -34,7 +96,7 @@ impl Outbox {
 
     /// Keep `frame` (with `seq`, the player's newest) until acknowledged;
     /// evicts the oldest beyond the bounds. Returns how many were evicted.
-    pub fn push(&mut self, seq: u64, frame: Bytes) -> usize {
+    pub fn push(&mut self, seq: u64, frame: SeqFrame) -> usize {
         self.bytes += frame.len();
         self.frames.push_back((seq, frame));
         let mut evicted = 0;
@@ -72,7 +134,7 @@ impl Outbox {
     }
 
     /// Frames with seq > `seq`, oldest first.
-    pub fn after(&self, seq: u64) -> impl Iterator<Item = &Bytes> {
+    pub fn after(&self, seq: u64) -> impl Iterator<Item = &SeqFrame> {
         self.frames
             .iter()
             .filter(move |(s, _)| *s > seq)
@@ -112,7 +174,7 @@ impl Outbox {
         max_bytes: usize,
         evicted_through: u64,
         evictions: u64,
-        frames: impl IntoIterator<Item = (u64, Bytes)>,
+        frames: impl IntoIterator<Item = (u64, SeqFrame)>,
     ) -> Outbox {
         let mut o = Outbox::new(max_frames, max_bytes);
         o.evicted_through = evicted_through;
@@ -124,7 +186,7 @@ impl Outbox {
     }
 
     /// Every kept frame with its seq, oldest first (for snapshots).
-    pub fn iter(&self) -> impl Iterator<Item = (u64, &Bytes)> {
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &SeqFrame)> {
         self.frames.iter().map(|(s, f)| (*s, f))
     }
 }
@@ -133,25 +195,74 @@ impl Outbox {
 mod tests {
     use super::*;
 
-    fn f(n: usize) -> Bytes {
-        Bytes::from(vec![0u8; n])
+    use crate::protocol::Kind;
+
+    /// A frame with an `n`-byte body (24 + n bytes in all).
+    fn f(n: usize) -> SeqFrame {
+        SeqFrame::new(&Header::new(Kind::Push), Bytes::from(vec![0u8; n]))
+    }
+
+    #[test]
+    fn a_frame_is_its_head_and_body_and_round_trips_the_wire() {
+        let mut h = Header::new(Kind::Push);
+        h.seq = 9;
+        h.msg_id = 77;
+        let body = Bytes::from_static(b"hello");
+        let fr = SeqFrame::new(&h, body.clone());
+        let mut wire = BytesMut::new();
+        crate::protocol::encode(&mut wire, &h, &body);
+        assert_eq!(fr.to_vec(), wire.to_vec());
+        let mut out = BytesMut::new();
+        fr.write_to(&mut out);
+        assert_eq!(out, wire);
+        assert_eq!(fr.len(), wire.len());
+        assert_eq!(SeqFrame::from_wire(&wire), Some(fr));
+        assert_eq!(
+            SeqFrame::from_wire(&wire[..23]),
+            None,
+            "shorter than a head"
+        );
+        assert_eq!(
+            SeqFrame::from_wire(&wire[..26]),
+            None,
+            "len prefix disagrees"
+        );
+    }
+
+    #[test]
+    fn a_shared_body_is_stored_once() {
+        let body = Bytes::from(vec![7u8; 1000]);
+        let mut boxes: Vec<Outbox> = (0..3).map(|_| Outbox::new(10, 1 << 20)).collect();
+        for o in &mut boxes {
+            o.push(1, SeqFrame::new(&Header::new(Kind::Push), body.clone()));
+        }
+        for o in &boxes {
+            let (_, fr) = o.iter().next().expect("kept");
+            assert_eq!(
+                fr.body().as_ptr(),
+                body.as_ptr(),
+                "the same bytes, not a copy"
+            );
+            assert_eq!(o.bytes(), 1024);
+        }
     }
 
     #[test]
     fn evicts_oldest_by_count_and_by_bytes() {
-        let mut o = Outbox::new(3, 100);
+        // Frames of 34 bytes (24 + 10), then one of 114 (24 + 90).
+        let mut o = Outbox::new(3, 148);
         for s in 1..=3 {
             assert_eq!(o.push(s, f(10)), 0);
         }
         assert_eq!(o.push(4, f(10)), 1);
         assert_eq!(
             (o.first_seq(), o.len(), o.bytes(), o.evicted_through()),
-            (Some(2), 3, 30, 1)
+            (Some(2), 3, 102, 1)
         );
         assert_eq!(o.push(5, f(90)), 2);
         assert_eq!(
             (o.first_seq(), o.len(), o.bytes(), o.evicted_through()),
-            (Some(4), 2, 100, 3)
+            (Some(4), 2, 148, 3)
         );
         assert_eq!(o.evictions(), 3);
         // A frame bigger than the byte bound evicts everything, itself included.

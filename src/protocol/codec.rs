@@ -140,14 +140,26 @@ pub fn encode(out: &mut BytesMut, header: &Header, body: &[u8]) {
         body.len()
     );
     out.reserve(frame_len(body.len()));
-    out.put_u32((HEADER_LEN + body.len()) as u32);
-    out.put_u8(header.kind as u8);
-    out.put_u8(header.flags);
-    out.put_u16(header.code);
-    out.put_u32(header.msg_id);
-    out.put_u32(header.req_id);
-    out.put_u64(header.seq);
+    out.put_slice(&encode_head(header, body.len()));
     out.put_slice(body);
+}
+
+/// Bytes before a frame's body: the `len` prefix and the header.
+pub const FRAME_HEAD: usize = LEN_PREFIX + HEADER_LEN;
+
+/// The `len` prefix and header of a frame whose body is `body_len` bytes:
+/// what goes before a body kept (and shared) elsewhere. Same bound on
+/// `body_len` as [`encode`].
+pub fn encode_head(header: &Header, body_len: usize) -> [u8; FRAME_HEAD] {
+    let mut b = [0u8; FRAME_HEAD];
+    b[0..4].copy_from_slice(&((HEADER_LEN + body_len) as u32).to_be_bytes());
+    b[4] = header.kind as u8;
+    b[5] = header.flags;
+    b[6..8].copy_from_slice(&header.code.to_be_bytes());
+    b[8..12].copy_from_slice(&header.msg_id.to_be_bytes());
+    b[12..16].copy_from_slice(&header.req_id.to_be_bytes());
+    b[16..24].copy_from_slice(&header.seq.to_be_bytes());
+    b
 }
 
 /// Appends a `SESSION` body: player id (u64 BE) then the reconnect token.

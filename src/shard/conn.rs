@@ -14,7 +14,7 @@ use glommio::net::TcpStream;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Smallest read: what an idle connection's buffer costs.
 const READ_MIN: usize = 512;
@@ -163,6 +163,15 @@ pub fn adopt(ctx: Rc<ShardCtx>, h: Handoff) {
     .detach();
 }
 
+/// What the read loop does after handling what it has buffered.
+enum Next {
+    End(End),
+    /// Wait for the core's wake-up (a paused session).
+    Pause,
+    /// Read at least this many bytes.
+    Read(usize),
+}
+
 async fn read_loop(
     ctx: &ShardCtx,
     sid: SessionId,
@@ -171,15 +180,56 @@ async fn read_loop(
     ctl: &shards::Notify,
 ) -> End {
     let mut chunk = READ_MIN;
+    let mut received = false;
     loop {
-        match ctx.next_step(sid) {
-            Step::Read => {}
-            Step::Close => return End::Close,
-            Step::Handoff { home, arrival } => return End::Handoff { home, arrival },
-            Step::Pause => {
+        // Between two awaits everything happens at one instant: one clock
+        // read per read, not per frame.
+        let next = ctx.at(Instant::now(), || {
+            if std::mem::take(&mut received) {
+                ctx.touch(sid);
+            }
+            handle_buffered(ctx, sid, buf, chunk)
+        });
+        let want = match next {
+            Next::End(end) => return end,
+            Next::Pause => {
                 ctl.notified().await;
                 continue;
             }
+            Next::Read(want) => want,
+        };
+        match read_more(stream, buf, want, ctl.notified()).await {
+            ReadMore::Interrupted => {}
+            ReadMore::Eof => {
+                ctx.close(sid, CloseReason::PeerClosed);
+                return End::Close;
+            }
+            ReadMore::Data(n) => {
+                received = true;
+                chunk = if n == want {
+                    (chunk * 2).min(READ_MAX)
+                } else {
+                    (chunk / 2).max(READ_MIN)
+                };
+            }
+            ReadMore::Err(e) => {
+                tracing::debug!(session = sid, error = %e, "read error");
+                ctx.close(sid, CloseReason::ReadFailed);
+                return End::Close;
+            }
+        }
+    }
+}
+
+/// Hand the core every whole frame in `buf` until it says stop, pause or
+/// read more.
+fn handle_buffered(ctx: &ShardCtx, sid: SessionId, buf: &mut BytesMut, chunk: usize) -> Next {
+    loop {
+        match ctx.next_step(sid) {
+            Step::Read => {}
+            Step::Close => return Next::End(End::Close),
+            Step::Handoff { home, arrival } => return Next::End(End::Handoff { home, arrival }),
+            Step::Pause => return Next::Pause,
         }
         // Read each time: a reload may change max_frame.
         let decoder = ctx.client_decoder();
@@ -197,26 +247,6 @@ async fn read_loop(
         if buf.is_empty() && buf.capacity() > 2 * READ_MAX {
             *buf = BytesMut::new();
         }
-        let want = decoder.needed(buf).max(chunk);
-        match read_more(stream, buf, want, ctl.notified()).await {
-            ReadMore::Interrupted => {}
-            ReadMore::Eof => {
-                ctx.close(sid, CloseReason::PeerClosed);
-                return End::Close;
-            }
-            ReadMore::Data(n) => {
-                ctx.touch(sid);
-                chunk = if n == want {
-                    (chunk * 2).min(READ_MAX)
-                } else {
-                    (chunk / 2).max(READ_MIN)
-                };
-            }
-            ReadMore::Err(e) => {
-                tracing::debug!(session = sid, error = %e, "read error");
-                ctx.close(sid, CloseReason::ReadFailed);
-                return End::Close;
-            }
-        }
+        return Next::Read(decoder.needed(buf).max(chunk));
     }
 }
