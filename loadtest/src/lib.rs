@@ -6,6 +6,7 @@
 //! # Layout
 //! | module | job |
 //! |---|---|
+//! | [`chart`] | several runs compared on one SVG (also `slg-loadtest compare`) |
 //! | [`check`] | the client's side of the contract: streams and answers checked |
 //! | [`fault`] | a relay that plants one fault, to prove the checks catch it |
 //! | [`options`] | what a run does: scenario, target, sizes, rates |
@@ -16,6 +17,7 @@
 //! | [`procstat`] | RSS and CPU time of a process, from /proc |
 //! | [`report`] | the terminal summary, JSON and SVG |
 
+pub mod chart;
 pub mod check;
 pub mod fault;
 pub mod options;

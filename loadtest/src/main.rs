@@ -40,7 +40,7 @@ struct Cli {
     /// Requests outstanding per session in closed loop.
     #[arg(long, default_value_t = 1)]
     inflight: usize,
-    /// Request body bytes.
+    /// Request body bytes (push-fanout: each broadcast's body).
     #[arg(long, default_value_t = 100)]
     body: usize,
     /// msg_id of the requests (an echo route).
@@ -94,7 +94,57 @@ struct Cli {
     expect_eviction: bool,
 }
 
+/// `slg-loadtest compare`: several saved runs on one chart.
+#[derive(Parser, Debug)]
+#[command(
+    name = "slg-loadtest compare",
+    about = "Draw saved runs (--json reports) on one SVG: latency by percentile, throughput \
+             and CPU per message over time; or, for push-fanout runs, the distribution of \
+             per-broadcast full-delivery times"
+)]
+struct CompareCli {
+    /// The SVG to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Title of the chart.
+    #[arg(long, default_value = "")]
+    title: String,
+    /// LABEL=REPORT.json, one per run (e.g. gateway=docs/perf/relay/x.json).
+    #[arg(required = true)]
+    runs: Vec<String>,
+}
+
+fn compare(args: impl Iterator<Item = String>) -> ExitCode {
+    let cli = CompareCli::parse_from(args);
+    let mut runs = Vec::new();
+    for r in &cli.runs {
+        let Some((label, path)) = r.split_once('=') else {
+            eprintln!("slg-loadtest compare: {r:?} is not LABEL=REPORT.json");
+            return ExitCode::from(2);
+        };
+        match slg_loadtest::chart::Run::load(label, std::path::Path::new(path)) {
+            Ok(run) => runs.push(run),
+            Err(e) => {
+                eprintln!("slg-loadtest compare: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
+    match slg_loadtest::chart::draw(&cli.out, &cli.title, &runs) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("slg-loadtest compare: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    let mut args = std::env::args();
+    if std::env::args().nth(1).as_deref() == Some("compare") {
+        let bin = args.next().unwrap_or_default();
+        return compare(std::iter::once(bin).chain(args.skip(1)));
+    }
     let cli = Cli::parse();
     let mut o = Options::new(cli.scenario, cli.target, cli.addr);
     o.http = Some(cli.http);

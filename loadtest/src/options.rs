@@ -48,7 +48,7 @@ pub struct Options {
     pub rate: f64,
     /// Requests outstanding per session in closed loop.
     pub inflight: usize,
-    /// Request body bytes.
+    /// Request body bytes (push-fanout: each broadcast's body).
     pub body: usize,
     /// msg_id of the requests (an echo route).
     pub msg_id: u32,

@@ -1,10 +1,9 @@
 //! The result of a run: a terminal summary, JSON for machines, and an SVG
-//! with the latency percentile curve and throughput over time.
+//! (drawn by [`crate::chart`]).
 
 use crate::options::{Options, Scenario};
 use crate::procstat::ProcDelta;
 use crate::stats::Stats;
-use plotters::prelude::*;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -48,6 +47,13 @@ pub struct Report {
     pub pushes_received: u64,
     /// Answers per second, second by second.
     pub series: Vec<(f64, f64)>,
+    /// CPU microseconds per answer of the relay measured (the gateway, or
+    /// else the watched process), second by second (/proc, 10 ms ticks:
+    /// each point is coarse, their trend is not).
+    pub cpu_series: Vec<(f64, f64)>,
+    /// push-fanout: each broadcast's full-delivery time (from its POST to
+    /// the last session receiving it), microseconds, in broadcast order.
+    pub broadcast_full_delivery_us: Vec<f64>,
     pub gateway: Option<ProcDelta>,
     /// The second watched process (e.g. a relay being compared).
     pub watched: Option<ProcDelta>,
@@ -98,6 +104,7 @@ impl Report {
                 .map(|d| d.cpu_us as f64 / messages as f64)
         };
         let mut extra = stats.extra.clone();
+        let mut broadcasts = Vec::new();
         if opts.scenario == Scenario::PushFanout {
             let mut maxes: Vec<f64> = extra
                 .iter()
@@ -105,6 +112,8 @@ impl Report {
                 .map(|(_, v)| *v)
                 .collect();
             extra.retain(|k, _| !k.starts_with("max_push_us_"));
+            // The keys sort in broadcast order (zero-padded k).
+            broadcasts = maxes.clone();
             maxes.sort_by(f64::total_cmp);
             if let (Some(worst), Some(median)) = (maxes.last(), maxes.get(maxes.len() / 2)) {
                 extra.insert("broadcast_full_delivery_us_worst".into(), *worst);
@@ -140,6 +149,8 @@ impl Report {
             resumes: stats.resumes,
             pushes_received: stats.pushes_received,
             series,
+            cpu_series: Vec::new(),
+            broadcast_full_delivery_us: broadcasts,
             gateway_cpu_us_per_message: per(&gateway),
             watched_cpu_us_per_message: per(&watched),
             gateway,
@@ -217,70 +228,11 @@ impl Report {
         std::fs::write(path, text)
     }
 
-    /// Latency percentile curve (left) and throughput over time (right).
+    /// This run alone on the charts of [`crate::chart`].
     pub fn write_svg(&self, path: &std::path::Path) -> Result<(), String> {
-        let root = SVGBackend::new(path, (1200, 480)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| e.to_string())?;
-        let (left, right) = root.split_horizontally(600);
+        let report = serde_json::to_value(self).map_err(|e| e.to_string())?;
+        let label = format!("{:?}", self.options.target).to_lowercase();
         let title = format!("{:?} via {:?}", self.options.scenario, self.options.target);
-
-        // x: "nines" (0 = p0, 1 = p90, 2 = p99, 3 = p99.9 ...), y: µs (log).
-        let nines = |q: f64| -> f64 {
-            if q >= 100.0 {
-                5.0
-            } else {
-                (-(1.0 - q / 100.0).log10()).min(5.0)
-            }
-        };
-        let pts: Vec<(f64, f64)> = self
-            .latency_us
-            .curve
-            .iter()
-            .map(|(q, v)| (nines(*q), (*v).max(1) as f64))
-            .collect();
-        let ymax = pts.iter().map(|p| p.1).fold(10.0, f64::max) * 2.0;
-        let mut chart = ChartBuilder::on(&left)
-            .caption(
-                format!("{title}: latency by percentile"),
-                ("sans-serif", 18),
-            )
-            .margin(10)
-            .x_label_area_size(40)
-            .y_label_area_size(60)
-            .build_cartesian_2d(0f64..5.2f64, (1f64..ymax).log_scale())
-            .map_err(|e| e.to_string())?;
-        chart
-            .configure_mesh()
-            .x_desc("percentile (1 = p90, 2 = p99, 3 = p99.9, 4 = p99.99)")
-            .y_desc("latency (us)")
-            .draw()
-            .map_err(|e| e.to_string())?;
-        chart
-            .draw_series(LineSeries::new(pts.iter().copied(), &BLUE))
-            .map_err(|e| e.to_string())?;
-        chart
-            .draw_series(pts.iter().map(|p| Circle::new(*p, 3, BLUE.filled())))
-            .map_err(|e| e.to_string())?;
-
-        let tmax = self.series.iter().map(|p| p.0).fold(1.0, f64::max);
-        let rmax = self.series.iter().map(|p| p.1).fold(1.0, f64::max) * 1.2;
-        let mut chart = ChartBuilder::on(&right)
-            .caption(format!("{title}: answers per second"), ("sans-serif", 18))
-            .margin(10)
-            .x_label_area_size(40)
-            .y_label_area_size(70)
-            .build_cartesian_2d(0f64..tmax, 0f64..rmax)
-            .map_err(|e| e.to_string())?;
-        chart
-            .configure_mesh()
-            .x_desc("seconds")
-            .y_desc("per second")
-            .draw()
-            .map_err(|e| e.to_string())?;
-        chart
-            .draw_series(LineSeries::new(self.series.iter().copied(), &RED))
-            .map_err(|e| e.to_string())?;
-        root.present().map_err(|e| e.to_string())?;
-        Ok(())
+        crate::chart::draw(path, &title, &[crate::chart::Run { label, report }])
     }
 }

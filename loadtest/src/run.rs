@@ -93,11 +93,15 @@ pub fn run(opts: Options) -> Result<Report, RunError> {
 
     // Progress and throughput over time, sampled every second.
     let done = Arc::new(AtomicBool::new(false));
+    // The relay measured: the gateway if given, else the watched process.
+    let relay = opts.gateway_pid.or(opts.watch_pid);
     let sampler = {
         let (live, done, progress) = (live.clone(), done.clone(), opts.progress);
         let total = opts.duration;
         std::thread::spawn(move || {
             let mut series = Vec::new();
+            let mut cpu_series = Vec::new();
+            let mut cpu_last = relay.and_then(sample);
             let mut last = live.answered.load(Ordering::Relaxed);
             let mut t = 0u64;
             while !done.load(Ordering::Acquire) {
@@ -114,6 +118,14 @@ pub fn run(opts: Options) -> Result<Report, RunError> {
                 t += 1;
                 let now = live.answered.load(Ordering::Relaxed);
                 series.push((t as f64, (now - last) as f64));
+                let cpu_now = relay.and_then(sample);
+                if let (Some(a), Some(b)) = (cpu_last, cpu_now) {
+                    let us = (b.user_us + b.sys_us).saturating_sub(a.user_us + a.sys_us);
+                    if now > last {
+                        cpu_series.push((t as f64, us as f64 / (now - last) as f64));
+                    }
+                }
+                cpu_last = cpu_now;
                 if progress {
                     eprint!(
                         "\r[{t:>4}s/{}s] {:>9} answers/s, {} sessions up, {} violations   ",
@@ -128,7 +140,7 @@ pub fn run(opts: Options) -> Result<Report, RunError> {
             if progress {
                 eprintln!();
             }
-            series
+            (series, cpu_series)
         })
     };
 
@@ -140,7 +152,7 @@ pub fn run(opts: Options) -> Result<Report, RunError> {
     let results = executors.join();
     let end = Instant::now();
     done.store(true, Ordering::Release);
-    let series = sampler.join().unwrap_or_default();
+    let (series, cpu_series) = sampler.join().unwrap_or_default();
     let push_counts = pusher.and_then(|p| p.join().ok()).unwrap_or_default();
 
     let mut stats = Stats::default();
@@ -178,7 +190,9 @@ pub fn run(opts: Options) -> Result<Report, RunError> {
     stats
         .extra
         .insert("connect_seconds".into(), connected_in.as_secs_f64());
-    Ok(Report::build(&opts, stats, end - start, series, gw, watch))
+    let mut report = Report::build(&opts, stats, end - start, series, gw, watch);
+    report.cpu_series = cpu_series;
+    Ok(report)
 }
 
 /// push-fanout: POST `/v1/broadcast` `pushes` times, `push_interval` apart,
@@ -194,7 +208,7 @@ fn push_loop(sh: &Shared) -> Vec<(String, f64)> {
     for k in 0..sh.opts.pushes {
         let at = Instant::now() + sh.opts.push_interval;
         let msg = PUSH_MSG + k as u32;
-        let body = push_body(k);
+        let body = push_body(k, sh.opts.body);
         let req = format!(
             "POST /v1/broadcast?msg={msg} HTTP/1.1\r\nHost: load\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()

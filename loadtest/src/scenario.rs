@@ -94,9 +94,14 @@ impl Shared {
     }
 }
 
-/// The body of push k of push-fanout: the tester recognises each one.
-pub fn push_body(k: usize) -> String {
-    format!("push-{k:05}")
+/// The body of push k of push-fanout, `len` bytes long (at least its
+/// name): the tester recognises each one.
+pub fn push_body(k: usize, len: usize) -> String {
+    let mut b = format!("push-{k:05}");
+    if b.len() < len {
+        b.extend(std::iter::repeat_n('.', len - b.len()));
+    }
+    b
 }
 
 /// A small deterministic generator for jitter.
@@ -276,7 +281,7 @@ async fn push_fanout(sh: &Shared, i: usize, st: &mut Stats) {
             ));
             continue;
         }
-        if f.body[..] != *push_body(k).as_bytes() {
+        if f.body[..] != *push_body(k, sh.opts.body).as_bytes() {
             st.violation(format!(
                 "session {i}: push msg {} {MISDELIVERED}: body {:?} is another push's",
                 f.header.msg_id,
