@@ -139,9 +139,7 @@ pub fn draw(out: &Path, title: &str, runs: &[Run]) -> Result<(), String> {
 fn draw_relay(out: &Path, title: &str, runs: &[Run]) -> Result<(), String> {
     let root = SVGBackend::new(out, (1500, 480)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
-    let root = root
-        .titled(title, ("sans-serif", 22))
-        .map_err(err)?;
+    let root = root.titled(title, ("sans-serif", 22)).map_err(err)?;
     let panels = root.split_evenly((1, 3));
 
     // Latency by percentile.
@@ -381,7 +379,12 @@ mod tests {
             report: report(s),
         };
         let relay = dir.join("relay.svg");
-        draw(&relay, "t", &[run("gateway", "steady"), run("haproxy", "steady")]).expect("relay");
+        draw(
+            &relay,
+            "t",
+            &[run("gateway", "steady"), run("haproxy", "steady")],
+        )
+        .expect("relay");
         let svg = std::fs::read_to_string(&relay).expect("svg");
         for want in ["p50", "p99.9", "gateway", "haproxy", "CPU us per message"] {
             assert!(svg.contains(want), "{want} on the chart");
@@ -390,7 +393,10 @@ mod tests {
         let fan = dir.join("fan.svg");
         draw(&fan, "t", &[run("now", "push-fanout")]).expect("fanout");
         let svg = std::fs::read_to_string(&fan).expect("svg");
-        assert!(svg.contains("median 40 ms"), "the median is the middle broadcast");
+        assert!(
+            svg.contains("median 40 ms"),
+            "the median is the middle broadcast"
+        );
         assert!(draw(&fan, "t", &[run("a", "push-fanout"), run("b", "steady")]).is_err());
         assert!(draw(&fan, "t", &[]).is_err());
         let _ = std::fs::remove_dir_all(&dir);

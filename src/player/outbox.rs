@@ -97,6 +97,12 @@ impl Outbox {
     /// Keep `frame` (with `seq`, the player's newest) until acknowledged;
     /// evicts the oldest beyond the bounds. Returns how many were evicted.
     pub fn push(&mut self, seq: u64, frame: SeqFrame) -> usize {
+        if self.frames.capacity() == 0 {
+            // Room for exactly one: an idle player holds one unacknowledged
+            // frame (its login's answer), and a first allocation of four
+            // entries would cost 192 bytes more per idle session.
+            self.frames.reserve_exact(1);
+        }
         self.bytes += frame.len();
         self.frames.push_back((seq, frame));
         let mut evicted = 0;
