@@ -12,7 +12,8 @@
 # gateway and HAProxy alternating, and the medians are reported: msgs/s, CPU
 # microseconds per message of the relay process (user + system, from
 # /proc), p99 latency. Raw JSON per run and the summary go to
-# docs/perf/relay/ (the summary starts with the machine and commit).
+# docs/perf/relay/ (the summary starts with the machine and commit), and one
+# chart per shape (SUMMARY-SHAPE.svg, `slg-loadtest compare`).
 #
 #   scripts/relay.sh                      # SECS=5 ROUNDS=3 SESSIONS=1000 PACE=20000
 #   SECS=10 ROUNDS=5 scripts/relay.sh
@@ -116,4 +117,10 @@ for shape in shapes:
     print(f"{shape:<10} {'ratio':<8} {g[0]/h[0]:>8.2f}x {g[1]/h[1]:>9.2f}x {g[2]/h[2]:>6.2f}x  (gateway / haproxy)")
 PY
 } > "$summary"
+# One chart per shape, gateway and HAProxy together (round 1 of each).
+for name in ${SHAPES:-inflight4 inflight1 paced}; do
+    $LT compare --out "$out/${SUMMARY:-summary}-$name.svg" \
+        --title "$name: one gateway shard vs HAProxy nbthread 1 (round 1)" \
+        "gateway=$out/$name-gateway-1.json" "haproxy=$out/$name-haproxy-1.json" || true
+done
 cat "$summary"
