@@ -121,6 +121,43 @@ fn err<E: std::fmt::Display>(e: E) -> String {
     e.to_string()
 }
 
+/// One run's line, with its legend entry.
+fn line<'a, DB, CT>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    pts: Vec<(f64, f64)>,
+    c: RGBColor,
+    label: String,
+) -> Result<(), String>
+where
+    DB: DrawingBackend + 'a,
+    CT: CoordTranslate<From = (f64, f64)>,
+{
+    chart
+        .draw_series(LineSeries::new(pts, c.stroke_width(2)))
+        .map_err(err)?
+        .label(label)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+    Ok(())
+}
+
+/// The legend box, at `pos`.
+fn legend<'a, DB, CT>(
+    chart: &mut ChartContext<'a, DB, CT>,
+    pos: SeriesLabelPosition,
+) -> Result<(), String>
+where
+    DB: DrawingBackend + 'a,
+    CT: CoordTranslate,
+{
+    chart
+        .configure_series_labels()
+        .position(pos)
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .draw()
+        .map_err(err)
+}
+
 /// Draw `runs` on one chart at `out` (SVG). Push-fanout runs get the
 /// delivery-time distribution; others the three request/response panels.
 pub fn draw(out: &Path, title: &str, runs: &[Run]) -> Result<(), String> {
@@ -186,22 +223,12 @@ fn draw_relay(out: &Path, title: &str, runs: &[Run]) -> Result<(), String> {
     }
     for (i, (run, pts)) in runs.iter().zip(&curves).enumerate() {
         let c = color(i);
-        chart
-            .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))
-            .map_err(err)?
-            .label(run.label.clone())
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+        line(&mut chart, pts.clone(), c, run.label.clone())?;
         chart
             .draw_series(pts.iter().map(|p| Circle::new(*p, 3, c.filled())))
             .map_err(err)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.8))
-        .draw()
-        .map_err(err)?;
+    legend(&mut chart, SeriesLabelPosition::UpperLeft)?;
 
     // Throughput, then CPU per message, over time.
     for (panel, key, caption, desc) in [
@@ -232,21 +259,9 @@ fn draw_relay(out: &Path, title: &str, runs: &[Run]) -> Result<(), String> {
             .map_err(err)?;
         for (i, (run, pts)) in runs.iter().zip(&lines).enumerate() {
             let c = color(i);
-            chart
-                .draw_series(LineSeries::new(pts.iter().copied(), c.stroke_width(2)))
-                .map_err(err)?
-                .label(run.label.clone())
-                .legend(move |(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
-                });
+            line(&mut chart, pts.clone(), c, run.label.clone())?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .border_style(BLACK)
-            .background_style(WHITE.mix(0.8))
-            .draw()
-            .map_err(err)?;
+        legend(&mut chart, SeriesLabelPosition::LowerRight)?;
     }
     root.present().map_err(err)
 }
@@ -283,24 +298,15 @@ fn draw_fanout(out: &Path, title: &str, runs: &[Run]) -> Result<(), String> {
             pts.push((*t, 100.0 * (k + 1) as f64 / n));
         }
         let median = d.get(d.len() / 2).copied().unwrap_or(0.0);
-        chart
-            .draw_series(LineSeries::new(pts, c.stroke_width(2)))
-            .map_err(err)?
-            .label(format!(
-                "{} (n {}, median {} ms)",
-                run.label,
-                d.len(),
-                format_ms(median)
-            ))
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+        let label = format!(
+            "{} (n {}, median {} ms)",
+            run.label,
+            d.len(),
+            format_ms(median)
+        );
+        line(&mut chart, pts, c, label)?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.8))
-        .draw()
-        .map_err(err)?;
+    legend(&mut chart, SeriesLabelPosition::LowerRight)?;
     root.present().map_err(err)
 }
 
