@@ -290,17 +290,17 @@ fn logged_in_core() -> (slg_gateway::sim::Sim, slg_gateway::session::SessionId) 
     (sim, sid)
 }
 
-/// Write what the core queued for `sid` (as the shell's writer does).
+/// Write what the core queued for `sid` (as the shell does at the end of
+/// a batch: straight from the queue, to a socket that takes it all).
 fn drain_output(core: &mut slg_gateway::core::Core, sid: u64, now: Instant) -> usize {
     while core.poll_wake().is_some() {}
     while core.poll_event().is_some() {}
-    match core.poll_transmit(sid) {
-        slg_gateway::core::Transmit::Bytes(b) => {
-            core.handle_written(sid, true, now);
-            black_box(b).len()
-        }
-        _ => 0,
-    }
+    let mut n = 0;
+    core.write_now(sid, now, |b| {
+        n = black_box(b).len();
+        Ok(n)
+    });
+    n
 }
 
 /// The client acknowledges every 64 frames, as real ones do now and then

@@ -136,6 +136,26 @@ pub async fn read_more(
     }
 }
 
+/// One non-blocking `send` of `buf` on `fd` (no SIGPIPE): how much the
+/// socket took, or `WouldBlock` when it took nothing.
+pub fn send_now(fd: std::os::fd::RawFd, buf: &[u8]) -> std::io::Result<usize> {
+    // SAFETY: `buf` is valid for `buf.len()` bytes; a bad fd is an error
+    // return, not undefined behaviour.
+    let n = unsafe {
+        libc::send(
+            fd,
+            buf.as_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
 /// A connection's queued output: frames are encoded straight into `buf` by
 /// whoever produces them; the writer task takes everything queued since its
 /// last write and sends it with one write. `queued()` is what counts against

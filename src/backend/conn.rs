@@ -123,6 +123,13 @@ impl std::fmt::Debug for BackendConn {
 pub trait AnswerSink {
     /// `now`: when the answer arrived (one clock read per read batch).
     fn on_answer(&self, pending: Pending, answer: Answer, now: Instant);
+
+    /// Run `f`, the handling of one read's answers, as one batch: what they
+    /// produce may be carried out once at its end.
+    fn batch<R>(&self, now: Instant, f: impl FnOnce() -> R) -> R {
+        let _ = now;
+        f()
+    }
 }
 
 /// How one backend connection is run (from the config).
@@ -316,7 +323,7 @@ async fn read_answers<S: AnswerSink>(
     loop {
         // Every answer this read brought arrived at one instant.
         let now = Instant::now();
-        loop {
+        let r = sink.batch(now, || loop {
             match decoder.decode(&mut buf) {
                 // Anything but a RESPONSE is a PONG: the link is alive.
                 Ok(Some(frame)) if frame.header.kind != Kind::Response => {
@@ -342,9 +349,12 @@ async fn read_answers<S: AnswerSink>(
                         tracing::debug!(backend = %conn.addr, req_id = frame.header.req_id, "answer to unknown req_id dropped");
                     }
                 },
-                Ok(None) => break,
-                Err(e) => return format!("protocol error from backend: {e}"),
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(format!("protocol error from backend: {e}")),
             }
+        });
+        if let Err(e) = r {
+            return e;
         }
         if conn.retired_and_idle() {
             return "retired".into();

@@ -125,6 +125,18 @@ pub enum Transmit {
     Done,
 }
 
+/// What [`Core::write_now`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum WriteNow {
+    /// Nothing was queued, or the writer task holds a batch.
+    Nothing,
+    /// Everything queued was written (and the output is not closing).
+    Written,
+    /// The writer task must go on: the socket took less than all (the rest
+    /// stays queued), the write failed, or the output is closing and done.
+    Writer,
+}
+
 /// A session's output queue: bytes the writer has not taken, and offsets
 /// into its stream.
 #[derive(Debug, Default)]
@@ -334,6 +346,63 @@ impl Core {
         let batch = tx.buf.split().freeze();
         tx.in_write = batch.len();
         Transmit::Bytes(batch)
+    }
+
+    /// Write what is queued for `sid` at once with `send` (a non-blocking
+    /// write to its socket, returning how much it took), from the queue
+    /// itself: no batch is split off and nothing is allocated. Used after a
+    /// batch of input, so that answers go out without waking the writer
+    /// task; whatever `send` does not take is left to the writer.
+    pub fn write_now(
+        &mut self,
+        sid: SessionId,
+        now: Instant,
+        send: impl FnOnce(&[u8]) -> std::io::Result<usize>,
+    ) -> WriteNow {
+        self.now = now;
+        let Some(c) = self.sessions.get_mut(&sid) else {
+            return WriteNow::Writer;
+        };
+        let tx = &mut c.tx;
+        if tx.in_write > 0 {
+            return WriteNow::Nothing;
+        }
+        if tx.buf.is_empty() {
+            return if tx.closing {
+                WriteNow::Writer
+            } else {
+                WriteNow::Nothing
+            };
+        }
+        match send(&tx.buf) {
+            Ok(n) if n >= tx.buf.len() => {
+                tx.written_total += tx.buf.len() as u64;
+                if tx.buf.capacity() > 64 * 1024 {
+                    tx.buf = BytesMut::new();
+                } else {
+                    tx.buf.clear();
+                }
+                // A closing output is done: the writer task ends now.
+                if tx.closing {
+                    WriteNow::Writer
+                } else {
+                    WriteNow::Written
+                }
+            }
+            Ok(n) => {
+                tx.written_total += n as u64;
+                bytes::Buf::advance(&mut tx.buf, n);
+                WriteNow::Writer
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => WriteNow::Writer,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => WriteNow::Writer,
+            Err(_) => {
+                tx.closing = true;
+                tx.buf.clear();
+                self.close(sid, CloseReason::WriteFailed);
+                WriteNow::Writer
+            }
+        }
     }
 
     /// The writer wrote the batch it took (`ok`), or failed to.

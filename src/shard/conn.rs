@@ -44,7 +44,8 @@ pub async fn serve(
     let stream = SharedStream::new(stream);
     let ctl = Rc::new(shards::Notify::new());
     let wake = Rc::new(shards::Notify::new());
-    let sid = ctx.add_session(peer, ctl.clone(), wake.clone());
+    let fd = stream.with(|s| s.as_raw_fd());
+    let sid = ctx.add_session(peer, fd, ctl.clone(), wake.clone());
     let writer = {
         let (stream, ctx) = (stream.clone(), ctx.clone());
         glommio::spawn_local(async move { write_loop(&ctx, sid, stream, &wake).await })

@@ -19,7 +19,7 @@ pub use msg::{Arrival, DrainReport, GatewayEvent, Handoff, LoginReply, ShardMsg}
 
 use crate::backend::{Answer, AnswerSink, BackendPool, Pending};
 use crate::config::Config;
-use crate::core::{ClusterOut, Core, Forward, Lifecycle, Stats, Transmit};
+use crate::core::{ClusterOut, Core, Forward, Lifecycle, Stats, Transmit, WriteNow};
 use crate::protocol::{Code, Decoder, Frame, Link};
 use crate::router::Router;
 use crate::session::{CloseReason, SessionId};
@@ -28,6 +28,7 @@ use std::cell::{Cell, Ref, RefCell};
 // the relay's CPU (docs/PERFORMANCE.md). Seeded per process.
 use foldhash::{HashMap, HashMapExt};
 use std::net::SocketAddr;
+use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
@@ -41,6 +42,11 @@ struct Tasks {
     reader: Rc<shards::Notify>,
     /// The writer: looks at [`ShardCtx::poll_transmit`].
     writer: Rc<shards::Notify>,
+    /// The connection's socket, for writes straight from a batch's end
+    /// (open while the session is registered).
+    fd: RawFd,
+    /// Listed in [`ShardCtx::dirty`].
+    dirty: bool,
 }
 
 /// Everything one shard owns.
@@ -51,6 +57,9 @@ pub struct ShardCtx {
     /// time, never across an await.
     core: RefCell<Core>,
     tasks: RefCell<HashMap<SessionId, Tasks>>,
+    /// Sessions with output queued during the batch being handled: written
+    /// once each when it ends (see [`ShardCtx::write_dirty`]).
+    dirty: RefCell<Vec<SessionId>>,
     pub backends: BackendPool,
     pub mesh: shards::Mesh<ShardMsg>,
     pub stop: shards::StopToken,
@@ -108,6 +117,7 @@ impl ShardCtx {
             clock: Cell::new(None),
             core: RefCell::new(core),
             tasks: RefCell::new(HashMap::new()),
+            dirty: RefCell::new(Vec::new()),
             backends,
             mesh,
             stop,
@@ -138,8 +148,13 @@ impl ShardCtx {
                 self.0.set(self.1);
             }
         }
-        let _restore = Restore(&self.clock, self.clock.replace(Some(now)));
-        f()
+        let outer = self.clock.replace(Some(now));
+        let _restore = Restore(&self.clock, outer);
+        let r = f();
+        if outer.is_none() {
+            self.write_dirty();
+        }
+        r
     }
 
     /// Run `f` on the core with `now`, then carry out what it asked for.
@@ -177,8 +192,56 @@ impl ShardCtx {
         r
     }
 
-    /// Carry out the core's outputs until it has none.
+    /// Carry out the core's outputs; outside a batch, write what they
+    /// queued at once.
     fn flush(&self) {
+        self.carry_out();
+        if self.clock.get().is_none() {
+            self.write_dirty();
+        }
+    }
+
+    /// Write the output of every session marked dirty straight to its
+    /// socket, without waking its writer task (one non-blocking `send`
+    /// each; what the socket does not take is left to the writer). Several
+    /// answers to one session in one batch go out in one write.
+    fn write_dirty(&self) {
+        loop {
+            let mut batch = std::mem::take(&mut *self.dirty.borrow_mut());
+            if batch.is_empty() {
+                return;
+            }
+            let now = self.now();
+            for sid in batch.drain(..) {
+                let fd = {
+                    let mut tasks = self.tasks.borrow_mut();
+                    let Some(t) = tasks.get_mut(&sid) else {
+                        continue;
+                    };
+                    t.dirty = false;
+                    t.fd
+                };
+                let r = self
+                    .core
+                    .borrow_mut()
+                    .write_now(sid, now, |b| crate::net::send_now(fd, b));
+                if r == WriteNow::Writer {
+                    if let Some(t) = self.tasks.borrow().get(&sid) {
+                        t.writer.notify();
+                    }
+                }
+            }
+            self.carry_out();
+            let mut dirty = self.dirty.borrow_mut();
+            if dirty.is_empty() {
+                // Keep the allocation for the next batch.
+                *dirty = batch;
+            }
+        }
+    }
+
+    /// Carry out the core's outputs until it has none.
+    fn carry_out(&self) {
         loop {
             let (wake, forward, cluster) = {
                 let mut c = self.core.borrow_mut();
@@ -195,9 +258,9 @@ impl ShardCtx {
                     if w.reader {
                         t.reader.notify();
                     }
-                    if w.writer {
-                        t.writer.notify();
-                    }
+                }
+                if w.writer {
+                    self.mark_dirty(w.sid);
                 }
             }
             if let Some(f) = forward {
@@ -205,6 +268,15 @@ impl ShardCtx {
             }
             if let Some(c) = cluster {
                 self.to_cluster(c);
+            }
+        }
+    }
+
+    fn mark_dirty(&self, sid: SessionId) {
+        if let Some(t) = self.tasks.borrow_mut().get_mut(&sid) {
+            if !t.dirty {
+                t.dirty = true;
+                self.dirty.borrow_mut().push(sid);
             }
         }
     }
@@ -333,14 +405,21 @@ impl ShardCtx {
     pub fn add_session(
         &self,
         peer: SocketAddr,
+        fd: RawFd,
         reader: Rc<shards::Notify>,
         writer: Rc<shards::Notify>,
     ) -> SessionId {
         let sid = self.core.borrow_mut().add_session(self.now());
         tracing::debug!(session = sid, %peer, "session registered");
-        self.tasks
-            .borrow_mut()
-            .insert(sid, Tasks { reader, writer });
+        self.tasks.borrow_mut().insert(
+            sid,
+            Tasks {
+                reader,
+                writer,
+                fd,
+                dirty: false,
+            },
+        );
         sid
     }
 
@@ -553,6 +632,10 @@ pub fn service_specs(cfg: &Config, router: &Router) -> Vec<crate::backend::Servi
 impl AnswerSink for ShardCtx {
     fn on_answer(&self, p: Pending, a: Answer, now: Instant) {
         self.at(now, || self.answer(p, a, now));
+    }
+
+    fn batch<R>(&self, now: Instant, f: impl FnOnce() -> R) -> R {
+        self.at(now, f)
     }
 }
 

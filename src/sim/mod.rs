@@ -100,6 +100,10 @@ pub struct Sim {
     events: Vec<(usize, Event)>,
     client_decoder: Decoder,
     server_decoder: Decoder,
+    /// Writes straight from the queue so far (see [`Sim::write_now`]).
+    turns: u64,
+    /// One of them did something since [`Sim::run`] last looked.
+    wrote_now: bool,
 }
 
 impl Sim {
@@ -127,6 +131,8 @@ impl Sim {
             read_log: Vec::new(),
             client_decoder: Decoder::new(Link::GatewayToClient, max),
             server_decoder: Decoder::new(Link::ClientToGateway, max),
+            turns: 0,
+            wrote_now: false,
         }
     }
 
@@ -325,6 +331,7 @@ impl Sim {
             for c in 0..self.conns.len() {
                 busy |= self.pump(c, usize::MAX);
             }
+            busy |= std::mem::take(&mut self.wrote_now);
             if !busy {
                 return;
             }
@@ -366,7 +373,7 @@ impl Sim {
                         conn.reader = Reader::Running;
                     }
                     if w.writer {
-                        conn.writer_idle = false;
+                        self.write_now(c);
                     }
                 }
             }
@@ -469,6 +476,42 @@ impl Sim {
                 Transmit::Idle => self.conns[c].writer_idle = true,
                 Transmit::Done => self.conns[c].writer_done = true,
             }
+        }
+    }
+
+    /// The shell's write straight from the queue at the end of a batch
+    /// (`ShardCtx::write_dirty`): the socket takes all, half, or nothing
+    /// (in turn, so partial writes are exercised); whatever it leaves is
+    /// the writer's.
+    fn write_now(&mut self, c: ConnId) {
+        self.turns += 1;
+        let turn = self.turns;
+        let conn = &mut self.conns[c];
+        if conn.writer_done {
+            return;
+        }
+        let (s, sid, stalled, gone) = (conn.shard, conn.sid, conn.stalled, conn.peer_gone);
+        let out = &mut conn.outbound;
+        let r = self.cores[s].write_now(sid, self.now, |b| {
+            if gone {
+                return Err(std::io::ErrorKind::BrokenPipe.into());
+            }
+            let n = match turn % 3 {
+                _ if stalled => 0,
+                0 => b.len() / 2,
+                _ => b.len(),
+            };
+            if n == 0 && !b.is_empty() {
+                return Err(std::io::ErrorKind::WouldBlock.into());
+            }
+            out.extend_from_slice(&b[..n]);
+            Ok(n)
+        });
+        if r != crate::core::WriteNow::Nothing {
+            self.wrote_now = true;
+        }
+        if r == crate::core::WriteNow::Writer {
+            self.conns[c].writer_idle = false;
         }
     }
 
