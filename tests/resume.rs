@@ -309,6 +309,14 @@ fn a_slow_consumer_is_kicked_and_resumes_with_nothing_lost() {
             Err(_) => break,
         }
     }
+    // The socket fell behind: a writer task waited for it (counted).
+    let (_, metrics) = common::http(h.http_addr(), "GET", "/metrics", b"");
+    let backlogs: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("slg_write_backlogs_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(backlogs > 0, "no write backlog counted:\n{metrics}");
     let last = a.last_seq;
     // Let the backend finish the requests the gateway had already read, so
     // their answers are in the outbox (and replayed) rather than arriving

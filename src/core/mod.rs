@@ -137,6 +137,17 @@ pub enum WriteNow {
     Writer,
 }
 
+/// Where a closing session's output stands (see [`Core::flushed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flushed {
+    /// Everything queued was written.
+    Yes,
+    /// Bytes are still queued or being written.
+    NotYet,
+    /// A write failed, or the session is gone.
+    Failed,
+}
+
 /// A session's output queue: bytes the writer has not taken, and offsets
 /// into its stream.
 #[derive(Debug, Default)]
@@ -147,6 +158,8 @@ struct Tx {
     pushed_total: u64,
     written_total: u64,
     closing: bool,
+    /// A write failed: nothing more will be written.
+    failed: bool,
 }
 
 impl Tx {
@@ -398,6 +411,7 @@ impl Core {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => WriteNow::Writer,
             Err(_) => {
                 tx.closing = true;
+                tx.failed = true;
                 tx.buf.clear();
                 self.close(sid, CloseReason::WriteFailed);
                 WriteNow::Writer
@@ -417,8 +431,20 @@ impl Core {
         } else {
             // The peer is gone: nothing more will be written.
             c.tx.closing = true;
+            c.tx.failed = true;
             c.tx.buf.clear();
             self.close(sid, CloseReason::WriteFailed);
+        }
+    }
+
+    /// Whether everything queued for `sid` was written (what a connection
+    /// that closes or moves waits for).
+    pub fn flushed(&self, sid: SessionId) -> Flushed {
+        match self.sessions.get(&sid) {
+            None => Flushed::Failed,
+            Some(c) if c.tx.failed => Flushed::Failed,
+            Some(c) if c.tx.queued() == 0 => Flushed::Yes,
+            Some(_) => Flushed::NotYet,
         }
     }
 

@@ -22,6 +22,7 @@ crate::counters! {
         overloaded: "Requests refused OVERLOADED (session or backend in-flight bounds).",
         rate_limited: "Requests refused RATE_LIMITED by the per-session token bucket.",
         session_panics: "Panics caught while handling one session's event (that session closed).",
+        write_backlogs: "Times a client socket took less than was queued (a writer task waited for it to drain).",
     }
 }
 

@@ -3,7 +3,7 @@
 //! output in batches, and the hand-off of a logged-in connection to its
 //! player's home shard (the fd moves with the bytes already read).
 
-use crate::core::Transmit;
+use crate::core::{Flushed, Transmit};
 use crate::net::Slot;
 use crate::net::{read_more, ReadMore, SharedStream};
 use crate::session::{CloseReason, SessionId};
@@ -43,13 +43,7 @@ pub async fn serve(
     let _ = stream.set_nodelay(true);
     let stream = SharedStream::new(stream);
     let ctl = Rc::new(shards::Notify::new());
-    let wake = Rc::new(shards::Notify::new());
-    let fd = stream.with(|s| s.as_raw_fd());
-    let sid = ctx.add_session(peer, fd, ctl.clone(), wake.clone());
-    let writer = {
-        let (stream, ctx) = (stream.clone(), ctx.clone());
-        glommio::spawn_local(async move { write_loop(&ctx, sid, stream, &wake).await })
-    };
+    let sid = ctx.add_session(peer, stream.clone(), ctl.clone());
     match arrived {
         Some(arrival) => ctx.accept_handoff(sid, arrival),
         None => tracing::info!(session = sid, %peer, shard = ctx.id, "accept"),
@@ -58,7 +52,7 @@ pub async fn serve(
     // The ending runs in its own boxed future: its timers and hand-off
     // state would otherwise sit in every idle session's task all its life
     // (serve's future was 1,120 bytes with them inline).
-    Box::pin(finish(ctx, sid, slot, stream, peer, buf, writer, end)).await;
+    Box::pin(finish(ctx, sid, slot, stream, peer, buf, ctl, end)).await;
 }
 
 /// After the read loop: flush what is queued, then close or hand the
@@ -71,17 +65,29 @@ async fn finish(
     stream: SharedStream,
     peer: SocketAddr,
     buf: BytesMut,
-    writer: glommio::Task<std::io::Result<()>>,
+    ctl: Rc<shards::Notify>,
     end: End,
 ) {
+    ctx.finish_output(sid);
+    let flushed = futures_lite::future::or(
+        async {
+            loop {
+                match ctx.flushed(sid) {
+                    Flushed::Yes => return true,
+                    Flushed::Failed => return false,
+                    // The writer task wakes the reader's notifier when done.
+                    Flushed::NotYet => ctl.notified().await,
+                }
+            }
+        },
+        async {
+            glommio::timer::sleep(CLOSE_FLUSH).await;
+            false
+        },
+    )
+    .await;
     match end {
         End::Close => {
-            ctx.finish_output(sid);
-            let flushed = futures_lite::future::or(async { writer.await.is_ok() }, async {
-                glommio::timer::sleep(CLOSE_FLUSH).await;
-                false
-            })
-            .await;
             if flushed {
                 let _ = shutdown_write(&stream);
             }
@@ -90,13 +96,7 @@ async fn finish(
             tracing::info!(session = sid, %peer, ?player, reason = reason.name(), "close");
         }
         End::Handoff { home, arrival } => {
-            // Everything already queued goes out from here first.
-            ctx.finish_output(sid);
-            let flushed = futures_lite::future::or(async { writer.await.is_ok() }, async {
-                glommio::timer::sleep(CLOSE_FLUSH).await;
-                false
-            })
-            .await;
+            // Everything already queued went out from here first.
             // A kick while the output flushed (idle, shutdown) wins: close.
             let kicked = ctx.is_closing(sid);
             ctx.remove_session(sid);
@@ -128,25 +128,19 @@ async fn finish(
     }
 }
 
-/// The writer: writes what the core queued for `sid`, batch by batch,
-/// until the core says the output is finished. Ok: everything was written.
-async fn write_loop(
-    ctx: &ShardCtx,
-    sid: SessionId,
-    mut stream: SharedStream,
-    wake: &shards::Notify,
-) -> std::io::Result<()> {
-    loop {
-        match ctx.poll_transmit(sid) {
-            Transmit::Bytes(batch) => {
-                let r = stream.write_all(&batch).await;
-                ctx.written(sid, r.is_ok());
-                r?;
-            }
-            Transmit::Idle => wake.notified().await,
-            Transmit::Done => return Ok(()),
+/// The writer of a socket that fell behind: writes what the core queued
+/// for `sid`, batch by batch, waiting for the socket each time, until the
+/// queue is empty (then output is written at the end of batches again, see
+/// `ShardCtx::write_dirty`) or a write fails.
+pub(crate) async fn write_backlog(ctx: Rc<ShardCtx>, sid: SessionId, mut stream: SharedStream) {
+    while let Transmit::Bytes(batch) = ctx.poll_transmit(sid) {
+        let r = stream.write_all(&batch).await;
+        ctx.written(sid, r.is_ok());
+        if r.is_err() {
+            break;
         }
     }
+    ctx.backlog_written(sid);
 }
 
 fn shutdown_write(stream: &SharedStream) -> std::io::Result<()> {

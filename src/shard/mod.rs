@@ -19,16 +19,17 @@ pub use msg::{Arrival, DrainReport, GatewayEvent, Handoff, LoginReply, ShardMsg}
 
 use crate::backend::{Answer, AnswerSink, BackendPool, Pending};
 use crate::config::Config;
-use crate::core::{ClusterOut, Core, Forward, Lifecycle, Stats, Transmit, WriteNow};
+use crate::core::{ClusterOut, Core, Flushed, Forward, Lifecycle, Stats, Transmit, WriteNow};
 use crate::protocol::{Code, Decoder, Frame, Link};
 use crate::router::Router;
 use crate::session::{CloseReason, SessionId};
 use std::cell::{Cell, Ref, RefCell};
 // foldhash: the keys are ids, hashed on every frame; SipHash cost 6% of
 // the relay's CPU (docs/PERFORMANCE.md). Seeded per process.
+use crate::net::SharedStream;
 use foldhash::{HashMap, HashMapExt};
 use std::net::SocketAddr;
-use std::os::fd::RawFd;
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
@@ -40,11 +41,15 @@ pub use crate::session::MAX_RESUME_FAILURES;
 struct Tasks {
     /// The read loop: looks at [`ShardCtx::next_step`].
     reader: Rc<shards::Notify>,
-    /// The writer: looks at [`ShardCtx::poll_transmit`].
-    writer: Rc<shards::Notify>,
     /// The connection's socket, for writes straight from a batch's end
     /// (open while the session is registered).
-    fd: RawFd,
+    stream: SharedStream,
+    /// The task writing what the socket did not take at once (see
+    /// [`conn::write_backlog`]): there is none while the socket keeps up,
+    /// and dropping the handle (the session ends) cancels it.
+    writer: Option<glommio::Task<()>>,
+    /// `writer` is still running.
+    writing: bool,
     /// Listed in [`ShardCtx::dirty`].
     dirty: bool,
 }
@@ -219,16 +224,18 @@ impl ShardCtx {
                         continue;
                     };
                     t.dirty = false;
-                    t.fd
+                    if t.writing {
+                        // It takes what was queued when it has written.
+                        continue;
+                    }
+                    t.stream.with(|s| s.as_raw_fd())
                 };
                 let r = self
                     .core
                     .borrow_mut()
                     .write_now(sid, now, |b| crate::net::send_now(fd, b));
                 if r == WriteNow::Writer {
-                    if let Some(t) = self.tasks.borrow().get(&sid) {
-                        t.writer.notify();
-                    }
+                    self.backlog(sid);
                 }
             }
             self.carry_out();
@@ -270,6 +277,46 @@ impl ShardCtx {
                 self.to_cluster(c);
             }
         }
+    }
+
+    /// The socket of `sid` took less than all: a writer task waits for it
+    /// to drain. Or the output is finished: wake whoever waits for that.
+    fn backlog(&self, sid: SessionId) {
+        let flushed = self.core.borrow().flushed(sid);
+        let mut tasks = self.tasks.borrow_mut();
+        let Some(t) = tasks.get_mut(&sid) else {
+            return;
+        };
+        if flushed != Flushed::NotYet {
+            t.reader.notify();
+            return;
+        }
+        let Some(ctx) = self.this.borrow().upgrade() else {
+            return;
+        };
+        t.writing = true;
+        {
+            let st = self.stats();
+            st.write_backlogs.set(st.write_backlogs.get() + 1);
+        }
+        let stream = t.stream.clone();
+        t.writer = Some(glommio::spawn_local(conn::write_backlog(ctx, sid, stream)));
+    }
+
+    /// The writer task of `sid` has written all it was given (or failed).
+    pub fn backlog_written(&self, sid: SessionId) {
+        // It stopped at an empty queue: later output is written at the
+        // end of batches again. A closing connection waits on the reader's
+        // wake-up for this.
+        if let Some(t) = self.tasks.borrow_mut().get_mut(&sid) {
+            t.writing = false;
+            t.reader.notify();
+        }
+    }
+
+    /// Whether everything queued for `sid` was written.
+    pub fn flushed(&self, sid: SessionId) -> Flushed {
+        self.core.borrow().flushed(sid)
     }
 
     fn mark_dirty(&self, sid: SessionId) {
@@ -405,9 +452,8 @@ impl ShardCtx {
     pub fn add_session(
         &self,
         peer: SocketAddr,
-        fd: RawFd,
+        stream: SharedStream,
         reader: Rc<shards::Notify>,
-        writer: Rc<shards::Notify>,
     ) -> SessionId {
         let sid = self.core.borrow_mut().add_session(self.now());
         tracing::debug!(session = sid, %peer, "session registered");
@@ -415,8 +461,9 @@ impl ShardCtx {
             sid,
             Tasks {
                 reader,
-                writer,
-                fd,
+                stream,
+                writer: None,
+                writing: false,
                 dirty: false,
             },
         );
