@@ -65,9 +65,24 @@ impl SharedStream {
         f(&self.0.borrow())
     }
 
-    /// Read into `buf`; 0 means end of stream.
-    pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        std::future::poll_fn(|cx| Pin::new(&mut *self.0.borrow_mut()).poll_read(cx, buf)).await
+    /// Read up to `want` bytes (at most [`SCRATCH_LEN`]) onto the end of
+    /// `buf`; 0 means end of stream. The read goes into the thread's
+    /// scratch buffer and only what arrived is copied to `buf`: glommio's
+    /// reads wait for readiness and hold no buffer meanwhile, so a
+    /// connection waiting for input needs no memory of its own for it.
+    pub async fn read_append(&self, buf: &mut BytesMut, want: usize) -> io::Result<usize> {
+        std::future::poll_fn(|cx| {
+            SCRATCH.with(|scratch| {
+                let mut scratch = scratch.borrow_mut();
+                let n = want.min(scratch.len());
+                let r = Pin::new(&mut *self.0.borrow_mut()).poll_read(cx, &mut scratch[..n]);
+                if let Poll::Ready(Ok(got)) = r {
+                    buf.extend_from_slice(&scratch[..got]);
+                }
+                r
+            })
+        })
+        .await
     }
 }
 
@@ -85,6 +100,15 @@ impl AsyncWrite for SharedStream {
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut *self.0.borrow_mut()).poll_close(cx)
     }
+}
+
+/// The most one read takes.
+pub const SCRATCH_LEN: usize = 64 * 1024;
+
+thread_local! {
+    /// Where every read of this thread lands first (see
+    /// [`SharedStream::read_append`]).
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_LEN].into_boxed_slice());
 }
 
 /// What [`read_more`] got.
@@ -109,30 +133,16 @@ pub async fn read_more(
     want: usize,
     interrupt: impl std::future::Future<Output = ()>,
 ) -> ReadMore {
-    let len = buf.len();
-    buf.resize(len + want, 0);
-    let r = futures_lite::future::or(async { Some(stream.read(&mut buf[len..]).await) }, async {
+    let r = futures_lite::future::or(async { Some(stream.read_append(buf, want).await) }, async {
         interrupt.await;
         None
     })
     .await;
     match r {
-        None => {
-            buf.truncate(len);
-            ReadMore::Interrupted
-        }
-        Some(Ok(0)) => {
-            buf.truncate(len);
-            ReadMore::Eof
-        }
-        Some(Ok(n)) => {
-            buf.truncate(len + n);
-            ReadMore::Data(n)
-        }
-        Some(Err(e)) => {
-            buf.truncate(len);
-            ReadMore::Err(e)
-        }
+        None => ReadMore::Interrupted,
+        Some(Ok(0)) => ReadMore::Eof,
+        Some(Ok(n)) => ReadMore::Data(n),
+        Some(Err(e)) => ReadMore::Err(e),
     }
 }
 

@@ -16,11 +16,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-/// Smallest read: what an idle connection's buffer costs. A login or a
-/// small request fits; a read that fills it doubles the next one.
-const READ_MIN: usize = 256;
-/// Largest read when the client sends a lot at once.
-const READ_MAX: usize = 64 * 1024;
+/// The most one read takes from a client (it lands in the shard's scratch
+/// buffer; the connection keeps only the bytes of a frame not yet whole).
+const READ_MAX: usize = crate::net::SCRATCH_LEN;
 /// How long a closing connection may take to flush its last frames.
 const CLOSE_FLUSH: Duration = Duration::from_secs(2);
 
@@ -194,7 +192,6 @@ async fn read_loop(
     buf: &mut BytesMut,
     ctl: &shards::Notify,
 ) -> End {
-    let mut chunk = READ_MIN;
     let mut received = false;
     loop {
         // Between two awaits everything happens at one instant: one clock
@@ -203,7 +200,7 @@ async fn read_loop(
             if std::mem::take(&mut received) {
                 ctx.touch(sid);
             }
-            handle_buffered(ctx, sid, buf, chunk)
+            handle_buffered(ctx, sid, buf)
         });
         let want = match next {
             Next::End(end) => return end,
@@ -219,14 +216,7 @@ async fn read_loop(
                 ctx.close(sid, CloseReason::PeerClosed);
                 return End::Close;
             }
-            ReadMore::Data(n) => {
-                received = true;
-                chunk = if n == want {
-                    (chunk * 2).min(READ_MAX)
-                } else {
-                    (chunk / 2).max(READ_MIN)
-                };
-            }
+            ReadMore::Data(_) => received = true,
             ReadMore::Err(e) => {
                 tracing::debug!(session = sid, error = %e, "read error");
                 ctx.close(sid, CloseReason::ReadFailed);
@@ -238,7 +228,7 @@ async fn read_loop(
 
 /// Hand the core every whole frame in `buf` until it says stop, pause or
 /// read more.
-fn handle_buffered(ctx: &ShardCtx, sid: SessionId, buf: &mut BytesMut, chunk: usize) -> Next {
+fn handle_buffered(ctx: &ShardCtx, sid: SessionId, buf: &mut BytesMut) -> Next {
     loop {
         match ctx.next_step(sid) {
             Step::Read => {}
@@ -259,9 +249,11 @@ fn handle_buffered(ctx: &ShardCtx, sid: SessionId, buf: &mut BytesMut, chunk: us
                 continue;
             }
         }
-        if buf.is_empty() && buf.capacity() > 2 * READ_MAX {
+        if buf.is_empty() {
+            // Every frame was taken: a connection waiting for its next
+            // request holds no buffer (the frames keep theirs alive).
             *buf = BytesMut::new();
         }
-        return Next::Read(decoder.needed(buf).max(chunk));
+        return Next::Read(decoder.needed(buf).max(READ_MAX));
     }
 }
