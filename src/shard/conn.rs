@@ -30,14 +30,19 @@ enum End {
 
 /// Serve one client connection on this shard until it closes or moves.
 /// `arrived` is set for a connection handed over by another shard.
-pub async fn serve(
+///
+/// The setup runs here, before the task's future exists: an `async fn`
+/// would keep its arguments (the 120-byte glommio stream, the arrival) in
+/// the future next to the values moved out of them, for the connection's
+/// whole life. The future holds only what the read loop and the ending use.
+pub fn serve(
     ctx: Rc<ShardCtx>,
     slot: Slot,
     stream: TcpStream,
     peer: SocketAddr,
-    mut buf: BytesMut,
+    buf: BytesMut,
     arrived: Option<Arrival>,
-) {
+) -> impl std::future::Future<Output = ()> {
     let _ = stream.set_nodelay(true);
     let stream = SharedStream::new(stream);
     let ctl = Rc::new(shards::Notify::new());
@@ -46,11 +51,14 @@ pub async fn serve(
         Some(arrival) => ctx.accept_handoff(sid, arrival),
         None => tracing::info!(session = sid, %peer, shard = ctx.id, "accept"),
     }
-    let end = read_loop(&ctx, sid, &stream, &mut buf, &ctl).await;
-    // The ending runs in its own boxed future: its timers and hand-off
-    // state would otherwise sit in every idle session's task all its life
-    // (serve's future was 1,120 bytes with them inline).
-    Box::pin(finish(ctx, sid, slot, stream, peer, buf, ctl, end)).await;
+    let mut buf = buf;
+    async move {
+        let end = read_loop(&ctx, sid, &stream, &mut buf, &ctl).await;
+        // The ending runs in its own boxed future: its timers and hand-off
+        // state would otherwise sit in every idle session's task all its
+        // life.
+        Box::pin(finish(ctx, sid, slot, stream, peer, buf, ctl, end)).await;
+    }
 }
 
 /// After the read loop: flush what is queued, then close or hand the
