@@ -28,15 +28,18 @@ impl Notify {
 
     /// Resolves when the flag is set (at once if it already is); clears it.
     pub async fn notified(&self) {
-        poll_fn(|cx| {
-            if self.set.replace(false) {
-                Poll::Ready(())
-            } else {
-                self.waker.set(Some(cx.waker().clone()));
-                Poll::Pending
-            }
-        })
-        .await
+        poll_fn(|cx| self.poll_notified(cx)).await
+    }
+
+    /// [`Notify::notified`] as a poll, for a hand-written future that
+    /// waits on something else too.
+    pub fn poll_notified(&self, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        if self.set.replace(false) {
+            Poll::Ready(())
+        } else {
+            self.waker.set(Some(cx.waker().clone()));
+            Poll::Pending
+        }
     }
 }
 

@@ -5,7 +5,7 @@
 
 use crate::core::{Flushed, Transmit};
 use crate::net::Slot;
-use crate::net::{read_more, ReadMore, SharedStream};
+use crate::net::{read_or_notified, ReadMore, SharedStream};
 use crate::session::{CloseReason, SessionId};
 use crate::shard::{Arrival, Handoff, ShardCtx, ShardMsg, Step};
 use bytes::BytesMut;
@@ -210,15 +210,17 @@ async fn read_loop(
             }
             handle_buffered(ctx, sid, buf)
         });
+        // `next` is gone before any await: it would sit in the future.
         let want = match next {
             Next::End(end) => return end,
-            Next::Pause => {
-                ctl.notified().await;
-                continue;
-            }
-            Next::Read(want) => want,
+            Next::Pause => None,
+            Next::Read(want) => Some(want),
         };
-        match read_more(stream, buf, want, ctl.notified()).await {
+        let Some(want) = want else {
+            ctl.notified().await;
+            continue;
+        };
+        match read_or_notified(stream, buf, want, ctl).await {
             ReadMore::Interrupted => {}
             ReadMore::Eof => {
                 ctx.close(sid, CloseReason::PeerClosed);
