@@ -177,7 +177,9 @@ pub struct Session {
     /// Requests of this session at a backend, login excluded.
     inflight: u32,
     /// A login or resume waiting for `inflight` to reach 0.
-    arrival: Option<Arrival>,
+    /// Boxed: set only between a login's answer and its hand-off, and
+    /// 64 bytes inline in every session.
+    arrival: Option<Box<Arrival>>,
     /// Resumes refused on this connection (it moves with a hand-off: a
     /// client that keeps guessing is cut off).
     resume_failures: u8,
@@ -363,7 +365,7 @@ impl Session {
     pub fn login_accepted(&mut self, arrival: Arrival) -> bool {
         let binding = self.on_login_result(Some(arrival.player()));
         if binding {
-            self.arrival = Some(arrival);
+            self.arrival = Some(Box::new(arrival));
         }
         binding
     }
@@ -391,12 +393,12 @@ impl Session {
         }
         match player {
             Some(player) => {
-                self.arrival = Some(Arrival::Resume {
+                self.arrival = Some(Box::new(Arrival::Resume {
                     player,
                     token,
                     last,
                     failures: self.resume_failures,
-                });
+                }));
                 d
             }
             None => {
@@ -459,7 +461,7 @@ impl Session {
             return Next::Pause;
         }
         match self.arrival.take() {
-            Some(a) => Next::Arrive(a),
+            Some(a) => Next::Arrive(*a),
             None => Next::Read,
         }
     }
