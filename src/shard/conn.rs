@@ -1,6 +1,6 @@
 //! The glommio side of a client connection: the read loop that decodes
-//! frames and feeds them to the shard, the writer task that sends queued
-//! output in batches, and the hand-off of a logged-in connection to its
+//! frames and feeds them to the shard, the writer task for output a full
+//! socket did not take (see `shard/output.rs`), and the hand-off of a logged-in connection to its
 //! player's home shard (the fd moves with the bytes already read).
 
 use crate::core::{Flushed, Transmit};
