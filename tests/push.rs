@@ -147,6 +147,39 @@ fn broadcast_reaches_players_on_every_shard() {
     }
 }
 
+/// Many sessions on one shard, written at the end of one batch: every
+/// session gets each broadcast, in order, once. 1,300 client sockets plus
+/// the gateway's.
+#[test]
+fn a_broadcast_to_many_sessions_of_one_shard_reaches_everyone_in_order() {
+    let h = Harness::start(1);
+    let mut clients: Vec<Client> = (1000..2300u64)
+        .map(|p| {
+            let mut c = h.client();
+            c.login_demo(p).expect("login");
+            c
+        })
+        .collect();
+    for (msg, body) in [(21u32, &b"first"[..]), (22, &b"second"[..])] {
+        let path = format!("/v1/broadcast?msg={msg}");
+        let (status, text) = http(h.http_addr(), "POST", &path, body);
+        assert_eq!(status, 200, "{text}");
+        assert_eq!(counts(&json(&text)), (1300, 0, 0));
+    }
+    for c in clients.iter_mut() {
+        let a = next_push(c);
+        let b = next_push(c);
+        assert_eq!(
+            [
+                (a.header.seq, a.header.msg_id),
+                (b.header.seq, b.header.msg_id)
+            ],
+            [(2, 21), (3, 22)]
+        );
+        assert_eq!((&a.body[..], &b.body[..]), (&b"first"[..], &b"second"[..]));
+    }
+}
+
 #[test]
 fn admin_kick_and_player_state() {
     let h = Harness::start(2);
