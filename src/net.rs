@@ -83,7 +83,8 @@ impl SharedStream {
     ) -> Poll<io::Result<usize>> {
         SCRATCH.with(|scratch| {
             let mut scratch = scratch.borrow_mut();
-            let n = want.min(scratch.len());
+            // At least 1: a read of 0 bytes would look like end of stream.
+            let n = want.clamp(1, scratch.len());
             let r = Pin::new(&mut *self.0.borrow_mut()).poll_read(cx, &mut scratch[..n]);
             if let Poll::Ready(Ok(got)) = r {
                 buf.extend_from_slice(&scratch[..got]);

@@ -641,3 +641,55 @@ fn a_session_closed_after_a_panic_leaves_its_player_to_resume() {
         ]
     );
 }
+
+/// A socket takes half a frame, then the queue passes its limit before the
+/// writer task runs: the kick drops what is queued but not the rest of the
+/// cut frame, so the client reads whole frames and then the KICK.
+#[test]
+fn a_slow_consumer_kick_after_a_partial_write_keeps_frames_whole() {
+    let mut cfg = config();
+    cfg.write_queue_bytes = 4096;
+    let max = cfg.max_frame;
+    let mut sim = Sim::new(cfg, 1, 1);
+    let c = sim.connect(0);
+    sim.login(c, 7, 1);
+    sim.recv(c);
+    sim.stall(c, true);
+    let sid = sim.session_of(c);
+    let body = vec![b'x'; 1000];
+    let mut wire = bytes::BytesMut::new();
+    sim.on_core(0, |core, now| {
+        core.handle_push(&[7], 2001, &body, now);
+    });
+    sim.on_core(0, |core, now| {
+        core.write_now(sid, now, |b| {
+            let n = b.len() / 2;
+            wire.extend_from_slice(&b[..n]);
+            Ok(n)
+        })
+    });
+    for _ in 0..6 {
+        sim.on_core(0, |core, now| {
+            core.handle_push(&[7], 2001, &body, now);
+        });
+    }
+    sim.on_core(0, |core, now| {
+        while let slg_gateway::core::Transmit::Bytes(b) = core.poll_transmit(sid) {
+            wire.extend_from_slice(&b);
+            core.handle_written(sid, true, now);
+        }
+    });
+    let d = slg_gateway::protocol::Decoder::new(slg_gateway::protocol::Link::GatewayToClient, max);
+    let mut seen = Vec::new();
+    while let Some(f) = d.decode(&mut wire).expect("whole frames") {
+        seen.push((f.header.kind, f.header.code, f.body.len()));
+    }
+    assert!(wire.is_empty(), "{} bytes of a cut frame left", wire.len());
+    assert_eq!(
+        seen,
+        [
+            (Kind::Push, 0, 1000),
+            (Kind::Kick, code(Code::SlowConsumer), 0)
+        ]
+    );
+}

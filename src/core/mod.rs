@@ -398,8 +398,11 @@ impl Core {
             }
             self.metrics.kick(code.into());
             if code == Code::SlowConsumer {
-                c.tx.pushed_total -= c.tx.buf.len() as u64;
-                c.tx.buf.clear();
+                // Drop what is queued, but not the end of a frame already
+                // partly written: the client must see whole frames.
+                let keep = c.tx.head_rest.min(c.tx.buf.len());
+                c.tx.pushed_total -= (c.tx.buf.len() - keep) as u64;
+                c.tx.buf.truncate(keep);
             }
             let mut h = Header::new(Kind::Kick);
             h.code = code.into();

@@ -3,7 +3,7 @@
 //! batch, or by a writer task when the socket falls behind).
 
 use super::{Conn, Core};
-use crate::protocol::{encode, Code, Header, Kind};
+use crate::protocol::{encode, Code, Header, Kind, LEN_PREFIX};
 use crate::session::{CloseReason, SessionId};
 use bytes::{Bytes, BytesMut};
 use foldhash::HashMap;
@@ -53,6 +53,10 @@ pub(super) struct Tx {
     pub(super) pushed_total: u64,
     pub(super) written_total: u64,
     pub(super) closing: bool,
+    /// Bytes at the front of `buf` that finish a frame partly written by
+    /// [`Core::write_now`]: they must go out before anything may be
+    /// dropped from the queue (a slow consumer's kick keeps them).
+    pub(super) head_rest: usize,
     /// A write failed: nothing more will be written.
     pub(super) failed: bool,
 }
@@ -85,6 +89,7 @@ impl Core {
         }
         let batch = tx.buf.split().freeze();
         tx.in_write = batch.len();
+        tx.head_rest = 0;
         Transmit::Bytes(batch)
     }
 
@@ -117,6 +122,7 @@ impl Core {
         match send(&tx.buf) {
             Ok(n) if n >= tx.buf.len() => {
                 tx.written_total += tx.buf.len() as u64;
+                tx.head_rest = 0;
                 if tx.buf.capacity() > 64 * 1024 {
                     tx.buf = BytesMut::new();
                 } else {
@@ -131,6 +137,15 @@ impl Core {
             }
             Ok(n) => {
                 tx.written_total += n as u64;
+                // Frames start at `head_rest` (at 0 unless an earlier
+                // write cut one): find where the frame this write cut ends.
+                let rest = tx.head_rest.min(tx.buf.len());
+                let end = if n < rest {
+                    rest
+                } else {
+                    rest + frame_boundary_after(&tx.buf[rest..], n - rest)
+                };
+                tx.head_rest = end - n;
                 bytes::Buf::advance(&mut tx.buf, n);
                 WriteNow::Writer
             }
@@ -241,5 +256,38 @@ impl Core {
             c.tx.closing = true;
         }
         self.wake(sid, true, true);
+    }
+}
+
+/// The first frame boundary at or after `n` in `buf`, which starts at a
+/// frame (the end of `buf` if the frames there run past it).
+fn frame_boundary_after(buf: &[u8], n: usize) -> usize {
+    let mut at = 0;
+    while at < n {
+        let Some(len) = buf.get(at..at + LEN_PREFIX) else {
+            return buf.len();
+        };
+        let len = u32::from_be_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        at = at.saturating_add(LEN_PREFIX + len);
+    }
+    at.min(buf.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::frame_boundary_after;
+    use crate::protocol::{encode, Header, Kind};
+
+    #[test]
+    fn the_boundary_after_a_partial_write_ends_the_frame_it_cut() {
+        let mut buf = bytes::BytesMut::new();
+        encode(&mut buf, &Header::new(Kind::Push), &[7; 10]); // 0..34
+        encode(&mut buf, &Header::new(Kind::Push), &[8; 5]); // 34..63
+        assert_eq!(buf.len(), 63);
+        assert_eq!(frame_boundary_after(&buf, 0), 0);
+        assert_eq!(frame_boundary_after(&buf, 1), 34);
+        assert_eq!(frame_boundary_after(&buf, 34), 34);
+        assert_eq!(frame_boundary_after(&buf, 35), 63);
+        assert_eq!(frame_boundary_after(&buf, 63), 63);
     }
 }

@@ -80,6 +80,11 @@ impl ShardCtx {
         // wake-up for this.
         if let Some(t) = self.tasks.borrow_mut().get_mut(&sid) {
             t.writing = false;
+            // The task ends now: its handle (and the task's memory with
+            // it) need not live as long as the session.
+            if let Some(h) = t.writer.take() {
+                h.detach();
+            }
             t.reader.notify();
         }
     }
