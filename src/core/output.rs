@@ -62,6 +62,13 @@ pub(super) struct Tx {
 }
 
 impl Tx {
+    /// An empty queue gives back a buffer that grew for a burst.
+    fn reclaim(&mut self) {
+        if self.buf.is_empty() && self.buf.capacity() > 64 * 1024 {
+            self.buf = BytesMut::new();
+        }
+    }
+
     pub(super) fn queued(&self) -> usize {
         self.buf.len() + self.in_write
     }
@@ -81,10 +88,7 @@ impl Core {
             if tx.closing {
                 return Transmit::Done;
             }
-            // Reclaim a buffer that grew for a burst.
-            if tx.buf.capacity() > 64 * 1024 {
-                tx.buf = BytesMut::new();
-            }
+            tx.reclaim();
             return Transmit::Idle;
         }
         let batch = tx.buf.split().freeze();
@@ -123,11 +127,8 @@ impl Core {
             Ok(n) if n >= tx.buf.len() => {
                 tx.written_total += tx.buf.len() as u64;
                 tx.head_rest = 0;
-                if tx.buf.capacity() > 64 * 1024 {
-                    tx.buf = BytesMut::new();
-                } else {
-                    tx.buf.clear();
-                }
+                tx.buf.clear();
+                tx.reclaim();
                 // A closing output is done: the writer task ends now.
                 if tx.closing {
                     WriteNow::Writer
