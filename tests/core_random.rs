@@ -24,7 +24,7 @@ use bytes::Bytes;
 use slg_gateway::config::Config;
 use slg_gateway::protocol::{parse_session_body, Code, Frame, Header, Kind};
 use slg_gateway::sim::{header, ConnId, Sim};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 const LOGIN: u32 = 1;
@@ -69,6 +69,8 @@ struct ConnModel {
     /// When it sent its login or resume: a token it brings was issued
     /// after that (how long after, the client cannot know).
     asked_at: Instant,
+    /// The receive pass in which this connection read its SESSION.
+    session_pass: u64,
 }
 
 /// One player's client, and its record of its stream.
@@ -82,8 +84,12 @@ struct Client {
     seen: HashMap<u64, (Kind, u16, u32, u32, Bytes)>,
     /// Every seq up to this one was received (or declared lost by GAP).
     contiguous: u64,
-    /// Seqs a SESSION GAP declared lost, never received.
-    lost: BTreeSet<u64>,
+    /// Seqs a SESSION GAP declared lost, never received, each with the
+    /// receive pass of the SESSION that declared it. A connection of an
+    /// older session (or of one read in the same pass, which the client
+    /// cannot order) may still bring one: the outbox evicted it, but it was
+    /// already queued to that connection, which reads it before its KICK.
+    lost: BTreeMap<u64, u64>,
     /// What the gateway has read of this client's acknowledgements.
     acked: u64,
     /// At most this: a RESUME it read acknowledges too, if it succeeded.
@@ -112,7 +118,7 @@ impl Client {
             token: None,
             seen: HashMap::new(),
             contiguous: 0,
-            lost: BTreeSet::new(),
+            lost: BTreeMap::new(),
             acked: 0,
             acked_maybe: 0,
             owed_answers: BTreeSet::new(),
@@ -235,6 +241,7 @@ impl Case {
             garbage: false,
             resumed_after: 0,
             asked_at: self.sim.now,
+            session_pass: 0,
         });
         let resume = self.clients[p].token.is_some() && self.rng.chance(80);
         if resume {
@@ -361,7 +368,11 @@ impl Case {
                 .iter()
                 .any(|(o, &k)| k == pass && self.owner[o] == p);
         let c = &mut self.clients[p];
-        let raced = raced || c.session_pass == pass;
+        // Another SESSION of this player came in this same pass: the two
+        // bound in one step, and which of them is the newer the client
+        // cannot tell from the order it reads them in.
+        let same_pass = c.session_pass == pass;
+        let raced = raced || same_pass;
         let alone = c.conns.len() == 1 && !c.token_doubt;
         let Some(m) = c.conns.iter_mut().find(|m| m.id == id) else {
             return Err("a frame on a connection the client does not know".into());
@@ -376,8 +387,12 @@ impl Case {
                 }
                 if gap {
                     // Only a login, only past frames really evicted: R is the
-                    // seq before the oldest retained frame.
-                    if !matches!(m.state, State::Login(_)) || r > evicted || r < c.acked {
+                    // seq before the oldest retained frame (an older session
+                    // read after a newer one may have a lower R).
+                    if !matches!(m.state, State::Login(_))
+                        || r > evicted
+                        || (r < c.acked && !same_pass)
+                    {
                         return Err(format!(
                             "SESSION GAP with R = {r} in state {:?} (evicted through \
                              {evicted}, acked {})",
@@ -387,29 +402,31 @@ impl Case {
                     self.gaps += 1;
                     for s in 1..=r {
                         if !c.seen.contains_key(&s) {
-                            c.lost.insert(s);
+                            c.lost.insert(s, pass);
                         }
                     }
                     while c.seen.contains_key(&(c.contiguous + 1))
-                        || c.lost.contains(&(c.contiguous + 1))
+                        || c.lost.contains_key(&(c.contiguous + 1))
                     {
                         c.contiguous += 1;
                     }
                 }
                 match m.state {
-                    State::Login(_) if gap => c.acked = r,
+                    State::Login(_) if gap => c.acked = c.acked.max(r),
                     State::Resume(last) if r != last => {
                         return Err(format!("resume from {last} answered with R = {r}"))
                     }
                     State::Resume(last) => c.acked = c.acked.max(last),
-                    State::Login(_) if r < c.acked || r > c.acked.max(c.acked_maybe) => {
+                    State::Login(_)
+                        if (r < c.acked && !same_pass) || r > c.acked.max(c.acked_maybe) =>
+                    {
                         return Err(format!(
                             "login answered with R = {r}, but the gateway read acks up to {} \
                              (resumes up to {})",
                             c.acked, c.acked_maybe
                         ))
                     }
-                    State::Login(_) => c.acked = r,
+                    State::Login(_) => c.acked = c.acked.max(r),
                     s => return Err(format!("SESSION in state {s:?}")),
                 }
                 let (player, token) =
@@ -422,6 +439,7 @@ impl Case {
                 c.alive = true;
                 c.token_doubt = raced;
                 c.session_pass = pass;
+                m.session_pass = pass;
                 m.state = State::Ready { next: r + 1 };
             }
             Kind::Error => {
@@ -495,12 +513,14 @@ impl Case {
                     }
                     return Ok(());
                 }
-                if c.lost.remove(&h.seq) {
-                    return Err(format!("seq {} was declared lost, then came", h.seq));
+                if let Some(by) = c.lost.remove(&h.seq) {
+                    if m.session_pass > by {
+                        return Err(format!("seq {} was declared lost, then came", h.seq));
+                    }
                 }
                 c.seen.insert(h.seq, fp);
                 while c.seen.contains_key(&(c.contiguous + 1))
-                    || c.lost.contains(&(c.contiguous + 1))
+                    || c.lost.contains_key(&(c.contiguous + 1))
                 {
                     c.contiguous += 1;
                 }
