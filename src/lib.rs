@@ -40,3 +40,4 @@ pub mod session;
 pub mod shard;
 pub mod sim;
 pub mod snapshot;
+pub mod wire;

@@ -1,0 +1,119 @@
+//! TLS for the client, WebSocket and HTTP ports (rustls, ring provider):
+//! the server configuration from PEM files, and the record layer of one
+//! connection driven over in-memory buffers.
+
+use super::WireError;
+use bytes::BytesMut;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::io::{Read, Write};
+use std::sync::Arc;
+
+/// Load the certificate chain and key named in the config into a server
+/// configuration. The error is one line naming the file and what is wrong.
+pub fn load(cert: &str, key: &str) -> Result<Arc<rustls::ServerConfig>, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("{cert}: {e}"))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{cert}: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("{cert}: no certificate in the file"));
+    }
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{key}: {e}"))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("{cert}: {e}"))?;
+    Ok(Arc::new(cfg))
+}
+
+/// One connection's TLS layer.
+pub(super) struct Tls {
+    conn: rustls::ServerConnection,
+}
+
+impl Tls {
+    pub(super) fn new(cfg: Arc<rustls::ServerConfig>) -> Result<Tls, WireError> {
+        let mut conn = rustls::ServerConnection::new(cfg).map_err(WireError::Tls)?;
+        // What is written is bounded by the caller (one output batch).
+        conn.set_buffer_limit(None);
+        Ok(Tls { conn })
+    }
+
+    pub(super) fn is_handshaking(&self) -> bool {
+        self.conn.is_handshaking()
+    }
+
+    /// Decrypt `raw`: plaintext is handed to `sink`; records to send back
+    /// (handshake, alerts) are appended to `out`. `Ok(true)`: the peer sent
+    /// close_notify.
+    pub(super) fn open(
+        &mut self,
+        raw: &[u8],
+        out: &mut BytesMut,
+        mut sink: impl FnMut(&[u8]) -> Result<(), WireError>,
+    ) -> Result<bool, WireError> {
+        let mut rd = raw;
+        let mut closed = false;
+        let mut chunk = [0u8; 4096];
+        while !rd.is_empty() {
+            if let Err(e) = self.conn.read_tls(&mut rd) {
+                self.drain(out);
+                return Err(WireError::Io(e.to_string()));
+            }
+            let state = match self.conn.process_new_packets() {
+                Ok(s) => s,
+                Err(e) => {
+                    // The alert that tells the peer why.
+                    self.drain(out);
+                    return Err(WireError::Tls(e));
+                }
+            };
+            closed |= state.peer_has_closed();
+            loop {
+                match self.conn.reader().read(&mut chunk) {
+                    Ok(0) => {
+                        closed = true;
+                        break;
+                    }
+                    Ok(n) => sink(&chunk[..n])?,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(_) => {
+                        closed = true;
+                        break;
+                    }
+                }
+            }
+        }
+        self.drain(out);
+        Ok(closed)
+    }
+
+    /// Encrypt `plain` onto `out`.
+    pub(super) fn seal(&mut self, plain: &[u8], out: &mut BytesMut) -> Result<(), WireError> {
+        self.conn
+            .writer()
+            .write_all(plain)
+            .map_err(|e| WireError::Io(e.to_string()))?;
+        self.drain(out);
+        Ok(())
+    }
+
+    /// Queue close_notify.
+    pub(super) fn close(&mut self, out: &mut BytesMut) {
+        self.conn.send_close_notify();
+        self.drain(out);
+    }
+
+    fn drain(&mut self, out: &mut BytesMut) {
+        let mut w = bytes::BufMut::writer(out);
+        while self.conn.wants_write() {
+            if self.conn.write_tls(&mut w).is_err() {
+                break;
+            }
+        }
+    }
+}
