@@ -15,7 +15,6 @@ use crate::backend::{run_connection, AnswerSink};
 use crate::config::{Config, ConfigError};
 use crate::shard::{DrainReport, GatewayEvent, ShardCtx, ShardMsg};
 use crate::snapshot::{Image, LocalDir, PlayerImage, SnapshotStore};
-use bytes::BytesMut;
 use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -79,6 +78,8 @@ pub struct Gateway {
     pub client_addr: SocketAddr,
     /// The HTTP API's port, also on every shard.
     pub http_addr: SocketAddr,
+    /// The WebSocket port (`ws_listen`), also on every shard.
+    pub ws_addr: Option<SocketAddr>,
     shards: shards::Shards<ShardMsg, ShardReport>,
     connections: Arc<AtomicUsize>,
     events: (flume::Sender<GatewayEvent>, flume::Receiver<GatewayEvent>),
@@ -114,6 +115,9 @@ struct ShardStart {
     /// restore[i]: the players homed on shard i, from the snapshot.
     restore: Arc<Vec<flume::Receiver<Vec<PlayerImage>>>>,
     cluster: Option<crate::cluster::runtime::ClusterHandle>,
+    /// The WebSocket port, if any.
+    ws_addr: Option<SocketAddr>,
+    wires: crate::wire::Wires,
 }
 
 impl Clone for ShardStart {
@@ -128,6 +132,8 @@ impl Clone for ShardStart {
             events: self.events.clone(),
             restore: self.restore.clone(),
             cluster: self.cluster.clone(),
+            ws_addr: self.ws_addr,
+            wires: self.wires.clone(),
         }
     }
 }
@@ -190,6 +196,20 @@ impl Gateway {
                 addr: http,
                 source,
             })?;
+        let ws = match cfg.ws_listen_addr()? {
+            Some(addr) => {
+                Some(
+                    crate::net::reserve_port(addr).map_err(|source| StartError::Bind {
+                        what: "websocket listener",
+                        addr,
+                        source,
+                    })?,
+                )
+            }
+            None => None,
+        };
+        let ws_addr = ws.as_ref().map(|w| w.1);
+        let wires = crate::wire::Wires::from_config(&cfg, cfg.load_tls()?);
         let shards_cfg = shards::ShardsConfig {
             shards: cfg.shard_count(),
             pin: true,
@@ -232,6 +252,8 @@ impl Gateway {
             events: events.0.clone(),
             restore: Arc::new(restore),
             cluster: cluster.as_ref().map(|(h, _)| h.clone()),
+            ws_addr,
+            wires,
         };
         let shards = shards::start(&shards_cfg, move |shard: shards::Shard<ShardMsg>| {
             run_shard(shard, start)
@@ -256,6 +278,7 @@ impl Gateway {
         }
         drop(client_res);
         drop(http_res);
+        drop(ws);
         let cluster = match (kept.cluster.as_ref(), cluster) {
             (Some(c), Some((handle, rx))) => Some(crate::cluster::runtime::ClusterRuntime::start(
                 c,
@@ -271,6 +294,7 @@ impl Gateway {
         Ok(Gateway {
             client_addr,
             http_addr,
+            ws_addr,
             shards,
             connections,
             events,
@@ -507,22 +531,27 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
         events,
         restore,
         cluster,
+        ws_addr,
+        wires,
     } = start;
     let (id, count, mesh, inbox, stop, _stop_handle) = shard.into_parts();
     let listen = |addr| {
         crate::net::listen_reuseport(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))
     };
-    let (listener, http_listener) =
-        match listen(client_addr).and_then(|l| Ok((l, listen(http_addr)?))) {
-            Ok(both) => both,
-            Err(e) => {
-                let _ = ready.send(Err((id, e)));
-                return ShardReport {
-                    shard: id,
-                    ..Default::default()
-                };
-            }
-        };
+    let listeners = listen(client_addr).and_then(|l| {
+        let ws = ws_addr.map(listen).transpose()?;
+        Ok((l, listen(http_addr)?, ws))
+    });
+    let (listener, http_listener, ws_listener) = match listeners {
+        Ok(all) => all,
+        Err(e) => {
+            let _ = ready.send(Err((id, e)));
+            return ShardReport {
+                shard: id,
+                ..Default::default()
+            };
+        }
+    };
     let cfg = Rc::new((*cfg).clone());
     let mut ctx = ShardCtx::new(
         id,
@@ -535,6 +564,7 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
         cluster,
     );
     ctx.events = Some(events);
+    *ctx.wires.borrow_mut() = wires;
     let ctx = Rc::new(ctx);
     *ctx.this.borrow_mut() = Rc::downgrade(&ctx);
     if let Some(images) = restore.get(id).and_then(|rx| rx.try_recv().ok()) {
@@ -707,45 +737,18 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
     tracing::debug!(shard = id, "listening on {client_addr}");
 
     // Accept until stopped or draining.
-    loop {
-        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            futures_lite::future::or(ctx.stop.stopped(), ctx.drain_started.notified()).await;
-            None
-        })
-        .await;
-        let stream = match accepted {
-            None => break,
-            Some(Ok(s)) => s,
-            Some(Err(e)) => {
-                tracing::warn!(shard = id, error = %e, "accept failed");
-                // Out of fds or similar: back off instead of spinning.
-                glommio::timer::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-        };
-        let peer = stream
-            .peer_addr()
-            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-        let Some(slot) = crate::net::Slot::take(&ctx.connections, ctx.cfg().max_connections) else {
-            let st = ctx.stats();
-            st.refused_max_connections
-                .set(st.refused_max_connections.get() + 1);
-            tracing::debug!(shard = id, %peer, "refused: max_connections");
-            drop(stream);
-            continue;
-        };
-        ctx.stats().accepted.set(ctx.stats().accepted.get() + 1);
-        glommio::spawn_local(crate::shard::conn::serve(
+    let ws_task = ws_listener.map(|l| {
+        glommio::spawn_local(crate::shard::accept::accept_clients(
             ctx.clone(),
-            slot,
-            stream,
-            peer,
-            BytesMut::new(),
-            None,
+            l,
+            crate::shard::accept::Port::WebSocket,
         ))
-        .detach();
+    });
+    crate::shard::accept::accept_clients(ctx.clone(), listener, crate::shard::accept::Port::Tcp)
+        .await;
+    if let Some(t) = ws_task {
+        t.await;
     }
-    drop(listener);
     // A drain stops accepting first; the shard itself ends on the stop.
     ctx.stop.stopped().await;
 
@@ -804,15 +807,39 @@ async fn run_http(ctx: Rc<ShardCtx>, listener: glommio::net::TcpListener) {
             continue;
         };
         let ctx2 = ctx.clone();
+        let tls = ctx.wires.borrow().http.clone();
         glommio::spawn_local(async move {
             let stop = ctx2.stop.clone();
             let handler = |req| crate::http::api::handle(ctx2.clone(), req);
             let count = |status| ctx2.metrics().http(status);
-            futures_lite::future::or(
-                crate::http::serve_conn(stream, limits, handler, count),
-                stop.stopped(),
-            )
-            .await;
+            let serve = async {
+                let peer = stream
+                    .peer_addr()
+                    .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+                let (stream, read) = match tls {
+                    None => (
+                        crate::net::SharedStream::new(stream),
+                        bytes::BytesMut::new(),
+                    ),
+                    Some(tls) => {
+                        let kind = crate::wire::WireKind {
+                            tls: Some(tls),
+                            ws: None,
+                        };
+                        let Some(s) = crate::shard::handshake::wired(stream, &kind, peer) else {
+                            return;
+                        };
+                        let times = (limits.head_timeout, limits.head_timeout);
+                        match crate::shard::handshake::handshake(&s, times, peer).await {
+                            // A request sent with the handshake's last flight.
+                            Ok(read) => (s, read),
+                            Err(_) => return,
+                        }
+                    }
+                };
+                crate::http::serve_conn(stream, read, limits, handler, count).await
+            };
+            futures_lite::future::or(serve, stop.stopped()).await;
             drop(slot);
         })
         .detach();

@@ -2,6 +2,7 @@
 //! stream shared by one connection's reader and writer tasks, and the writer
 //! loop that sends a connection's queued output in batches.
 
+use crate::wire::{Wire, WireError};
 use bytes::{Bytes, BytesMut};
 use futures_lite::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use glommio::net::{TcpListener, TcpStream};
@@ -10,7 +11,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{FromRawFd, IntoRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -50,19 +51,85 @@ pub fn listen_reuseport(addr: SocketAddr) -> io::Result<TcpListener> {
     Ok(unsafe { TcpListener::from_raw_fd(socket.into_raw_fd()) })
 }
 
-/// One TCP stream shared by a connection's reader and writer tasks. glommio
-/// keeps separate read and write readiness sources per stream, and a poll
-/// never suspends while holding the borrow, so the two never conflict.
+/// One TCP stream shared by a connection's reader and writer tasks, with
+/// the connection's [`Wire`] when it is not plain TCP (TLS, WebSocket).
+/// glommio keeps separate read and write readiness sources per stream, and
+/// a poll never suspends while holding the borrow, so the two never
+/// conflict.
 #[derive(Clone)]
-pub struct SharedStream(Rc<RefCell<TcpStream>>);
+pub struct SharedStream(Rc<RefCell<Link>>);
+
+struct Link {
+    tcp: TcpStream,
+    wire: Option<Box<Wire>>,
+}
 
 impl SharedStream {
     pub fn new(stream: TcpStream) -> SharedStream {
-        SharedStream(Rc::new(RefCell::new(stream)))
+        SharedStream(Rc::new(RefCell::new(Link {
+            tcp: stream,
+            wire: None,
+        })))
+    }
+
+    /// A stream whose bytes pass through `wire`.
+    pub fn wired(stream: TcpStream, wire: Box<Wire>) -> SharedStream {
+        SharedStream(Rc::new(RefCell::new(Link {
+            tcp: stream,
+            wire: Some(wire),
+        })))
     }
 
     pub fn with<T>(&self, f: impl FnOnce(&TcpStream) -> T) -> T {
-        f(&self.0.borrow())
+        f(&self.0.borrow().tcp)
+    }
+
+    /// `f` on the socket's fd and the wire (None: plain TCP).
+    pub fn with_wire<T>(&self, f: impl FnOnce(RawFd, Option<&mut Wire>) -> T) -> T {
+        let mut link = self.0.borrow_mut();
+        let link = &mut *link;
+        f(link.tcp.as_raw_fd(), link.wire.as_deref_mut())
+    }
+
+    /// Whether bytes pass through a wire (TLS, WebSocket).
+    pub fn is_wired(&self) -> bool {
+        self.0.borrow().wire.is_some()
+    }
+
+    /// Wire bytes wait for the socket.
+    pub fn wire_pending(&self) -> bool {
+        self.0
+            .borrow()
+            .wire
+            .as_ref()
+            .is_some_and(|w| !w.pending().is_empty())
+    }
+
+    /// The wire's handshakes are done (true for plain TCP).
+    pub fn wire_open(&self) -> bool {
+        self.0.borrow().wire.as_ref().is_none_or(|w| w.is_open())
+    }
+
+    /// Take the wire out (the connection moves to another shard).
+    pub fn take_wire(&self) -> Option<Box<Wire>> {
+        self.0.borrow_mut().wire.take()
+    }
+
+    /// Write every pending wire byte, waiting for the socket.
+    pub async fn flush_wire(&self) -> io::Result<()> {
+        loop {
+            let chunk = match self.0.borrow_mut().wire.as_mut() {
+                Some(w) if !w.pending().is_empty() => w.take_pending(),
+                _ => return Ok(()),
+            };
+            let mut at = 0;
+            while at < chunk.len() {
+                at += std::future::poll_fn(|cx| {
+                    Pin::new(&mut self.0.borrow_mut().tcp).poll_write(cx, &chunk[at..])
+                })
+                .await?;
+            }
+        }
     }
 
     /// Read up to `want` bytes (at most [`SCRATCH_LEN`]) onto the end of
@@ -70,6 +137,9 @@ impl SharedStream {
     /// scratch buffer and only what arrived is copied to `buf`: glommio's
     /// reads wait for readiness and hold no buffer meanwhile, so a
     /// connection waiting for input needs no memory of its own for it.
+    /// Through a wire, what it carries is appended (perhaps nothing: a
+    /// WebSocket ping), and a refusal is an error holding the
+    /// [`WireError`] (see [`wire_error`]).
     pub async fn read_append(&self, buf: &mut BytesMut, want: usize) -> io::Result<usize> {
         std::future::poll_fn(|cx| self.poll_append(cx, buf, want)).await
     }
@@ -85,28 +155,88 @@ impl SharedStream {
             let mut scratch = scratch.borrow_mut();
             // At least 1: a read of 0 bytes would look like end of stream.
             let n = want.clamp(1, scratch.len());
-            let r = Pin::new(&mut *self.0.borrow_mut()).poll_read(cx, &mut scratch[..n]);
-            if let Poll::Ready(Ok(got)) = r {
-                buf.extend_from_slice(&scratch[..got]);
+            let mut link = self.0.borrow_mut();
+            let link = &mut *link;
+            let r = Pin::new(&mut link.tcp).poll_read(cx, &mut scratch[..n]);
+            let Poll::Ready(Ok(got)) = r else {
+                return r;
+            };
+            match link.wire.as_mut() {
+                None => {
+                    buf.extend_from_slice(&scratch[..got]);
+                    Poll::Ready(Ok(got))
+                }
+                Some(_) if got == 0 => Poll::Ready(Ok(0)),
+                Some(w) => match w.ingest(&scratch[..got], buf) {
+                    Ok(i) if i.closed => Poll::Ready(Ok(0)),
+                    Ok(_) => Poll::Ready(Ok(got)),
+                    Err(e) => Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e))),
+                },
             }
-            r
         })
+    }
+
+    /// Write pending wire bytes until none are left or the socket is full.
+    fn poll_flush_wire(link: &mut Link, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let Some(w) = link.wire.as_mut() else {
+            return Poll::Ready(Ok(()));
+        };
+        while !w.pending().is_empty() {
+            match Pin::new(&mut link.tcp).poll_write(cx, w.pending()) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => w.consumed(n),
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
+/// The [`WireError`] a read through a wire failed with, if that is why.
+pub fn wire_error(e: &io::Error) -> Option<&WireError> {
+    e.get_ref().and_then(|i| i.downcast_ref::<WireError>())
+}
+
+/// Through a wire, a write takes whole frames (or whole HTTP answers): it
+/// first writes what the wire still holds, then encodes all of `buf` at
+/// once; `poll_flush` writes what that left.
 impl AsyncWrite for SharedStream {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.0.borrow_mut()).poll_write(cx, buf)
+        let mut link = self.0.borrow_mut();
+        let link = &mut *link;
+        if link.wire.is_none() {
+            return Pin::new(&mut link.tcp).poll_write(cx, buf);
+        }
+        match SharedStream::poll_flush_wire(link, cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+            Poll::Pending => return Poll::Pending,
+        }
+        if let Some(w) = link.wire.as_mut() {
+            w.encode(buf)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        }
+        // Start writing now; what the socket does not take waits for a flush.
+        if let Poll::Ready(Err(e)) = SharedStream::poll_flush_wire(link, cx) {
+            return Poll::Ready(Err(e));
+        }
+        Poll::Ready(Ok(buf.len()))
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.0.borrow_mut()).poll_flush(cx)
+        let mut link = self.0.borrow_mut();
+        let link = &mut *link;
+        match SharedStream::poll_flush_wire(link, cx) {
+            Poll::Ready(Ok(())) => Pin::new(&mut link.tcp).poll_flush(cx),
+            other => other,
+        }
     }
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.0.borrow_mut()).poll_close(cx)
+        Pin::new(&mut self.0.borrow_mut().tcp).poll_close(cx)
     }
 }
 

@@ -4,15 +4,22 @@
 //!
 //! Tests use it; game client programmers can read it as the contract in code.
 //! [`asynch`] is the same client on glommio, for the load tester.
+//!
+//! It connects over plain TCP, TLS, a WebSocket, or a WebSocket over TLS
+//! ([`Client::connect_via`]); frames are the same bytes on each.
 
 pub mod asynch;
+mod transport;
+
+use transport::Conn;
+pub use transport::{ConnectOptions, WsOptions};
 
 use crate::protocol::{
     encode, parse_session_body, Code, DecodeError, Decoder, Frame, Header, Kind, Link,
 };
 use bytes::BytesMut;
 use std::collections::VecDeque;
-use std::io::{self, Read, Write};
+use std::io;
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
@@ -54,7 +61,7 @@ pub struct LoggedIn {
 
 /// A blocking client connection.
 pub struct Client {
-    stream: TcpStream,
+    conn: Conn,
     decoder: Decoder,
     buf: BytesMut,
     /// Frames received but not yet asked for.
@@ -71,10 +78,14 @@ pub struct Client {
 
 impl Client {
     pub fn connect(addr: SocketAddr) -> Result<Client, ClientError> {
-        let stream = TcpStream::connect(addr)?;
-        stream.set_nodelay(true)?;
+        Client::connect_via(addr, &ConnectOptions::default())
+    }
+
+    /// Connect with TLS and/or over a WebSocket, as `opts` says.
+    pub fn connect_via(addr: SocketAddr, opts: &ConnectOptions) -> Result<Client, ClientError> {
+        let conn = Conn::open(addr, opts)?;
         Ok(Client {
-            stream,
+            conn,
             decoder: Decoder::new(Link::GatewayToClient, crate::protocol::DEFAULT_MAX_FRAME),
             buf: BytesMut::with_capacity(4096),
             queued: VecDeque::new(),
@@ -98,14 +109,26 @@ impl Client {
 
     /// The raw socket, for tests that write bytes of their own.
     pub fn stream(&mut self) -> &mut TcpStream {
-        &mut self.stream
+        self.conn.tcp_mut()
     }
 
-    /// Send one frame.
+    /// The WebSocket (None: not over one), for tests that send messages
+    /// of their own.
+    pub fn websocket(&mut self) -> Option<&mut tungstenite::WebSocket<transport::Io>> {
+        self.conn.websocket()
+    }
+
+    /// Send one frame (over a WebSocket: one binary message).
     pub fn send(&mut self, h: &Header, body: &[u8]) -> Result<(), ClientError> {
         let mut out = BytesMut::with_capacity(crate::protocol::frame_len(body.len()));
         encode(&mut out, h, body);
-        self.stream.write_all(&out)?;
+        self.conn.send(out.freeze())?;
+        Ok(())
+    }
+
+    /// Send raw bytes (over a WebSocket: as one binary message).
+    pub fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ClientError> {
+        self.conn.send(bytes::Bytes::copy_from_slice(bytes))?;
         Ok(())
     }
 
@@ -259,17 +282,16 @@ impl Client {
             if left.is_zero() {
                 return Err(ClientError::Timeout(self.timeout));
             }
-            self.stream.set_read_timeout(Some(left))?;
+            self.conn.tcp_mut().set_read_timeout(Some(left))?;
             let len = self.buf.len();
             let want = self.decoder.needed(&self.buf).max(4096);
-            self.buf.resize(len + want, 0);
-            let r = self.stream.read(&mut self.buf[len..]);
+            let r = self.conn.read_into(&mut self.buf, want);
             match r {
                 Ok(0) => {
                     self.buf.truncate(len);
                     return Err(ClientError::Closed);
                 }
-                Ok(n) => self.buf.truncate(len + n),
+                Ok(_) => {}
                 Err(e)
                     if matches!(
                         e.kind(),

@@ -21,6 +21,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+mod wire;
+pub use wire::{TlsConfig, WsConfig};
+
 /// The shipped default configuration, which is also the documented template.
 pub const DEFAULT_RON: &str = include_str!("../../config/gateway.ron");
 
@@ -94,6 +97,15 @@ pub struct Config {
     /// tracing filter; `RUST_LOG` overrides it.
     #[serde(default = "default_log")]
     pub log: String,
+    /// WebSocket client address, bound by every shard (None: no WebSocket).
+    #[serde(default)]
+    pub ws_listen: Option<String>,
+    /// The WebSocket listener's path, origins and handshake bounds.
+    #[serde(default)]
+    pub ws: WsConfig,
+    /// TLS on the listeners it names (None: plain everywhere).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
 }
 
 fn default_drain_timeout() -> Duration {
@@ -380,6 +392,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
         self.http_listen_addr()?;
+        self.validate_wire()?;
         if let Some(n) = self.shards {
             if n == 0 || n > MAX_SHARDS {
                 return Err(invalid(

@@ -23,6 +23,8 @@ crate::counters! {
         rate_limited: "Requests refused RATE_LIMITED by the per-session token bucket.",
         session_panics: "Panics caught while handling one session's event (that session closed).",
         write_backlogs: "Times a client socket took less than was queued (a writer task waited for it to drain).",
+        handshakes_failed: "Client connections whose TLS handshake or WebSocket upgrade failed or was refused.",
+        handshakes_timed_out: "Client connections whose TLS handshake or WebSocket upgrade took longer than its handshake_timeout.",
     }
 }
 

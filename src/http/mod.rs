@@ -273,10 +273,14 @@ async fn read_more(
 
 /// Write `out` whole within `limit`; false on error or deadline.
 async fn write_within(stream: &mut SharedStream, out: &[u8], limit: Duration) -> bool {
-    futures_lite::future::or(async { stream.write_all(out).await.is_ok() }, async {
-        glommio::timer::sleep(limit).await;
-        false
-    })
+    // Through TLS the write encrypts; the flush sends what that left.
+    futures_lite::future::or(
+        async { stream.write_all(out).await.is_ok() && stream.flush().await.is_ok() },
+        async {
+            glommio::timer::sleep(limit).await;
+            false
+        },
+    )
     .await
 }
 
@@ -286,7 +290,8 @@ async fn write_within(stream: &mut SharedStream, out: &[u8], limit: Duration) ->
 /// `count` sees the status of every answer, including the rejections
 /// made here before a handler runs (400, 408, 411, 413, 431).
 pub async fn serve_conn<H, F>(
-    stream: glommio::net::TcpStream,
+    stream: SharedStream,
+    read: BytesMut,
     limits: HttpLimits,
     handler: H,
     count: impl Fn(u16),
@@ -294,9 +299,10 @@ pub async fn serve_conn<H, F>(
     H: Fn(Request) -> F,
     F: std::future::Future<Output = Response>,
 {
-    let _ = stream.set_nodelay(true);
-    let mut stream = SharedStream::new(stream);
-    let mut buf = BytesMut::with_capacity(1024);
+    let _ = stream.with(|s| s.set_nodelay(true));
+    let mut stream = stream;
+    let mut buf = read;
+    buf.reserve(1024);
     let mut out = BytesMut::with_capacity(1024);
     loop {
         // Head: wait up to idle_timeout for its first byte, then head_timeout.

@@ -38,13 +38,12 @@ enum End {
 pub fn serve(
     ctx: Rc<ShardCtx>,
     slot: Slot,
-    stream: TcpStream,
+    stream: SharedStream,
     peer: SocketAddr,
     buf: BytesMut,
     arrived: Option<Arrival>,
 ) -> impl std::future::Future<Output = ()> {
-    let _ = stream.set_nodelay(true);
-    let stream = SharedStream::new(stream);
+    let _ = stream.with(|s| s.set_nodelay(true));
     let ctl = Rc::new(shards::Notify::new());
     let sid = ctx.add_session(peer, stream.clone(), ctl.clone());
     match arrived {
@@ -95,6 +94,18 @@ async fn finish(
     match end {
         End::Close => {
             if flushed {
+                if stream.is_wired() {
+                    // A WebSocket close frame, TLS close_notify.
+                    stream.with_wire(|_, w| w.map(|w| w.close()));
+                    let _ = futures_lite::future::or(
+                        async { stream.flush_wire().await.is_ok() },
+                        async {
+                            glommio::timer::sleep(CLOSE_FLUSH).await;
+                            false
+                        },
+                    )
+                    .await;
+                }
                 let _ = shutdown_write(&stream);
             }
             let (player, reason) = ctx.remove_session(sid);
@@ -111,6 +122,7 @@ async fn finish(
             } else {
                 None
             };
+            let wire = stream.take_wire();
             drop(stream);
             let Some(fd) = fd else {
                 tracing::info!(session = sid, %peer, kicked, "hand-off abandoned");
@@ -126,6 +138,7 @@ async fn finish(
                 peer,
                 leftover: buf,
                 arrival,
+                wire,
             }));
             // If the home shard is gone (stopping), the message is dropped
             // and with it the fd and the slot.
@@ -138,12 +151,27 @@ async fn finish(
 /// for `sid`, batch by batch, waiting for the socket each time, until the
 /// queue is empty (then output is written at the end of batches again, see
 /// `ShardCtx::write_dirty`) or a write fails.
+///
+/// Through a wire, what the wire holds goes first; a batch taken is
+/// encoded whole (and counts as written then), and the loop ends only when
+/// the wire is empty too.
 pub(crate) async fn write_backlog(ctx: Rc<ShardCtx>, sid: SessionId, mut stream: SharedStream) {
-    while let Transmit::Bytes(batch) = ctx.poll_transmit(sid) {
-        let r = stream.write_all(&batch).await;
-        ctx.written(sid, r.is_ok());
-        if r.is_err() {
+    loop {
+        if stream.flush_wire().await.is_err() {
+            ctx.written(sid, false);
             break;
+        }
+        match ctx.poll_transmit(sid) {
+            Transmit::Bytes(batch) => {
+                let r = stream.write_all(&batch).await;
+                ctx.written(sid, r.is_ok());
+                if r.is_err() {
+                    break;
+                }
+            }
+            // A reply the reader's wire queued meanwhile (a pong).
+            _ if stream.wire_pending() => {}
+            _ => break,
         }
     }
     ctx.backlog_written(sid);
@@ -173,6 +201,10 @@ pub fn adopt(ctx: Rc<ShardCtx>, h: Handoff) {
     use std::os::fd::IntoRawFd;
     // SAFETY: the fd is a connected TCP socket whose ownership the message carried.
     let stream = unsafe { TcpStream::from_raw_fd(h.fd.into_raw_fd()) };
+    let stream = match h.wire {
+        Some(w) => SharedStream::wired(stream, w),
+        None => SharedStream::new(stream),
+    };
     glommio::spawn_local(serve(
         ctx,
         h.slot,
@@ -207,6 +239,10 @@ async fn read_loop(
         let next = ctx.at(Instant::now(), || {
             if std::mem::take(&mut received) {
                 ctx.touch(sid);
+                // A wire's own reply to what was read (a pong).
+                if stream.wire_pending() {
+                    ctx.wire_output(sid);
+                }
             }
             handle_buffered(ctx, sid, buf)
         });
@@ -228,6 +264,15 @@ async fn read_loop(
             }
             ReadMore::Data(_) => received = true,
             ReadMore::Err(e) => {
+                match crate::net::wire_error(&e) {
+                    // A text WebSocket message, two frames in one: KICK
+                    // PROTOCOL_ERROR, then the close frame.
+                    Some(w) if w.is_protocol_error() => {
+                        ctx.protocol_error(sid, w);
+                        continue;
+                    }
+                    _ => {}
+                }
                 tracing::debug!(session = sid, error = %e, "read error");
                 ctx.close(sid, CloseReason::ReadFailed);
                 return End::Close;

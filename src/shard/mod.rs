@@ -9,9 +9,11 @@
 //! what moves bytes and tasks: the session tasks' handles, the backend
 //! pool, the mesh, the cluster bridge ([`cluster`]).
 
+pub mod accept;
 mod admin;
 pub mod cluster;
 pub mod conn;
+pub mod handshake;
 mod log;
 mod msg;
 mod output;
@@ -86,6 +88,9 @@ pub struct ShardCtx {
     pub events: Option<flume::Sender<GatewayEvent>>,
     /// The cluster's control threads (None: this gateway alone).
     pub cluster: Option<crate::cluster::runtime::ClusterHandle>,
+    /// What each listener puts on its new connections (TLS, WebSocket); a
+    /// reload replaces it for connections accepted after.
+    pub wires: RefCell<crate::wire::Wires>,
     /// This context's own `Rc`, for tasks it spawns.
     pub this: RefCell<std::rc::Weak<ShardCtx>>,
 }
@@ -133,6 +138,7 @@ impl ShardCtx {
             force_wake: shards::Notify::new(),
             events: None,
             cluster,
+            wires: RefCell::new(crate::wire::Wires::default()),
             this: RefCell::new(std::rc::Weak::new()),
         }
     }

@@ -114,4 +114,6 @@ pub struct Handoff {
     pub peer: SocketAddr,
     pub leftover: BytesMut,
     pub arrival: Arrival,
+    /// The connection's TLS / WebSocket state (None: plain TCP).
+    pub wire: Option<Box<crate::wire::Wire>>,
 }

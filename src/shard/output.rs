@@ -4,8 +4,11 @@
 
 use super::{conn, ShardCtx};
 use crate::core::{Flushed, WriteNow};
+use crate::net::SharedStream;
 use crate::session::SessionId;
+use crate::wire::Wire;
 use std::os::fd::AsRawFd;
+use std::time::Instant;
 
 impl ShardCtx {
     /// Write the output of every session marked dirty straight to its
@@ -20,7 +23,7 @@ impl ShardCtx {
             }
             let now = self.now();
             for sid in batch.drain(..) {
-                let fd = {
+                let (fd, stream) = {
                     let mut tasks = self.tasks.borrow_mut();
                     let Some(t) = tasks.get_mut(&sid) else {
                         continue;
@@ -30,12 +33,16 @@ impl ShardCtx {
                         // It takes what was queued when it has written.
                         continue;
                     }
-                    t.stream.with(|s| s.as_raw_fd())
+                    let wired = t.stream.is_wired().then(|| t.stream.clone());
+                    (t.stream.with(|s| s.as_raw_fd()), wired)
                 };
-                let r = self
-                    .core
-                    .borrow_mut()
-                    .write_now(sid, now, |b| crate::net::send_now(fd, b));
+                let r = match stream {
+                    None => self
+                        .core
+                        .borrow_mut()
+                        .write_now(sid, now, |b| crate::net::send_now(fd, b)),
+                    Some(stream) => self.write_wired(sid, &stream, now),
+                };
                 if r == WriteNow::Writer {
                     self.backlog(sid);
                 }
@@ -49,10 +56,60 @@ impl ShardCtx {
         }
     }
 
+    /// [`write_dirty`](Self::write_dirty) through a wire: what the wire
+    /// holds goes first; only if the socket took all of it are the queued
+    /// frames encoded (all of them: the queue stays at a frame boundary)
+    /// and written as far as the socket takes them.
+    fn write_wired(&self, sid: SessionId, stream: &SharedStream, now: Instant) -> WriteNow {
+        let mut core = self.core.borrow_mut();
+        stream.with_wire(|fd, wire| {
+            let Some(wire) = wire else {
+                return WriteNow::Writer;
+            };
+            let flush = |wire: &mut Wire| -> std::io::Result<bool> {
+                while !wire.pending().is_empty() {
+                    match crate::net::send_now(fd, wire.pending()) {
+                        Ok(n) => wire.consumed(n),
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Ok(false),
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(true)
+            };
+            match flush(wire) {
+                Ok(true) => {}
+                Ok(false) => return WriteNow::Writer,
+                Err(_) => {
+                    core.handle_written(sid, false, now);
+                    return WriteNow::Writer;
+                }
+            }
+            let r = core.write_now(sid, now, |b| {
+                wire.encode(b)
+                    .map(|()| b.len())
+                    .map_err(std::io::Error::other)
+            });
+            match flush(wire) {
+                Ok(true) => r,
+                Ok(false) => WriteNow::Writer,
+                Err(_) => {
+                    core.handle_written(sid, false, now);
+                    WriteNow::Writer
+                }
+            }
+        })
+    }
+
+    /// A wire queued its own reply (a pong): write it at the batch's end.
+    pub fn wire_output(&self, sid: SessionId) {
+        self.mark_dirty(sid);
+    }
+
     /// The socket of `sid` took less than all: a writer task waits for it
     /// to drain. Or the output is finished: wake whoever waits for that.
     pub(super) fn backlog(&self, sid: SessionId) {
-        let flushed = self.core.borrow().flushed(sid);
+        let flushed = self.flushed(sid);
         let mut tasks = self.tasks.borrow_mut();
         let Some(t) = tasks.get_mut(&sid) else {
             return;
@@ -89,9 +146,21 @@ impl ShardCtx {
         }
     }
 
-    /// Whether everything queued for `sid` was written.
+    /// Whether everything queued for `sid` was written (through its wire,
+    /// if it has one).
     pub fn flushed(&self, sid: SessionId) -> Flushed {
-        self.core.borrow().flushed(sid)
+        let f = self.core.borrow().flushed(sid);
+        if f == Flushed::Yes {
+            let pending = self
+                .tasks
+                .borrow()
+                .get(&sid)
+                .is_some_and(|t| t.stream.wire_pending());
+            if pending {
+                return Flushed::NotYet;
+            }
+        }
+        f
     }
 
     pub(super) fn mark_dirty(&self, sid: SessionId) {

@@ -69,6 +69,48 @@ pub struct WireKind {
     pub ws: Option<Arc<WsSettings>>,
 }
 
+/// What each listener puts on the connections it accepts.
+#[derive(Clone, Default)]
+pub struct Wires {
+    /// The client TCP port (`listen`): TLS, or None for plain TCP.
+    pub client: Option<WireKind>,
+    /// The WebSocket port (`ws_listen`), if there is one.
+    pub ws: Option<WireKind>,
+    /// TLS on the HTTP API.
+    pub http: Option<Arc<rustls::ServerConfig>>,
+}
+
+impl Wires {
+    /// From the config, with the TLS configuration loaded from its files.
+    pub fn from_config(
+        cfg: &crate::config::Config,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Wires {
+        let on = |pick: fn(&crate::config::TlsConfig) -> bool| match (&cfg.tls, &tls) {
+            (Some(t), Some(server)) if pick(t) => Some(server.clone()),
+            _ => None,
+        };
+        let client = on(|t| t.client).map(|tls| WireKind {
+            tls: Some(tls),
+            ws: None,
+        });
+        let ws = cfg.ws_listen.as_ref().map(|_| WireKind {
+            tls: on(|t| t.websocket),
+            ws: Some(Arc::new(WsSettings {
+                path: cfg.ws.path.clone(),
+                allowed_origins: cfg.ws.allowed_origins.clone(),
+                max_request: cfg.ws.max_request,
+                max_message: cfg.max_frame as usize + crate::protocol::LEN_PREFIX,
+            })),
+        });
+        Wires {
+            client,
+            ws,
+            http: on(|t| t.http),
+        }
+    }
+}
+
 /// What one [`Wire::ingest`] found.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Ingested {
@@ -108,6 +150,11 @@ impl Wire {
     pub fn is_open(&self) -> bool {
         self.tls.as_ref().is_none_or(|t| !t.is_handshaking())
             && self.ws.as_ref().is_none_or(|w| w.is_open())
+    }
+
+    /// The TLS handshake is still going on.
+    pub fn tls_handshaking(&self) -> bool {
+        self.tls.as_ref().is_some_and(|t| t.is_handshaking())
     }
 
     /// Whether frames travel in WebSocket messages.

@@ -293,13 +293,17 @@ fn a_tls_handshake_with_garbage_fails_with_an_alert() {
 
 #[test]
 fn a_bad_certificate_file_is_named() {
-    let e = tls::load("/nonexistent/cert.pem", "/nonexistent/key.pem").expect_err("missing");
+    let (which, e) =
+        tls::load("/nonexistent/cert.pem", "/nonexistent/key.pem").expect_err("missing");
+    assert_eq!(which, "cert");
     assert!(e.contains("/nonexistent/cert.pem"), "{e}");
     let dir = std::env::temp_dir().join(format!("slg-wire-bad-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let cert = dir.join("cert.pem");
     std::fs::write(&cert, "not a pem file").expect("write");
-    let e = tls::load(cert.to_str().expect("utf8"), "/nonexistent/key.pem").expect_err("bad");
+    let (which, e) =
+        tls::load(cert.to_str().expect("utf8"), "/nonexistent/key.pem").expect_err("bad");
+    assert_eq!(which, "cert");
     assert!(e.contains("cert.pem"), "{e}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -10,23 +10,24 @@ use std::io::{Read, Write};
 use std::sync::Arc;
 
 /// Load the certificate chain and key named in the config into a server
-/// configuration. The error is one line naming the file and what is wrong.
-pub fn load(cert: &str, key: &str) -> Result<Arc<rustls::ServerConfig>, String> {
+/// configuration. The error names which of the two (`cert` or `key`) is at
+/// fault, with one line saying what is wrong with its file.
+pub fn load(cert: &str, key: &str) -> Result<Arc<rustls::ServerConfig>, (&'static str, String)> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| format!("{cert}: {e}"))?
+        .map_err(|e| ("cert", format!("{cert}: {e}")))?
         .collect::<Result<_, _>>()
-        .map_err(|e| format!("{cert}: {e}"))?;
+        .map_err(|e| ("cert", format!("{cert}: {e}")))?;
     if certs.is_empty() {
-        return Err(format!("{cert}: no certificate in the file"));
+        return Err(("cert", format!("{cert}: no certificate in the file")));
     }
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{key}: {e}"))?;
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| ("key", format!("{key}: {e}")))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(|e| ("cert", e.to_string()))?
         .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| format!("{cert}: {e}"))?;
+        .with_single_cert(certs, key_der)
+        .map_err(|e| ("key", format!("{key} does not fit {cert}: {e}")))?;
     Ok(Arc::new(cfg))
 }
 

@@ -1,0 +1,83 @@
+//! The accept loops of the client ports: the TCP port (`listen`, plain or
+//! TLS) and the WebSocket port (`ws_listen`, plain or TLS). Each takes a
+//! place under `max_connections` first; a connection with a wire runs its
+//! handshakes before it is a session (`handshake.rs`).
+
+use crate::net::Slot;
+use crate::shard::ShardCtx;
+use bytes::BytesMut;
+use glommio::net::TcpListener;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::Duration;
+
+/// Which client port a loop serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Port {
+    Tcp,
+    WebSocket,
+}
+
+/// Accept on `listener` until the shard stops or drains.
+pub async fn accept_clients(ctx: Rc<ShardCtx>, listener: TcpListener, port: Port) {
+    let id = ctx.id;
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            futures_lite::future::or(ctx.stop.stopped(), ctx.drain_started.notified()).await;
+            None
+        })
+        .await;
+        let stream = match accepted {
+            None => break,
+            Some(Ok(s)) => s,
+            Some(Err(e)) => {
+                tracing::warn!(shard = id, error = %e, ?port, "accept failed");
+                // Out of fds or similar: back off instead of spinning.
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let peer = stream
+            .peer_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let Some(slot) = Slot::take(&ctx.connections, ctx.cfg().max_connections) else {
+            let st = ctx.stats();
+            st.refused_max_connections
+                .set(st.refused_max_connections.get() + 1);
+            tracing::debug!(shard = id, %peer, "refused: max_connections");
+            drop(stream);
+            continue;
+        };
+        ctx.stats().accepted.set(ctx.stats().accepted.get() + 1);
+        let kind = {
+            let wires = ctx.wires.borrow();
+            match port {
+                Port::Tcp => wires.client.clone(),
+                Port::WebSocket => wires.ws.clone(),
+            }
+        };
+        match kind {
+            None => {
+                glommio::spawn_local(crate::shard::conn::serve(
+                    ctx.clone(),
+                    slot,
+                    crate::net::SharedStream::new(stream),
+                    peer,
+                    BytesMut::new(),
+                    None,
+                ))
+                .detach();
+            }
+            Some(kind) => {
+                glommio::spawn_local(crate::shard::handshake::handshake_then_serve(
+                    ctx.clone(),
+                    slot,
+                    stream,
+                    peer,
+                    kind,
+                ))
+                .detach();
+            }
+        }
+    }
+}
