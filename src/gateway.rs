@@ -319,15 +319,18 @@ impl Gateway {
 
     /// Apply a new config to every shard without dropping a connection or
     /// a request: routes, services, limits and timeouts change. Keys that
-    /// need a restart (listen, http_listen, shards, snapshot_dir,
-    /// demo_backend, log) keep their running values, with a warning. An
-    /// invalid config is refused and nothing changes.
+    /// need a restart (listen, http_listen, ws_listen, shards,
+    /// snapshot_dir, demo_backend, log) keep their running values, with a
+    /// warning. TLS certificates are read again and serve connections
+    /// accepted from now on (live ones keep theirs). An invalid config or
+    /// an unreadable certificate is refused and nothing changes.
     pub fn reload(&mut self, mut cfg: Config) -> Result<(), String> {
         cfg.validate().map_err(|e| e.to_string())?;
         let old = &self.cfg;
         for (key, changed) in [
             ("listen", cfg.listen != old.listen),
             ("http_listen", cfg.http_listen != old.http_listen),
+            ("ws_listen", cfg.ws_listen != old.ws_listen),
             ("shards", cfg.shards != old.shards),
             ("snapshot_dir", cfg.snapshot_dir != old.snapshot_dir),
             ("demo_backend", cfg.demo_backend != old.demo_backend),
@@ -339,10 +342,13 @@ impl Gateway {
         }
         cfg.listen = old.listen.clone();
         cfg.http_listen = old.http_listen.clone();
+        cfg.ws_listen = old.ws_listen.clone();
         cfg.shards = old.shards;
         cfg.snapshot_dir = old.snapshot_dir.clone();
         cfg.demo_backend = old.demo_backend.clone();
         cfg.log = old.log.clone();
+        let tls = cfg.load_tls().map_err(|e| e.to_string())?;
+        let wires = crate::wire::Wires::from_config(&cfg, tls);
         let shared = Arc::new(cfg.clone());
         let (tx, rx) = flume::unbounded();
         let n = self.shards.count();
@@ -350,6 +356,7 @@ impl Gateway {
         for i in 0..n {
             let msg = ShardMsg::Reload {
                 cfg: shared.clone(),
+                wires: wires.clone(),
                 reply: tx.clone(),
             };
             if self.shards.send_blocking(i, msg).is_ok() {
@@ -683,7 +690,8 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
                     Some(ShardMsg::Metrics { reply }) => {
                         let _ = reply.try_send(ctx.snapshot());
                     }
-                    Some(ShardMsg::Reload { cfg, reply }) => {
+                    Some(ShardMsg::Reload { cfg, wires, reply }) => {
+                        *ctx.wires.borrow_mut() = wires;
                         let fresh = ctx.reload(Rc::new((*cfg).clone()));
                         let n = fresh.len();
                         for conn in fresh {

@@ -114,6 +114,9 @@ fn load_config(cli: &Cli) -> Result<Config, String> {
         cfg.shards = Some(n);
     }
     cfg.validate().map_err(|e| e.to_string())?;
+    // The certificate and key files, read now so a bad one is refused
+    // before anything starts (the gateway reads them again when it does).
+    cfg.load_tls().map_err(|e| e.to_string())?;
     Ok(cfg)
 }
 
@@ -171,13 +174,19 @@ fn main() -> ExitCode {
             if let Some(d) = demo {
                 d.stop();
             }
-            return ExitCode::from(1);
+            // A config whose files are bad (a TLS certificate) is a config
+            // error like any other: status 2.
+            let config = matches!(e, slg_gateway::gateway::StartError::Config(_));
+            return ExitCode::from(if config { 2 } else { 1 });
         }
     };
     println!(
         "gateway listening on {} (clients), {} (http), {} shards",
         gw.client_addr, gw.http_addr, shards
     );
+    if let Some(ws) = gw.ws_addr {
+        println!("websocket listening on {ws}");
+    }
     if let Err(e) = forward_signals(gw.event_sender()) {
         eprintln!("cannot install signal handlers: {e}");
         let _ = gw.stop();

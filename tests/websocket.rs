@@ -358,3 +358,42 @@ fn a_bad_certificate_path_is_refused_at_start_naming_the_key() {
     assert!(err.contains("tls.cert"), "{err}");
     assert!(err.contains("/nonexistent/gw.pem"), "{err}");
 }
+
+#[test]
+fn a_reload_serves_a_new_certificate_to_new_connections_and_keeps_live_ones() {
+    let old = Cert::new("reload-old");
+    let tls = TlsConfig {
+        websocket: false,
+        http: false,
+        ..old.tls()
+    };
+    let mut h = Harness::with(1, |c| c.tls = Some(tls.clone()));
+    let mut live = Client::connect_via(h.addr(), &old.opts(false)).expect("connect");
+    live.login_demo(21).expect("login");
+
+    // A new certificate in the same files, then a reload.
+    let new = Cert::new("reload-new");
+    std::fs::copy(new.dir.join("cert.pem"), old.dir.join("cert.pem")).expect("copy");
+    std::fs::copy(new.dir.join("key.pem"), old.dir.join("key.pem")).expect("copy");
+    let demo = h.demo.as_ref().expect("demo").addr;
+    let gw = h.gateway.as_mut().expect("gateway");
+    let mut cfg = common::config(demo, 1);
+    cfg.tls = Some(tls.clone());
+    gw.reload(cfg.clone()).expect("reload");
+
+    // New connections get the new certificate: a client that trusts only
+    // the old one fails, one that trusts the new one succeeds.
+    assert!(Client::connect_via(h.addr(), &old.opts(false)).is_err());
+    let mut fresh = Client::connect_via(h.addr(), &new.opts(false)).expect("new cert");
+    fresh.login_demo(22).expect("login");
+    // The live session never noticed.
+    assert_eq!(live.request(ECHO, b"x").expect("echo").header.seq, 2);
+
+    // A broken certificate file: the reload is refused, naming the key.
+    std::fs::write(old.dir.join("key.pem"), "garbage").expect("write");
+    let gw = h.gateway.as_mut().expect("gateway");
+    let err = gw.reload(cfg).expect_err("a bad key");
+    assert!(err.contains("tls.key"), "{err}");
+    let mut again = Client::connect_via(h.addr(), &new.opts(false)).expect("still served");
+    again.login_demo(23).expect("login");
+}

@@ -52,6 +52,9 @@ pub enum ShardMsg {
     /// as they were); the shard answers when done.
     Reload {
         cfg: Arc<Config>,
+        /// The listeners' TLS and WebSocket settings (certificates read
+        /// again), for connections accepted from now on.
+        wires: crate::wire::Wires,
         reply: flume::Sender<usize>,
     },
     /// Another gateway takes `player` over: let it go to gateway `to`.
