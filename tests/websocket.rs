@@ -397,3 +397,45 @@ fn a_reload_serves_a_new_certificate_to_new_connections_and_keeps_live_ones() {
     let mut again = Client::connect_via(h.addr(), &new.opts(false)).expect("still served");
     again.login_demo(23).expect("login");
 }
+
+#[test]
+fn websocket_pings_are_answered_but_do_not_keep_a_session_alive() {
+    let h = Harness::with(1, |c| {
+        with_ws(c);
+        c.session_idle = Duration::from_millis(800);
+    });
+    let mut c = ws_client(&h);
+    c.login_demo(31).expect("login");
+    let started = Instant::now();
+    let mut pongs = 0;
+    let mut kicked = None;
+    while started.elapsed() < Duration::from_secs(5) && kicked.is_none() {
+        let ws = c.websocket().expect("ws");
+        ws.send(Message::Ping("are you there".into()))
+            .expect("ping");
+        ws.get_mut()
+            .tcp_mut()
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        loop {
+            match ws.read() {
+                Ok(Message::Pong(p)) => {
+                    assert_eq!(&p[..], b"are you there");
+                    pongs += 1;
+                    break;
+                }
+                Ok(Message::Binary(b)) => {
+                    // KICK: kind byte after the length prefix.
+                    assert_eq!(b[4], Kind::Kick as u8);
+                    kicked = Some(u16::from_be_bytes([b[6], b[7]]));
+                    break;
+                }
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(pongs >= 2, "pongs: {pongs}");
+    assert_eq!(kicked, Some(code(Code::Idle)));
+}

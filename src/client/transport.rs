@@ -42,7 +42,8 @@ pub enum Io {
 }
 
 impl Io {
-    fn tcp_mut(&mut self) -> &mut TcpStream {
+    /// The TCP socket under it (for timeouts).
+    pub fn tcp_mut(&mut self) -> &mut TcpStream {
         match self {
             Io::Tcp(s) => s,
             Io::Tls(s) => &mut s.sock,

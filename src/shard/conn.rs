@@ -239,10 +239,6 @@ async fn read_loop(
         let next = ctx.at(Instant::now(), || {
             if std::mem::take(&mut received) {
                 ctx.touch(sid);
-                // A wire's own reply to what was read (a pong).
-                if stream.wire_pending() {
-                    ctx.wire_output(sid);
-                }
             }
             handle_buffered(ctx, sid, buf)
         });
@@ -256,13 +252,23 @@ async fn read_loop(
             ctl.notified().await;
             continue;
         };
+        let before = buf.len();
         match read_or_notified(stream, buf, want, ctl).await {
             ReadMore::Interrupted => {}
             ReadMore::Eof => {
                 ctx.close(sid, CloseReason::PeerClosed);
                 return End::Close;
             }
-            ReadMore::Data(_) => received = true,
+            // Through a wire, only client-link bytes count (a WebSocket
+            // ping alone does not keep a session alive); a wire's own
+            // reply still has to go out.
+            ReadMore::Data(_) => {
+                received = buf.len() > before || !stream.is_wired();
+                if stream.wire_pending() {
+                    // Written when the next batch (just below) ends.
+                    ctx.wire_output(sid);
+                }
+            }
             ReadMore::Err(e) => {
                 match crate::net::wire_error(&e) {
                     // A text WebSocket message, two frames in one: KICK
