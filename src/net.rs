@@ -96,6 +96,15 @@ impl SharedStream {
         self.0.borrow().wire.is_some()
     }
 
+    /// Whether frames travel in WebSocket messages.
+    pub fn is_websocket(&self) -> bool {
+        self.0
+            .borrow()
+            .wire
+            .as_ref()
+            .is_some_and(|w| w.is_websocket())
+    }
+
     /// Wire bytes wait for the socket.
     pub fn wire_pending(&self) -> bool {
         self.0

@@ -149,16 +149,16 @@ fn bad_config_files_exit_2_naming_the_key() {
     expect_refused(
         "missing-cert.ron",
         &good.replace(
-            "shards: None,",
-            "shards: None, tls: Some((cert: \"/nonexistent/gw.pem\", key: \"/nonexistent/gw.key\", client: true)),",
+            "tls: None,",
+            "tls: Some((cert: \"/nonexistent/gw.pem\", key: \"/nonexistent/gw.key\", client: true)),",
         ),
         &["tls.cert", "/nonexistent/gw.pem"],
     );
     expect_refused(
         "tls-no-listener.ron",
         &good.replace(
-            "shards: None,",
-            "shards: None, tls: Some((cert: \"a.pem\", key: \"a.key\")),",
+            "tls: None,",
+            "tls: Some((cert: \"a.pem\", key: \"a.key\")),",
         ),
         &["tls", "names no listener"],
     );

@@ -19,7 +19,26 @@ use std::time::Duration;
 const ECHO: u32 = 100;
 
 fn gateway(demo: &DemoBackend, redis: &Redis, id: &str, lease: Duration) -> Gateway {
+    gateway_with(demo, redis, id, lease, false)
+}
+
+/// A free port on the loopback.
+fn port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port")
+}
+
+/// A gateway of the cluster; with `ws`, also a WebSocket listener it
+/// advertises (`ws_advertise`).
+fn gateway_with(demo: &DemoBackend, redis: &Redis, id: &str, lease: Duration, ws: bool) -> Gateway {
     let mut cfg = common::config(demo.addr, 2);
+    let ws_advertise = ws.then(|| {
+        let addr = format!("127.0.0.1:{}", port());
+        cfg.ws_listen = Some(addr.clone());
+        format!("ws://{addr}/ws")
+    });
     // A fixed port, so the gateway can advertise its client address.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -31,6 +50,7 @@ fn gateway(demo: &DemoBackend, redis: &Redis, id: &str, lease: Duration) -> Gate
         gateway_id: id.into(),
         advertise: cfg.listen.clone(),
         http_advertise: None,
+        ws_advertise,
         lease,
         prefix: "slg:".into(),
         when_redis_down: RedisDown::Refuse,
@@ -250,6 +270,61 @@ fn migration_redirects_the_client_and_loses_nothing() {
     assert_eq!(
         c2.request(ECHO, b"after").expect("echo").header.seq,
         last + 2
+    );
+    a.stop();
+    b.stop();
+    demo.stop();
+}
+
+#[test]
+fn migration_redirects_a_websocket_client_to_the_targets_websocket_url() {
+    let Some(redis) = start_redis() else { return };
+    let demo = DemoBackend::start("127.0.0.1:0".parse().expect("addr")).expect("demo");
+    let a = gateway_with(&demo, &redis, "gw-a", Duration::from_secs(5), true);
+    let b = gateway_with(&demo, &redis, "gw-b", Duration::from_secs(5), true);
+    std::thread::sleep(Duration::from_millis(150));
+    let ws = |addr| {
+        let opts = slg_gateway::client::ConnectOptions {
+            websocket: Some(slg_gateway::client::WsOptions::default()),
+            ..Default::default()
+        };
+        Client::connect_via(addr, &opts).expect("ws connect")
+    };
+    let mut c = ws(a.ws_addr.expect("ws a"));
+    c.login_demo(52).expect("login");
+    c.request(ECHO, b"before").expect("echo");
+    // A TCP client of another player is sent the TCP address.
+    let mut t = Client::connect(a.client_addr).expect("connect a");
+    t.login_demo(53).expect("login");
+
+    let mut token = Vec::new();
+    for (player, want) in [
+        (52, format!("ws://{}/ws", b.ws_addr.expect("ws b"))),
+        (53, b.client_addr.to_string()),
+    ] {
+        let path = format!("/v1/migrate?player={player}&to=gw-b");
+        let (status, text) = common::http(a.http_addr, "POST", &path, b"");
+        assert_eq!(status, 200, "{text}");
+        let client = if player == 52 { &mut c } else { &mut t };
+        let r = client
+            .wait_for(|f| f.header.kind == slg_gateway::protocol::Kind::Redirect)
+            .expect("redirect");
+        let (addr, tok) = slg_gateway::protocol::parse_redirect_body(&r.body).expect("body");
+        assert_eq!(addr, want, "player {player}");
+        if player == 52 {
+            token = tok.to_vec();
+        }
+    }
+    // The WebSocket client follows the URL and resumes there.
+    let last = c.last_seq;
+    let next = c.next_req_id();
+    assert!(c.is_closed());
+    let mut c2 = ws(b.ws_addr.expect("ws b"));
+    c2.set_next_req_id(next + 10);
+    assert_eq!(c2.resume(&token, last).expect("resume").resume_point, last);
+    assert_eq!(
+        c2.request(ECHO, b"after").expect("echo").header.seq,
+        last + 1
     );
     a.stop();
     b.stop();

@@ -663,7 +663,12 @@ fn adopt(
         );
         return;
     }
-    if let Err(e) = d.post(&format!("ack:{player}:{from}:{epoch}"), &cfg.advertise) {
+    // The client addresses: TCP, then (on a line of its own) WebSocket.
+    let addrs = match &cfg.ws_advertise {
+        Some(ws) => format!("{}\n{ws}", cfg.advertise),
+        None => cfg.advertise.clone(),
+    };
+    if let Err(e) = d.post(&format!("ack:{player}:{from}:{epoch}"), &addrs) {
         tracing::warn!(player, from, error = %e, "migration: cannot confirm");
     }
 }

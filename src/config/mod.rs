@@ -138,6 +138,11 @@ pub struct ClusterConfig {
     /// None: the address `http_listen` bound.
     #[serde(default)]
     pub http_advertise: Option<String>,
+    /// The WebSocket URL other gateways send this gateway's WebSocket
+    /// clients to in a REDIRECT (`ws://host:port/ws`, `wss://...`); None:
+    /// they are sent `advertise`, like TCP clients.
+    #[serde(default)]
+    pub ws_advertise: Option<String>,
     /// This gateway's lease: if it cannot renew it for this long, others
     /// take its players over.
     #[serde(with = "humantime_serde", default = "default_lease")]
@@ -462,6 +467,16 @@ impl Config {
             }
             if c.advertise.parse::<SocketAddr>().is_err() && !c.advertise.contains(':') {
                 return Err(invalid("cluster.advertise", "must be host:port"));
+            }
+            if let Some(u) = &c.ws_advertise {
+                let ok = (u.starts_with("ws://") || u.starts_with("wss://"))
+                    && !u.contains(char::is_whitespace);
+                if !ok {
+                    return Err(invalid(
+                        "cluster.ws_advertise",
+                        format!("must be a ws:// or wss:// URL, got `{u}`"),
+                    ));
+                }
             }
             positive("cluster.lease", c.lease)?;
         }

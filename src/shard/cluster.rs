@@ -137,9 +137,18 @@ pub async fn migrate_player(ctx: Rc<ShardCtx>, player: u64, to: String) -> Resul
     // player; rolling back before it could leave the player on both.
     let answer = rx.recv_async().await.ok();
     match answer {
-        Some(Ok(addr)) => {
-            let held = ctx.core_step(|c, now| c.complete_migration(player, &addr, now));
-            tracing::info!(player, to, addr, "player migrated");
+        Some(Ok(addrs)) => {
+            // The target's TCP address, and its WebSocket URL if it has one:
+            // a WebSocket client is sent there.
+            let mut lines = addrs.lines();
+            let addr = lines.next().unwrap_or_default().to_string();
+            let ws = lines.next().map(str::to_string);
+            let to_addr = match ws {
+                Some(ws) if ctx.player_on_websocket(player) => ws,
+                _ => addr.clone(),
+            };
+            let held = ctx.core_step(|c, now| c.complete_migration(player, &to_addr, now));
+            tracing::info!(player, to, addr = to_addr, "player migrated");
             // Pushes that came meanwhile follow it to its new gateway.
             if !held.is_empty() {
                 let (rtx, rrx) = flume::bounded(1);

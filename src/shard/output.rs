@@ -101,6 +101,17 @@ impl ShardCtx {
         })
     }
 
+    /// Whether `player`'s session (if it has one here) is a WebSocket.
+    pub fn player_on_websocket(&self, player: u64) -> bool {
+        let Some(sid) = self.core.borrow().player_session(player) else {
+            return false;
+        };
+        self.tasks
+            .borrow()
+            .get(&sid)
+            .is_some_and(|t| t.stream.is_websocket())
+    }
+
     /// A wire queued its own reply (a pong): write it at the batch's end.
     pub fn wire_output(&self, sid: SessionId) {
         self.mark_dirty(sid);
