@@ -27,6 +27,9 @@ struct Cli {
     /// HTTP listen address (overrides `http_listen`).
     #[arg(long = "http-listen", value_name = "ADDR")]
     http_listen: Option<String>,
+    /// WebSocket listen address (overrides `ws_listen`).
+    #[arg(long = "ws-listen", value_name = "ADDR")]
+    ws_listen: Option<String>,
     /// Number of shards (overrides `shards`).
     #[arg(long, value_name = "N")]
     shards: Option<usize>,
@@ -109,6 +112,9 @@ fn load_config(cli: &Cli) -> Result<Config, String> {
     }
     if let Some(h) = &cli.http_listen {
         cfg.http_listen = h.clone();
+    }
+    if let Some(w) = &cli.ws_listen {
+        cfg.ws_listen = Some(w.clone());
     }
     if let Some(n) = cli.shards {
         cfg.shards = Some(n);
