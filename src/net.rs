@@ -444,7 +444,12 @@ impl Outbound {
         let result = loop {
             match self.take() {
                 Some(batch) => {
-                    let r = sink.write_all(&batch).await;
+                    // Through a wire (TLS, WebSocket) the write encodes and
+                    // the flush sends what the socket did not take at once.
+                    let r = match sink.write_all(&batch).await {
+                        Ok(()) => sink.flush().await,
+                        e => e,
+                    };
                     self.in_write.set(0);
                     if r.is_ok() {
                         self.written_total

@@ -92,6 +92,19 @@ struct Cli {
     /// expected, not violations.
     #[arg(long)]
     expect_eviction: bool,
+    /// How sessions reach the gateway: tcp, tls, ws (WebSocket) or wss.
+    /// --addr is then the matching port (ws_listen for ws and wss).
+    #[arg(long, value_enum, default_value = "tcp")]
+    transport: slg_loadtest::options::Transport,
+    /// TLS (tls, wss): PEM file of the certificates to trust.
+    #[arg(long)]
+    tls_ca: Option<String>,
+    /// TLS: the name the gateway's certificate is checked for.
+    #[arg(long, default_value = "localhost")]
+    tls_name: String,
+    /// WebSocket: the upgrade path (the gateway's ws.path).
+    #[arg(long, default_value = "/ws")]
+    ws_path: String,
 }
 
 /// `slg-loadtest compare`: several saved runs on one chart.
@@ -171,6 +184,10 @@ fn main() -> ExitCode {
     o.allow_errors = cli.allow_errors;
     o.request_timeout = Duration::from_millis(cli.request_timeout_ms);
     o.expect_eviction = cli.expect_eviction;
+    o.transport = cli.transport;
+    o.tls_ca = cli.tls_ca;
+    o.tls_name = cli.tls_name;
+    o.ws_path = cli.ws_path;
     let report = match slg_loadtest::run(o) {
         Ok(r) => r,
         Err(e) => {

@@ -30,6 +30,20 @@ pub enum Target {
     Direct,
 }
 
+/// How the sessions reach the gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transport {
+    /// Plain TCP (`listen`).
+    Tcp,
+    /// TLS over TCP (`listen` with `tls.client`).
+    Tls,
+    /// A WebSocket (`ws_listen`).
+    Ws,
+    /// A WebSocket over TLS (`ws_listen` with `tls.websocket`).
+    Wss,
+}
+
 /// Everything a run needs.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Options {
@@ -85,9 +99,40 @@ pub struct Options {
     /// The gateway is configured to evict frames (a small outbox): `GAP`
     /// and `RESUME_GAP` are expected, not violations.
     pub expect_eviction: bool,
+    /// TCP, TLS, WebSocket or WebSocket over TLS.
+    pub transport: Transport,
+    /// TLS: the PEM file of the certificates to trust, and the name the
+    /// gateway's certificate must have.
+    pub tls_ca: Option<String>,
+    pub tls_name: String,
+    /// WebSocket: the upgrade path.
+    pub ws_path: String,
 }
 
 impl Options {
+    /// How to connect, as the client library takes it (the TLS trust
+    /// loaded from `tls_ca`).
+    pub fn connect_options(&self) -> Result<slg_gateway::client::ConnectOptions, String> {
+        let tls = match self.transport {
+            Transport::Tls | Transport::Wss => {
+                let ca = self
+                    .tls_ca
+                    .as_deref()
+                    .ok_or("--transport tls/wss needs --tls-ca FILE")?;
+                let cfg = slg_gateway::wire::tls::client_config(ca)?;
+                Some((cfg, self.tls_name.clone()))
+            }
+            _ => None,
+        };
+        let websocket = matches!(self.transport, Transport::Ws | Transport::Wss).then(|| {
+            slg_gateway::client::WsOptions {
+                path: self.ws_path.clone(),
+                origin: None,
+            }
+        });
+        Ok(slg_gateway::client::ConnectOptions { tls, websocket })
+    }
+
     pub fn new(scenario: Scenario, target: Target, addr: SocketAddr) -> Options {
         Options {
             scenario,
@@ -114,6 +159,10 @@ impl Options {
             allow_errors: 0,
             request_timeout: Duration::from_secs(5),
             expect_eviction: false,
+            transport: Transport::Tcp,
+            tls_ca: None,
+            tls_name: "localhost".into(),
+            ws_path: "/ws".into(),
         }
     }
 }

@@ -50,7 +50,8 @@ pub fn run(opts: Options) -> Result<Report, RunError> {
     // Sockets: one fd per session; take what the hard limit allows.
     let _ = slg_gateway::limits::raise(libc::RLIMIT_NOFILE);
     let live = Live::new();
-    let shared = Arc::new(Shared::new(opts.clone(), live.clone()));
+    let connect = opts.connect_options().map_err(RunError::Options)?;
+    let shared = Arc::new(Shared::new(opts.clone(), live.clone(), connect));
     let threads = opts.threads.max(1).min(opts.sessions);
     let gw_before = opts.gateway_pid.and_then(sample);
     let watch_before = opts.watch_pid.and_then(sample);

@@ -34,6 +34,8 @@ pub const PUSH_MSG: u32 = 9000;
 /// What the executors share with the run (and the pusher thread).
 pub struct Shared {
     pub opts: Options,
+    /// How sessions connect (TLS, WebSocket).
+    pub connect: slg_gateway::client::ConnectOptions,
     pub live: Arc<Live>,
     /// The clock origin of the run.
     pub base: Instant,
@@ -47,10 +49,15 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(opts: Options, live: Arc<Live>) -> Shared {
+    pub fn new(
+        opts: Options,
+        live: Arc<Live>,
+        connect: slg_gateway::client::ConnectOptions,
+    ) -> Shared {
         let pushes = opts.pushes;
         Shared {
             opts,
+            connect,
             live,
             base: Instant::now(),
             start_ns: AtomicU64::new(0),

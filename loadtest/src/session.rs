@@ -66,7 +66,7 @@ impl<'a> Sess<'a> {
     pub async fn connect(sh: &Shared, i: usize, st: &mut Stats) -> Option<AsyncClient> {
         let source =
             (!sh.opts.sources.is_empty()).then(|| sh.opts.sources[i % sh.opts.sources.len()]);
-        match AsyncClient::connect(sh.opts.addr, source).await {
+        match AsyncClient::connect_via(sh.opts.addr, source, &sh.connect).await {
             Ok(mut c) => {
                 c.check_seqs = false;
                 Some(c)

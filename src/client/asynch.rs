@@ -35,27 +35,53 @@ impl AsyncClient {
         addr: SocketAddr,
         source: Option<IpAddr>,
     ) -> Result<AsyncClient, ClientError> {
-        let stream = match source {
-            None => TcpStream::connect(addr)
-                .await
-                .map_err(std::io::Error::from)?,
-            Some(ip) => {
-                let sock = socket2::Socket::new(
-                    socket2::Domain::for_address(addr),
-                    socket2::Type::STREAM,
-                    None,
-                )?;
-                sock.bind(&SocketAddr::new(ip, 0).into())?;
-                // Loopback connects complete at once; a blocking connect
-                // here is a handful of microseconds.
-                sock.connect(&addr.into())?;
-                sock.set_nonblocking(true)?;
-                // SAFETY: a connected TCP socket whose fd we hand over whole.
-                unsafe { TcpStream::from_raw_fd(sock.into_raw_fd()) }
+        let stream = connect_tcp(addr, source).await?;
+        AsyncClient::over(SharedStream::new(stream), BytesMut::with_capacity(512))
+    }
+
+    /// Connect as [`connect`](Self::connect) does, then with TLS and/or a
+    /// WebSocket as `opts` says (handshakes within 10 s).
+    pub async fn connect_via(
+        addr: SocketAddr,
+        source: Option<IpAddr>,
+        opts: &super::ConnectOptions,
+    ) -> Result<AsyncClient, ClientError> {
+        if opts.tls.is_none() && opts.websocket.is_none() {
+            return AsyncClient::connect(addr, source).await;
+        }
+        let tcp = connect_tcp(addr, source).await?;
+        let scheme = if opts.tls.is_some() { "wss" } else { "ws" };
+        let url = opts
+            .websocket
+            .as_ref()
+            .map(|w| format!("{scheme}://{addr}{}", w.path));
+        let wire = crate::wire::Wire::client(opts.tls.clone(), url.as_deref())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+        let stream = SharedStream::wired(tcp, Box::new(wire));
+        let mut buf = BytesMut::with_capacity(512);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            stream.flush_wire().await?;
+            if stream.wire_open() {
+                break;
             }
-        };
-        stream.set_nodelay(true).map_err(std::io::Error::from)?;
-        let stream = SharedStream::new(stream);
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match crate::net::read_more(&stream, &mut buf, 4096, glommio::timer::sleep(left)).await
+            {
+                crate::net::ReadMore::Data(_) => {}
+                crate::net::ReadMore::Interrupted => {
+                    return Err(ClientError::Timeout(std::time::Duration::from_secs(10)))
+                }
+                crate::net::ReadMore::Eof => return Err(ClientError::Closed),
+                crate::net::ReadMore::Err(e) => return Err(e.into()),
+            }
+        }
+        // What the handshake's last flight left (TLS tickets, ...).
+        stream.flush_wire().await?;
+        AsyncClient::over(stream, buf)
+    }
+
+    fn over(stream: SharedStream, buf: BytesMut) -> Result<AsyncClient, ClientError> {
         let out = Rc::new(Outbound::new());
         {
             let (out, stream) = (out.clone(), stream.clone());
@@ -68,7 +94,7 @@ impl AsyncClient {
             stream,
             out,
             decoder: Decoder::new(Link::GatewayToClient, DEFAULT_MAX_FRAME),
-            buf: BytesMut::with_capacity(512),
+            buf,
             next_req_id: first_req_id(),
             last_seq: 0,
             check_seqs: true,
@@ -243,4 +269,29 @@ impl Drop for AsyncClient {
     fn drop(&mut self) {
         self.out.close();
     }
+}
+
+/// A TCP connection to `addr`, from `source` if given.
+async fn connect_tcp(addr: SocketAddr, source: Option<IpAddr>) -> Result<TcpStream, ClientError> {
+    let stream = match source {
+        None => TcpStream::connect(addr)
+            .await
+            .map_err(std::io::Error::from)?,
+        Some(ip) => {
+            let sock = socket2::Socket::new(
+                socket2::Domain::for_address(addr),
+                socket2::Type::STREAM,
+                None,
+            )?;
+            sock.bind(&SocketAddr::new(ip, 0).into())?;
+            // Loopback connects complete at once; a blocking connect
+            // here is a handful of microseconds.
+            sock.connect(&addr.into())?;
+            sock.set_nonblocking(true)?;
+            // SAFETY: a connected TCP socket whose fd we hand over whole.
+            unsafe { TcpStream::from_raw_fd(sock.into_raw_fd()) }
+        }
+    };
+    stream.set_nodelay(true).map_err(std::io::Error::from)?;
+    Ok(stream)
 }

@@ -146,6 +146,42 @@ impl Wire {
         })
     }
 
+    /// A client's side (the load tester's): TLS to `name` if `tls`, then a
+    /// WebSocket to `ws_url` if given. The first handshake bytes are
+    /// pending at once.
+    pub fn client(
+        tls: Option<(Arc<rustls::ClientConfig>, String)>,
+        ws_url: Option<&str>,
+    ) -> Result<Wire, WireError> {
+        let mut w = Wire {
+            tls: None,
+            ws: None,
+            out: BytesMut::new(),
+            scratch: Vec::new(),
+            close_code: CloseCode::Normal,
+        };
+        if let Some(url) = ws_url {
+            w.ws = Some(Box::new(ws::Ws::client(url, &mut w.scratch)?));
+        }
+        match tls {
+            Some((cfg, name)) => {
+                let mut t = tls::Tls::client(cfg, &name)?;
+                t.start(&mut w.out);
+                // The upgrade request waits in rustls until TLS is up.
+                if !w.scratch.is_empty() {
+                    t.seal(&w.scratch, &mut w.out)?;
+                    w.scratch.clear();
+                }
+                w.tls = Some(Box::new(t));
+            }
+            None => {
+                w.out.extend_from_slice(&w.scratch);
+                w.scratch.clear();
+            }
+        }
+        Ok(w)
+    }
+
     /// The handshakes are done: frames may flow.
     pub fn is_open(&self) -> bool {
         self.tls.as_ref().is_none_or(|t| !t.is_handshaking())

@@ -31,17 +31,51 @@ pub fn load(cert: &str, key: &str) -> Result<Arc<rustls::ServerConfig>, (&'stati
     Ok(Arc::new(cfg))
 }
 
-/// One connection's TLS layer.
+/// A client configuration that trusts the certificates in the PEM file
+/// `ca` (the load tester's, against a gateway with its own certificate).
+pub fn client_config(ca: &str) -> Result<Arc<rustls::ClientConfig>, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).map_err(|e| format!("{ca}: {e}"))? {
+        let c = c.map_err(|e| format!("{ca}: {e}"))?;
+        roots.add(c).map_err(|e| format!("{ca}: {e}"))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(cfg))
+}
+
+/// One connection's TLS layer (the gateway's side, or a client's: the
+/// load tester's).
 pub(super) struct Tls {
-    conn: rustls::ServerConnection,
+    conn: rustls::Connection,
 }
 
 impl Tls {
     pub(super) fn new(cfg: Arc<rustls::ServerConfig>) -> Result<Tls, WireError> {
-        let mut conn = rustls::ServerConnection::new(cfg).map_err(WireError::Tls)?;
+        let conn = rustls::ServerConnection::new(cfg).map_err(WireError::Tls)?;
+        Ok(Tls::with(rustls::Connection::Server(conn)))
+    }
+
+    pub(super) fn client(cfg: Arc<rustls::ClientConfig>, name: &str) -> Result<Tls, WireError> {
+        let name = rustls::pki_types::ServerName::try_from(name.to_string())
+            .map_err(|e| WireError::Io(format!("server name `{name}`: {e}")))?;
+        let conn = rustls::ClientConnection::new(cfg, name).map_err(WireError::Tls)?;
+        Ok(Tls::with(rustls::Connection::Client(conn)))
+    }
+
+    fn with(mut conn: rustls::Connection) -> Tls {
         // What is written is bounded by the caller (one output batch).
         conn.set_buffer_limit(None);
-        Ok(Tls { conn })
+        Tls { conn }
+    }
+
+    /// A client's first flight (its hello) onto `out`.
+    pub(super) fn start(&mut self, out: &mut BytesMut) {
+        self.drain(out);
     }
 
     pub(super) fn is_handshaking(&self) -> bool {

@@ -88,10 +88,13 @@ impl tungstenite::handshake::server::Callback for Check {
 }
 
 type Mid = MidHandshake<ServerHandshake<Mem, Check>>;
+type ClientMid = MidHandshake<tungstenite::handshake::client::ClientHandshake<Mem>>;
 
 enum State {
     /// Waiting for (the rest of) the upgrade request.
     Upgrading(Option<Box<Mid>>, Arc<WsSettings>),
+    /// A client's upgrade request is out: waiting for the answer.
+    Connecting(Option<Box<ClientMid>>),
     Open(Box<WebSocket<Mem>>),
     /// Failed or closed: nothing more is read or written.
     Done,
@@ -117,6 +120,29 @@ impl Ws {
             state: State::Upgrading(Some(Box::new(mid)), settings),
             request_bytes: 0,
         }
+    }
+
+    /// A client's side: the upgrade request for `url` (`ws://host:port/path`)
+    /// goes onto `out` now.
+    pub(super) fn client(url: &str, out: &mut Vec<u8>) -> Result<Ws, WireError> {
+        use tungstenite::client::IntoClientRequest;
+        let req = url
+            .into_client_request()
+            .map_err(|e| WireError::Upgrade(e.to_string()))?;
+        let mid = tungstenite::handshake::client::ClientHandshake::start(Mem::default(), req, None)
+            .map_err(|e| WireError::Upgrade(e.to_string()))?;
+        let state = match mid.handshake() {
+            Err(HandshakeError::Interrupted(mut m)) => {
+                out.append(&mut m.get_mut().get_mut().output);
+                State::Connecting(Some(Box::new(m)))
+            }
+            Err(HandshakeError::Failure(e)) => return Err(WireError::Upgrade(e.to_string())),
+            Ok(_) => return Err(WireError::Upgrade("answered before asked".into())),
+        };
+        Ok(Ws {
+            state,
+            request_bytes: 0,
+        })
     }
 
     /// The upgrade is done: messages flow.
@@ -190,6 +216,29 @@ impl Ws {
                         );
                         out.extend_from_slice(head.as_bytes());
                         out.extend_from_slice(&body);
+                        Err(WireError::Upgrade(e.to_string()))
+                    }
+                }
+            }
+            State::Connecting(mid) => {
+                let Some(mut m) = mid.take() else {
+                    return Err(WireError::Closed);
+                };
+                m.get_mut().get_mut().input.extend_from_slice(bytes);
+                match m.handshake() {
+                    Ok((mut ws, _)) => {
+                        let rest = std::mem::take(&mut ws.get_mut().input);
+                        self.state = State::Open(Box::new(ws));
+                        // Frames sent right behind the 101 (tungstenite
+                        // keeps what it read past the answer).
+                        self.feed(&rest, plain, out)
+                    }
+                    Err(HandshakeError::Interrupted(m)) => {
+                        *mid = Some(Box::new(m));
+                        Ok(Fed { closed: false })
+                    }
+                    Err(HandshakeError::Failure(e)) => {
+                        self.state = State::Done;
                         Err(WireError::Upgrade(e.to_string()))
                     }
                 }
