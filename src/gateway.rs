@@ -784,19 +784,11 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
 async fn run_http(ctx: Rc<ShardCtx>, listener: glommio::net::TcpListener) {
     let open = ctx.http_connections.clone();
     loop {
-        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            ctx.stop.stopped().await;
-            None
-        })
-        .await;
-        let stream = match accepted {
-            None => break,
-            Some(Ok(s)) => s,
-            Some(Err(e)) => {
-                tracing::warn!(shard = ctx.id, error = %e, "http accept failed");
-                glommio::timer::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
+        let stopped = ctx.stop.stopped();
+        let Some(stream) =
+            crate::shard::accept::accept_until(&listener, stopped, ctx.id, "http").await
+        else {
+            break;
         };
         // Limits as configured now (a reload changes them for new connections).
         let cfg = ctx.cfg();

@@ -240,18 +240,9 @@ impl Cert {
         std::fs::create_dir_all(&dir).expect("dir");
         std::fs::write(dir.join("cert.pem"), ck.cert.pem()).expect("cert");
         std::fs::write(dir.join("key.pem"), ck.key_pair.serialize_pem()).expect("key");
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(ck.cert.der().clone()).expect("root");
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let client = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        Cert {
-            dir,
-            client: Arc::new(client),
-        }
+        let ca = dir.join("cert.pem").display().to_string();
+        let client = slg_gateway::wire::tls::client_config(&ca).expect("client config");
+        Cert { dir, client }
     }
 
     fn tls(&self) -> TlsConfig {

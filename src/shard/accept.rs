@@ -11,6 +11,33 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::Duration;
 
+/// The next connection on `listener`, or None once `end` resolves. A
+/// failed accept (out of fds, say) is logged and retried after a pause
+/// rather than in a busy loop.
+pub async fn accept_until(
+    listener: &TcpListener,
+    end: impl std::future::Future<Output = ()>,
+    shard: usize,
+    what: &str,
+) -> Option<glommio::net::TcpStream> {
+    let mut end = std::pin::pin!(end);
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            end.as_mut().await;
+            None
+        })
+        .await;
+        match accepted {
+            None => return None,
+            Some(Ok(s)) => return Some(s),
+            Some(Err(e)) => {
+                tracing::warn!(shard, error = %e, what, "accept failed");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
 /// Which client port a loop serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Port {
@@ -21,21 +48,14 @@ pub enum Port {
 /// Accept on `listener` until the shard stops or drains.
 pub async fn accept_clients(ctx: Rc<ShardCtx>, listener: TcpListener, port: Port) {
     let id = ctx.id;
+    let what = match port {
+        Port::Tcp => "client",
+        Port::WebSocket => "websocket",
+    };
     loop {
-        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            futures_lite::future::or(ctx.stop.stopped(), ctx.drain_started.notified()).await;
-            None
-        })
-        .await;
-        let stream = match accepted {
-            None => break,
-            Some(Ok(s)) => s,
-            Some(Err(e)) => {
-                tracing::warn!(shard = id, error = %e, ?port, "accept failed");
-                // Out of fds or similar: back off instead of spinning.
-                glommio::timer::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
+        let end = futures_lite::future::or(ctx.stop.stopped(), ctx.drain_started.notified());
+        let Some(stream) = accept_until(&listener, end, id, what).await else {
+            break;
         };
         let peer = stream
             .peer_addr()

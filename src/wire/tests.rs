@@ -202,8 +202,10 @@ fn an_upgrade_is_checked_for_path_origin_and_size() {
 }
 
 fn tls_pair() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
-    let dir = std::env::temp_dir().join(format!("slg-wire-tls-{}", std::process::id()));
+    let dir = std::env::temp_dir().join(format!("slg-wire-tls-{}-{n}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("dir");
     let cert = dir.join("cert.pem");
     let key = dir.join("key.pem");
@@ -211,16 +213,9 @@ fn tls_pair() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
     std::fs::write(&key, ck.key_pair.serialize_pem()).expect("write key");
     let server =
         tls::load(cert.to_str().expect("utf8"), key.to_str().expect("utf8")).expect("load");
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ck.cert.der().clone()).expect("root");
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let client = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let client = tls::client_config(cert.to_str().expect("utf8")).expect("client config");
     let _ = std::fs::remove_dir_all(&dir);
-    (server, Arc::new(client))
+    (server, client)
 }
 
 /// Move bytes between a rustls client and the wire until both are quiet;
