@@ -430,3 +430,55 @@ fn websocket_pings_are_answered_but_do_not_keep_a_session_alive() {
     assert!(pongs >= 2, "pongs: {pongs}");
     assert_eq!(kicked, Some(code(Code::Idle)));
 }
+
+#[test]
+fn a_drain_kicks_websocket_sessions_with_a_close_frame_and_they_resume_after_a_restart() {
+    let demo =
+        slg_gateway::demo::DemoBackend::start("127.0.0.1:0".parse().expect("addr")).expect("demo");
+    let dir = std::env::temp_dir().join(format!("slg-ws-drain-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let start = || {
+        let mut cfg = common::config(demo.addr, 2);
+        with_ws(&mut cfg);
+        cfg.snapshot_dir = Some(dir.display().to_string());
+        slg_gateway::gateway::Gateway::start(cfg).expect("gateway")
+    };
+    let gw = start();
+    let opts = ConnectOptions {
+        websocket: Some(WsOptions::default()),
+        ..Default::default()
+    };
+    let mut c = Client::connect_via(gw.ws_addr.expect("ws"), &opts).expect("connect");
+    let li = c.login_demo(41).expect("login");
+    c.request(ECHO, b"x").expect("echo");
+    let (_tx, rx) = flume::unbounded();
+    let drained = std::thread::spawn(move || gw.drain(&rx));
+    assert_eq!(c.expect_kick().expect("kick"), code(Code::Shutdown));
+    let ws = c.websocket().expect("ws");
+    let mut closed = None;
+    for _ in 0..10 {
+        match ws.read() {
+            Ok(Message::Close(f)) => {
+                closed = f.map(|f| u16::from(f.code));
+                break;
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    assert_eq!(closed, Some(1000), "a close frame after the KICK");
+    assert_eq!(
+        drained.join().expect("drain").snapshot_players,
+        Some(1),
+        "the player is in the snapshot"
+    );
+    // A new process loads the snapshot: the WebSocket client resumes.
+    let gw = start();
+    let mut c2 = Client::connect_via(gw.ws_addr.expect("ws"), &opts).expect("connect");
+    c2.set_next_req_id(100);
+    assert_eq!(c2.resume(&li.token, 2).expect("resume").resume_point, 2);
+    assert_eq!(c2.request(ECHO, b"y").expect("echo").header.seq, 3);
+    gw.stop();
+    demo.stop();
+    let _ = std::fs::remove_dir_all(&dir);
+}
