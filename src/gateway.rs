@@ -837,7 +837,17 @@ async fn run_http(ctx: Rc<ShardCtx>, listener: glommio::net::TcpListener) {
                         }
                     }
                 };
-                crate::http::serve_conn(stream, read, limits, handler, count).await
+                crate::http::serve_conn(stream.clone(), read, limits, handler, count).await;
+                if stream.is_wired() {
+                    // HTTPS ends with close_notify.
+                    stream.with_wire(|_, w| w.map(|w| w.close()));
+                    let flushed = stream.flush_wire();
+                    let _ = futures_lite::future::or(async { flushed.await.is_ok() }, async {
+                        glommio::timer::sleep(Duration::from_secs(1)).await;
+                        false
+                    })
+                    .await;
+                }
             };
             futures_lite::future::or(serve, stop.stopped()).await;
             drop(slot);

@@ -62,6 +62,10 @@ pub struct SharedStream(Rc<RefCell<Link>>);
 struct Link {
     tcp: TcpStream,
     wire: Option<Box<Wire>>,
+    /// The wire saw the peer end the stream (a WebSocket close, TLS
+    /// close_notify) in a read that also carried frames: the next read
+    /// reports the end, after those frames were handled.
+    peer_closed: bool,
 }
 
 impl SharedStream {
@@ -69,6 +73,7 @@ impl SharedStream {
         SharedStream(Rc::new(RefCell::new(Link {
             tcp: stream,
             wire: None,
+            peer_closed: false,
         })))
     }
 
@@ -77,6 +82,7 @@ impl SharedStream {
         SharedStream(Rc::new(RefCell::new(Link {
             tcp: stream,
             wire: Some(wire),
+            peer_closed: false,
         })))
     }
 
@@ -124,21 +130,21 @@ impl SharedStream {
         self.0.borrow_mut().wire.take()
     }
 
-    /// Write every pending wire byte, waiting for the socket.
+    /// Write every pending wire byte, waiting for the socket. The bytes
+    /// stay pending (and [`SharedStream::wire_pending`] true) until the
+    /// socket took them, so whoever waits for a flushed output waits for
+    /// them too.
     pub async fn flush_wire(&self) -> io::Result<()> {
-        loop {
-            let chunk = match self.0.borrow_mut().wire.as_mut() {
-                Some(w) if !w.pending().is_empty() => w.take_pending(),
-                _ => return Ok(()),
-            };
-            let mut at = 0;
-            while at < chunk.len() {
-                at += std::future::poll_fn(|cx| {
-                    Pin::new(&mut self.0.borrow_mut().tcp).poll_write(cx, &chunk[at..])
-                })
-                .await?;
-            }
-        }
+        std::future::poll_fn(|cx| SharedStream::poll_flush_wire(&mut self.0.borrow_mut(), cx)).await
+    }
+
+    /// Bytes the wire holds for the socket (0: none, or plain TCP).
+    pub fn wire_pending_len(&self) -> usize {
+        self.0
+            .borrow()
+            .wire
+            .as_ref()
+            .map_or(0, |w| w.pending().len())
     }
 
     /// Read up to `want` bytes (at most [`SCRATCH_LEN`]) onto the end of
@@ -166,6 +172,9 @@ impl SharedStream {
             let n = want.clamp(1, scratch.len());
             let mut link = self.0.borrow_mut();
             let link = &mut *link;
+            if link.peer_closed {
+                return Poll::Ready(Ok(0));
+            }
             let r = Pin::new(&mut link.tcp).poll_read(cx, &mut scratch[..n]);
             let Poll::Ready(Ok(got)) = r else {
                 return r;
@@ -176,11 +185,18 @@ impl SharedStream {
                     Poll::Ready(Ok(got))
                 }
                 Some(_) if got == 0 => Poll::Ready(Ok(0)),
-                Some(w) => match w.ingest(&scratch[..got], buf) {
-                    Ok(i) if i.closed => Poll::Ready(Ok(0)),
-                    Ok(_) => Poll::Ready(Ok(got)),
-                    Err(e) => Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e))),
-                },
+                Some(w) => {
+                    let before = buf.len();
+                    match w.ingest(&scratch[..got], buf) {
+                        Ok(i) if i.closed => {
+                            link.peer_closed = true;
+                            // Frames before the close are handled first.
+                            Poll::Ready(Ok(if buf.len() > before { got } else { 0 }))
+                        }
+                        Ok(_) => Poll::Ready(Ok(got)),
+                        Err(e) => Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e))),
+                    }
+                }
             }
         })
     }

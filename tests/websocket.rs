@@ -482,3 +482,62 @@ fn a_drain_kicks_websocket_sessions_with_a_close_frame_and_they_resume_after_a_r
     demo.stop();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_request_sent_with_the_close_frame_is_still_handled() {
+    let h = Harness::with(1, with_ws);
+    let mut c = ws_client(&h);
+    let li = c.login_demo(71).expect("login");
+    // The request and the close in one write: one read at the gateway.
+    let ws = c.websocket().expect("ws");
+    ws.write(Message::Binary(frame_to(ECHO, 77, b"last words").into()))
+        .expect("write");
+    ws.close(None).expect("close");
+    std::thread::sleep(Duration::from_millis(300));
+    // Its answer went to the player: a resume finds it.
+    let mut c2 = ws_client(&h);
+    c2.set_next_req_id(100);
+    c2.resume(&li.token, 1).expect("resume");
+    let r = c2.recv().expect("the answer");
+    assert_eq!((r.header.req_id, &r.body[..]), (77, &b"last words"[..]));
+}
+
+fn frame_to(msg_id: u32, req_id: u32, body: &[u8]) -> Vec<u8> {
+    let mut b = bytes::BytesMut::new();
+    let mut h = Header::new(Kind::Request);
+    h.msg_id = msg_id;
+    h.req_id = req_id;
+    encode(&mut b, &h, body);
+    b.to_vec()
+}
+
+#[test]
+fn a_ping_flood_from_a_client_that_does_not_read_is_a_slow_consumer() {
+    let h = Harness::with(1, |c| {
+        with_ws(c);
+        c.write_queue_bytes = 128 * 1024;
+    });
+    let mut c = ws_client(&h);
+    c.login_demo(72).expect("login");
+    let ws = c.websocket().expect("ws");
+    // Pings, never reading the pongs: once the pongs the gateway owes pass
+    // write_queue_bytes (beyond what the sockets' buffers hold) it kicks
+    // the session and closes, and the writes here start failing. Without
+    // that bound it would buffer pongs for as long as pings come.
+    let started = Instant::now();
+    let mut sent = 0u64;
+    let closed = loop {
+        if started.elapsed() > Duration::from_secs(30) {
+            break false;
+        }
+        let r = ws.write(Message::Ping(vec![7u8; 125].into()));
+        if r.is_err() || ws.flush().is_err() {
+            break true;
+        }
+        sent += 1;
+    };
+    assert!(
+        closed,
+        "the gateway kept taking pings for 30 s ({sent} pings)"
+    );
+}

@@ -264,7 +264,12 @@ async fn read_loop(
             // reply still has to go out.
             ReadMore::Data(_) => {
                 received = buf.len() > before || !stream.is_wired();
-                if stream.wire_pending() {
+                let pending = stream.wire_pending_len();
+                if pending > ctx.cfg().write_queue_bytes {
+                    // Replies the wire owes (pongs to a ping flood) that
+                    // the client does not read: a slow consumer.
+                    ctx.kick(sid, crate::protocol::Code::SlowConsumer);
+                } else if pending > 0 {
                     // Written when the next batch (just below) ends.
                     ctx.wire_output(sid);
                 }

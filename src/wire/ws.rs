@@ -115,7 +115,11 @@ pub(super) struct Fed {
 
 impl Ws {
     pub(super) fn new(settings: Arc<WsSettings>) -> Ws {
-        let mid = ServerHandshake::start(Mem::default(), Check(settings.clone()), None);
+        // The config must go in here: tungstenite sizes its read buffer
+        // when the handshake makes the socket (128 KiB by default, zeroed
+        // on every read), and a later set_config does not change it.
+        let cfg = ws_config(settings.max_message);
+        let mid = ServerHandshake::start(Mem::default(), Check(settings.clone()), Some(cfg));
         Ws {
             state: State::Upgrading(Some(Box::new(mid)), settings),
             request_bytes: 0,
@@ -129,8 +133,10 @@ impl Ws {
         let req = url
             .into_client_request()
             .map_err(|e| WireError::Upgrade(e.to_string()))?;
-        let mid = tungstenite::handshake::client::ClientHandshake::start(Mem::default(), req, None)
-            .map_err(|e| WireError::Upgrade(e.to_string()))?;
+        let cfg = ws_config(crate::protocol::DEFAULT_MAX_FRAME as usize + LEN_PREFIX);
+        let mid =
+            tungstenite::handshake::client::ClientHandshake::start(Mem::default(), req, Some(cfg))
+                .map_err(|e| WireError::Upgrade(e.to_string()))?;
         let state = match mid.handshake() {
             Err(HandshakeError::Interrupted(mut m)) => {
                 out.append(&mut m.get_mut().get_mut().output);
@@ -177,14 +183,6 @@ impl Ws {
                 match m.handshake() {
                     Ok(mut ws) => {
                         out.append(&mut ws.get_mut().output);
-                        let max = settings.max_message;
-                        ws.set_config(|c| {
-                            *c = WebSocketConfig::default()
-                                .read_buffer_size(4096)
-                                .write_buffer_size(0)
-                                .max_message_size(Some(max))
-                                .max_frame_size(Some(max));
-                        });
                         self.state = State::Open(Box::new(ws));
                         // Bytes pipelined after the request were refused by
                         // tungstenite (JunkAfterRequest): nothing more here.
@@ -311,6 +309,16 @@ impl Ws {
             out.append(&mut ws.get_mut().output);
         }
     }
+}
+
+/// tungstenite's settings: a small read buffer (it is zeroed on each read),
+/// no write buffering (the shell batches), messages of one frame at most.
+fn ws_config(max_message: usize) -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_message_size(Some(max_message))
+        .max_frame_size(Some(max_message))
 }
 
 /// Where the frame starting at `at` ends (`None`: `buf` does not hold it whole).
