@@ -541,3 +541,29 @@ fn a_ping_flood_from_a_client_that_does_not_read_is_a_slow_consumer() {
         "the gateway kept taking pings for 30 s ({sent} pings)"
     );
 }
+
+#[test]
+fn connections_in_their_handshake_count_toward_max_connections() {
+    let cert = Cert::new("cap");
+    let tls = TlsConfig {
+        websocket: false,
+        http: false,
+        ..cert.tls()
+    };
+    let h = Harness::with(1, |c| {
+        c.tls = Some(tls);
+        c.max_connections = 2;
+    });
+    // Two connections that never finish their TLS handshake hold both places.
+    let silent: Vec<_> = (0..2)
+        .map(|_| std::net::TcpStream::connect(h.addr()).expect("connect"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    let refused = Client::connect_via(h.addr(), &cert.opts(false));
+    assert!(refused.is_err(), "a third connection must be refused");
+    // Once the handshake timeout (500 ms) frees them, a client gets in.
+    std::thread::sleep(Duration::from_millis(900));
+    let mut c = Client::connect_via(h.addr(), &cert.opts(false)).expect("a place again");
+    c.login_demo(81).expect("login");
+    drop(silent);
+}

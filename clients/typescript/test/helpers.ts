@@ -48,6 +48,9 @@ export interface GatewayOptions {
   /** Member of a cluster on this Redis port, named `id`. */
   cluster?: { redisPort: number; id: string };
   shards?: number;
+  /** TLS on the client TCP port with a certificate made here (openssl);
+   *  its PEM is in `Gateway.certPem`. */
+  tls?: boolean;
 }
 
 export interface Gateway {
@@ -57,6 +60,8 @@ export interface Gateway {
   httpPort: number;
   wsUrl?: string;
   wsPort?: number;
+  /** The certificate the gateway serves (with `tls`), to trust. */
+  certPem?: string;
   stop(): Promise<void>;
 }
 
@@ -82,6 +87,20 @@ export async function startGateway(o: GatewayOptions = {}): Promise<Gateway> {
     );
   }
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "slg-sdk-"));
+  let certPem: string | undefined;
+  if (o.tls) {
+    const cert = path.join(dir, "cert.pem");
+    const key = path.join(dir, "key.pem");
+    // A leaf for localhost (CA:FALSE: webpki refuses a CA as a server's own).
+    const r = spawnSync("openssl", [
+      "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+      "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=localhost",
+      "-addext", "subjectAltName=DNS:localhost", "-addext", "basicConstraints=critical,CA:FALSE",
+    ]);
+    if (r.status !== 0) throw new Error(`openssl failed: ${r.stderr}`);
+    certPem = fs.readFileSync(cert, "utf8");
+    sub("    tls: None,", `    tls: Some((cert: "${cert}", key: "${key}", client: true)),`);
+  }
   const cfg = path.join(dir, "gateway.ron");
   fs.writeFileSync(cfg, text);
   const proc = spawn(gatewayBin(), ["--config", cfg, "--shards", String(o.shards ?? 2)], {
@@ -113,6 +132,7 @@ export async function startGateway(o: GatewayOptions = {}): Promise<Gateway> {
     httpPort,
     wsPort: o.ws ? wsPort : undefined,
     wsUrl: o.ws ? `ws://127.0.0.1:${wsPort}/ws` : undefined,
+    certPem,
     stop: () =>
       new Promise<void>((resolve) => {
         if (proc.exitCode !== null) return resolve();

@@ -95,6 +95,28 @@ describe("one gateway", () => {
   }
 });
 
+test("login and requests over TLS (node, TCP)", async () => {
+  const g = await startGateway({ tls: true });
+  try {
+    const c = new GatewayClient({
+      tcp: { host: "127.0.0.1", port: g.port, tls: { ca: g.certPem, servername: "localhost" } },
+    });
+    await c.connect();
+    assert.equal((await c.login(LOGIN, "501")).player, 501n);
+    for (let i = 0; i < 10; i++) {
+      const r = await c.request(ECHO, `tls ${i}`);
+      assert.equal(text(r.body), `tls ${i}`);
+      assert.equal(r.seq, i + 2);
+    }
+    c.bye();
+    // A client that does not trust the certificate does not get in.
+    const bad = new GatewayClient({ tcp: { host: "127.0.0.1", port: g.port, tls: { servername: "localhost" } } });
+    await assert.rejects(bad.connect());
+  } finally {
+    await g.stop();
+  }
+});
+
 test("RESUME_GAP is reported to the app, which goes on after a new login", async () => {
   const g = await startGateway({ ws: true, outboxFrames: 4 });
   const proxy = new Proxy(g.wsPort!);
