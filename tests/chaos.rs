@@ -202,10 +202,11 @@ impl PlayerRun {
         self.client.timeout = Duration::from_secs(10);
         let mut session = false;
         loop {
-            let f = self
-                .client
-                .recv()
-                .unwrap_or_else(|e| self.fail(format_args!("login: {e}")));
+            let f = match self.client.recv() {
+                Ok(f) => f,
+                Err(ClientError::Timeout(t)) => self.login_stalled(t),
+                Err(e) => self.fail(format_args!("login: {e}")),
+            };
             if f.header.kind == Kind::Session {
                 let (_, token) = slg_gateway::protocol::parse_session_body(&f.body)
                     .unwrap_or_else(|| self.fail("SESSION body unreadable"));
@@ -225,6 +226,21 @@ impl PlayerRun {
             if done {
                 break;
             }
+        }
+    }
+
+    /// No frame came while a login waited for its answer: ask the gateway
+    /// (PONG carries the last seq it assigned) whether frames were sent
+    /// that never arrived, which is a loss (the answer itself may be the
+    /// frame lost, with nothing after it to show the gap).
+    fn login_stalled(&mut self, waited: Duration) -> ! {
+        let last = self.check.last();
+        match self.client.ping() {
+            Ok(assigned) if assigned > last => self.fail(format_args!(
+                "login: {LOST}: no answer in {waited:?}; the gateway assigned through seq \
+                 {assigned}, the client holds {last}"
+            )),
+            _ => self.fail(format_args!("login: no frame within {waited:?}")),
         }
     }
 
