@@ -190,6 +190,9 @@ impl Case {
         let mut rng = Rng(seed);
         let mut cfg = Config::embedded_default();
         cfg.session_idle = Duration::from_secs(60);
+        // The idle kick comes first for a connection that never logs in
+        // (the model knows IDLE; LOGIN_TIMEOUT has tests of its own).
+        cfg.login_timeout = cfg.session_idle;
         cfg.player_linger = Duration::from_secs(120);
         cfg.token_lifetime = Duration::from_secs(90);
         let evicting = rng.chance(25);

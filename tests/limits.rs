@@ -114,3 +114,30 @@ fn a_full_backend_connection_gives_overloaded() {
         "{metrics}"
     );
 }
+
+#[test]
+fn a_connection_that_does_not_log_in_in_time_is_kicked_login_timeout() {
+    let h = Harness::with(2, |c| c.login_timeout = Duration::from_millis(400));
+    // A silent connection, one that sends only a partial frame, and one
+    // that logs in: only the first two go.
+    let mut silent = h.client();
+    let mut partial = h.client();
+    partial
+        .stream()
+        .write_all(&[0, 0, 0, 40, 1])
+        .expect("write");
+    let mut ok = h.client();
+    ok.login_demo(91).expect("login");
+    let started = std::time::Instant::now();
+    for c in [&mut silent, &mut partial] {
+        assert_eq!(
+            c.expect_kick().expect("kick"),
+            u16::from(slg_gateway::protocol::Code::LoginTimeout)
+        );
+        assert!(c.is_closed());
+    }
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // The logged-in session is untouched, well past the timeout.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(ok.request(100, b"still here").expect("echo").header.seq, 2);
+}

@@ -54,6 +54,10 @@ pub struct Config {
     /// A session silent for this long is closed.
     #[serde(with = "humantime_serde")]
     pub session_idle: Duration,
+    /// A connection not logged in (or resumed) this long after it was
+    /// accepted is closed (KICK LOGIN_TIMEOUT).
+    #[serde(with = "humantime_serde", default = "default_login_timeout")]
+    pub login_timeout: Duration,
     /// How long a player without a connection is kept for resume.
     #[serde(with = "humantime_serde")]
     pub player_linger: Duration,
@@ -106,6 +110,10 @@ pub struct Config {
     /// TLS on the listeners it names (None: plain everywhere).
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+}
+
+fn default_login_timeout() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn default_drain_timeout() -> Duration {
@@ -419,6 +427,7 @@ impl Config {
             return Err(invalid("max_connections", "must be greater than 0"));
         }
         positive("session_idle", self.session_idle)?;
+        positive("login_timeout", self.login_timeout)?;
         let l = &self.limits;
         if l.session_inflight == 0 {
             return Err(invalid("limits.session_inflight", "must be greater than 0"));

@@ -131,6 +131,10 @@ pub struct Core {
     cfg: Rc<Config>,
     router: Rc<Router>,
     sessions: HashMap<SessionId, Conn>,
+    /// Sessions not yet logged in, with when they were accepted (the
+    /// `login_timeout` sweep); a session leaves it when the sweep finds it
+    /// bound, or when it closes.
+    unbound: HashMap<SessionId, Instant>,
     players: HashMap<u64, Player>,
     /// Players being migrated away, with the pushes that arrived meanwhile
     /// (they follow the player once it has moved).
@@ -167,6 +171,7 @@ impl Core {
             router: Rc::new(Router::new(&cfg)),
             cfg,
             sessions: HashMap::new(),
+            unbound: HashMap::default(),
             players: HashMap::new(),
             migrating: HashMap::new(),
             next_session: 1,
@@ -295,6 +300,7 @@ impl Core {
         self.next_session += 1;
         let sid = ((self.id as u64) << 48) | n;
         let session = Session::new(now, self.cfg.limits.rate);
+        self.unbound.insert(sid, now);
         self.sessions.insert(
             sid,
             Conn {
@@ -310,6 +316,7 @@ impl Core {
     /// the player it was bound to and why it closed.
     pub fn remove_session(&mut self, sid: SessionId, now: Instant) -> (Option<u64>, CloseReason) {
         self.now = now;
+        self.unbound.remove(&sid);
         let Some(c) = self.sessions.remove(&sid) else {
             return (None, CloseReason::Open);
         };

@@ -159,7 +159,34 @@ impl Core {
         if let Some(cutoff) = now.checked_sub(self.cfg.session_idle) {
             self.kick_where(Code::Idle, |s| s.quiet_since(cutoff));
         }
+        self.login_deadlines(now);
         self.end_lingering(now);
+    }
+
+    /// A connection that has not logged in (or resumed) `login_timeout`
+    /// after it was accepted gets `KICK LOGIN_TIMEOUT`: a crowd of silent
+    /// or slow sockets cannot hold the connection slots for long.
+    fn login_deadlines(&mut self, now: Instant) {
+        let limit = self.cfg.login_timeout;
+        let sessions = &self.sessions;
+        let mut late = Vec::new();
+        self.unbound.retain(|sid, since| {
+            let Some(c) = sessions.get(sid) else {
+                return false;
+            };
+            if c.session.player().is_some() || c.session.is_closing() {
+                return false;
+            }
+            if now.saturating_duration_since(*since) >= limit {
+                late.push(*sid);
+                return false;
+            }
+            true
+        });
+        for sid in late {
+            super::bump(&self.stats.login_timeouts);
+            self.kick(sid, Code::LoginTimeout);
+        }
     }
 
     /// `KICK code` to every session for which `pred` holds.

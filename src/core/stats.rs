@@ -23,6 +23,7 @@ crate::counters! {
         rate_limited: "Requests refused RATE_LIMITED by the per-session token bucket.",
         session_panics: "Panics caught while handling one session's event (that session closed).",
         write_backlogs: "Times a client socket took less than was queued (a writer task waited for it to drain).",
+        login_timeouts: "Connections closed for not logging in within login_timeout (KICK LOGIN_TIMEOUT).",
         handshakes_failed: "Client connections whose TLS handshake or WebSocket upgrade failed or was refused.",
         handshakes_timed_out: "Client connections whose TLS handshake or WebSocket upgrade took longer than its handshake_timeout.",
     }

@@ -73,7 +73,7 @@ fn link_kind_tables() {
 
 #[test]
 fn code_values_match_protocol() {
-    let table: [(u16, Code, &str); 19] = [
+    let table: [(u16, Code, &str); 20] = [
         (0x0000, Code::Ok, "OK"),
         (0x8001, Code::NoRoute, "NO_ROUTE"),
         (0x8002, Code::NotAuthenticated, "NOT_AUTHENTICATED"),
@@ -93,6 +93,7 @@ fn code_values_match_protocol() {
         (0x8104, Code::Admin, "ADMIN"),
         (0x8105, Code::ProtocolError, "PROTOCOL_ERROR"),
         (0x8106, Code::SlowConsumer, "SLOW_CONSUMER"),
+        (0x8107, Code::LoginTimeout, "LOGIN_TIMEOUT"),
     ];
     for (v, c, name) in table {
         assert_eq!(c as u16, v);

@@ -162,6 +162,8 @@ pub enum Code {
     Admin = 0x8104,
     ProtocolError = 0x8105,
     SlowConsumer = 0x8106,
+    /// An addition (docs/PROTOCOL.md): not logged in within `login_timeout`.
+    LoginTimeout = 0x8107,
 }
 
 impl Code {
@@ -169,7 +171,7 @@ impl Code {
     pub const GAP: Code = Code::ResumeGap;
 
     /// Every code, in wire-value order.
-    pub const ALL: [Code; 19] = [
+    pub const ALL: [Code; 20] = [
         Code::Ok,
         Code::NoRoute,
         Code::NotAuthenticated,
@@ -189,6 +191,7 @@ impl Code {
         Code::Admin,
         Code::ProtocolError,
         Code::SlowConsumer,
+        Code::LoginTimeout,
     ];
 
     /// The named code with this value (`OK` or a gateway code).
@@ -213,6 +216,7 @@ impl Code {
             0x8104 => Code::Admin,
             0x8105 => Code::ProtocolError,
             0x8106 => Code::SlowConsumer,
+            0x8107 => Code::LoginTimeout,
             _ => return None,
         })
     }
@@ -239,6 +243,7 @@ impl Code {
             Code::Admin => "ADMIN",
             Code::ProtocolError => "PROTOCOL_ERROR",
             Code::SlowConsumer => "SLOW_CONSUMER",
+            Code::LoginTimeout => "LOGIN_TIMEOUT",
         }
     }
 

@@ -35,7 +35,7 @@ interface LoginWait {
   session?: SessionInfo;
 }
 
-const TERMINAL_KICKS: number[] = [Code.REPLACED, Code.ADMIN, Code.PROTOCOL_ERROR];
+const TERMINAL_KICKS: number[] = [Code.REPLACED, Code.ADMIN, Code.PROTOCOL_ERROR, Code.LOGIN_TIMEOUT];
 
 export class GatewayClient {
   private endpoint: Endpoint;

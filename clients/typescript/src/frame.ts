@@ -46,6 +46,8 @@ export const Code = {
   ADMIN: 0x8104,
   PROTOCOL_ERROR: 0x8105,
   SLOW_CONSUMER: 0x8106,
+  /** An addition of this gateway: not logged in within `login_timeout`. */
+  LOGIN_TIMEOUT: 0x8107,
 } as const;
 
 /** `GAP` in a `SESSION` is `RESUME_GAP`'s value. */
