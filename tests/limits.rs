@@ -141,3 +141,52 @@ fn a_connection_that_does_not_log_in_in_time_is_kicked_login_timeout() {
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(ok.request(100, b"still here").expect("echo").header.seq, 2);
 }
+
+/// Log in, then trickle the bytes of a frame that never finishes, one
+/// every `every`, until the gateway kicks: the kick code and how long it took.
+fn trickle(h: &Harness, player: u64, every: Duration) -> (u16, Duration) {
+    let mut c = h.client();
+    c.login_demo(player).expect("login");
+    let started = Instant::now();
+    // A header announcing 1020 bytes, then single bytes.
+    c.stream().write_all(&[0, 0, 4, 0, 1]).expect("write");
+    c.stream().set_read_timeout(Some(every)).expect("timeout");
+    while started.elapsed() < Duration::from_secs(20) {
+        c.timeout = every;
+        match c.expect_kick() {
+            Ok(code) => return (code, started.elapsed()),
+            Err(slg_gateway::client::ClientError::Timeout(_)) => {}
+            Err(e) => panic!("before a kick: {e}"),
+        }
+        if c.stream().write_all(&[0]).is_err() {
+            break;
+        }
+    }
+    panic!("no kick within 20 s of trickled bytes");
+}
+
+#[test]
+fn stray_bytes_do_not_keep_a_session_alive() {
+    let h = Harness::with(1, |c| {
+        c.session_idle = Duration::from_millis(700);
+        c.frame_timeout = Duration::from_secs(60);
+    });
+    let (code, took) = trickle(&h, 92, Duration::from_millis(150));
+    assert_eq!(code, u16::from(Code::Idle));
+    assert!(took < Duration::from_secs(5), "kicked after {took:?}");
+}
+
+#[test]
+fn a_frame_not_finished_within_frame_timeout_is_kicked() {
+    let h = Harness::with(1, |c| {
+        c.session_idle = Duration::from_secs(60);
+        c.frame_timeout = Duration::from_millis(500);
+    });
+    // A client that sends whole frames, slowly, is not touched.
+    let mut slow = h.client();
+    slow.login_demo(93).expect("login");
+    let (code, took) = trickle(&h, 94, Duration::from_millis(150));
+    assert_eq!(code, u16::from(Code::Idle));
+    assert!(took < Duration::from_secs(5), "kicked after {took:?}");
+    assert_eq!(slow.request(ECHO, b"fine").expect("echo").header.seq, 2);
+}

@@ -58,6 +58,10 @@ pub struct Config {
     /// accepted is closed (KICK LOGIN_TIMEOUT).
     #[serde(with = "humantime_serde", default = "default_login_timeout")]
     pub login_timeout: Duration,
+    /// A frame begun and not finished this long gets the session kicked
+    /// (KICK IDLE).
+    #[serde(with = "humantime_serde", default = "default_frame_timeout")]
+    pub frame_timeout: Duration,
     /// How long a player without a connection is kept for resume.
     #[serde(with = "humantime_serde")]
     pub player_linger: Duration,
@@ -110,6 +114,10 @@ pub struct Config {
     /// TLS on the listeners it names (None: plain everywhere).
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+}
+
+fn default_frame_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 fn default_login_timeout() -> Duration {
@@ -428,6 +436,7 @@ impl Config {
         }
         positive("session_idle", self.session_idle)?;
         positive("login_timeout", self.login_timeout)?;
+        positive("frame_timeout", self.frame_timeout)?;
         let l = &self.limits;
         if l.session_inflight == 0 {
             return Err(invalid("limits.session_inflight", "must be greater than 0"));

@@ -188,6 +188,10 @@ impl Core {
     /// One frame from a client.
     pub fn handle_frame(&mut self, sid: SessionId, frame: Frame, now: Instant) {
         self.now = now;
+        // A whole frame keeps the session alive (stray bytes do not).
+        if let Some(c) = self.sessions.get_mut(&sid) {
+            c.session.touch(now);
+        }
         let h = frame.header;
         match h.kind {
             Kind::Request => self.on_request(sid, &h, frame.body),

@@ -135,6 +135,9 @@ pub struct Core {
     /// `login_timeout` sweep); a session leaves it when the sweep finds it
     /// bound, or when it closes.
     unbound: HashMap<SessionId, Instant>,
+    /// Sessions whose connection holds a frame begun and not whole, since
+    /// when (the `frame_timeout` sweep).
+    partial: HashMap<SessionId, Instant>,
     players: HashMap<u64, Player>,
     /// Players being migrated away, with the pushes that arrived meanwhile
     /// (they follow the player once it has moved).
@@ -172,6 +175,7 @@ impl Core {
             cfg,
             sessions: HashMap::new(),
             unbound: HashMap::default(),
+            partial: HashMap::default(),
             players: HashMap::new(),
             migrating: HashMap::new(),
             next_session: 1,
@@ -317,6 +321,7 @@ impl Core {
     pub fn remove_session(&mut self, sid: SessionId, now: Instant) -> (Option<u64>, CloseReason) {
         self.now = now;
         self.unbound.remove(&sid);
+        self.partial.remove(&sid);
         let Some(c) = self.sessions.remove(&sid) else {
             return (None, CloseReason::Open);
         };
@@ -360,10 +365,17 @@ impl Core {
     }
 
     /// Bytes arrived on a session.
-    pub fn handle_received(&mut self, sid: SessionId, now: Instant) {
+    /// The connection of `sid` holds a frame begun and not whole
+    /// (`partial`), or no longer: past `frame_timeout` such a frame gets
+    /// the session kicked (`IDLE`: a frame that never finishes is no frame).
+    pub fn handle_partial_frame(&mut self, sid: SessionId, partial: bool, now: Instant) {
         self.now = now;
-        if let Some(c) = self.sessions.get_mut(&sid) {
-            c.session.touch(now);
+        if partial {
+            if self.sessions.contains_key(&sid) {
+                self.partial.entry(sid).or_insert(now);
+            }
+        } else {
+            self.partial.remove(&sid);
         }
     }
 

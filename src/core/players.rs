@@ -160,6 +160,7 @@ impl Core {
             self.kick_where(Code::Idle, |s| s.quiet_since(cutoff));
         }
         self.login_deadlines(now);
+        self.frame_deadlines(now);
         self.end_lingering(now);
     }
 
@@ -186,6 +187,24 @@ impl Core {
         for sid in late {
             super::bump(&self.stats.login_timeouts);
             self.kick(sid, Code::LoginTimeout);
+        }
+    }
+
+    /// A frame begun and not finished within `frame_timeout`: `KICK IDLE`
+    /// (a client that trickles bytes never sends a frame).
+    fn frame_deadlines(&mut self, now: Instant) {
+        let limit = self.cfg.frame_timeout;
+        let mut late = Vec::new();
+        self.partial.retain(|sid, since| {
+            let keep = now.saturating_duration_since(*since) < limit;
+            if !keep {
+                late.push(*sid);
+            }
+            keep
+        });
+        for sid in late {
+            super::bump(&self.stats.frame_timeouts);
+            self.kick(sid, Code::Idle);
         }
     }
 

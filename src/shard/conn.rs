@@ -232,15 +232,19 @@ async fn read_loop(
     buf: &mut BytesMut,
     ctl: &shards::Notify,
 ) -> End {
-    let mut received = false;
+    // A frame begun and not yet whole is in `buf` (told to the core, which
+    // times it: frame_timeout).
+    let mut partial = false;
     loop {
         // Between two awaits everything happens at one instant: one clock
         // read per read, not per frame.
         let next = ctx.at(Instant::now(), || {
-            if std::mem::take(&mut received) {
-                ctx.touch(sid);
+            let next = handle_buffered(ctx, sid, buf);
+            if partial != !buf.is_empty() {
+                partial = !partial;
+                ctx.partial_frame(sid, partial);
             }
-            handle_buffered(ctx, sid, buf)
+            next
         });
         // `next` is gone before any await: it would sit in the future.
         let want = match next {
@@ -252,18 +256,15 @@ async fn read_loop(
             ctl.notified().await;
             continue;
         };
-        let before = buf.len();
         match read_or_notified(stream, buf, want, ctl).await {
             ReadMore::Interrupted => {}
             ReadMore::Eof => {
                 ctx.close(sid, CloseReason::PeerClosed);
                 return End::Close;
             }
-            // Through a wire, only client-link bytes count (a WebSocket
-            // ping alone does not keep a session alive); a wire's own
-            // reply still has to go out.
+            // Only whole frames keep a session alive (the core sees
+            // them); a wire's own reply (a pong) still has to go out.
             ReadMore::Data(_) => {
-                received = buf.len() > before || !stream.is_wired();
                 let pending = stream.wire_pending_len();
                 if pending > ctx.cfg().write_queue_bytes {
                     // Replies the wire owes (pongs to a ping flood) that

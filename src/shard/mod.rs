@@ -406,8 +406,11 @@ impl ShardCtx {
     }
 
     /// Bytes arrived on a session.
-    pub fn touch(&self, sid: SessionId) {
-        self.core.borrow_mut().handle_received(sid, self.now());
+    /// `sid`'s read buffer holds a frame begun and not whole (or no more).
+    pub fn partial_frame(&self, sid: SessionId, partial: bool) {
+        self.core
+            .borrow_mut()
+            .handle_partial_frame(sid, partial, self.now());
     }
 
     /// What the read loop of `sid` must do now.

@@ -435,7 +435,6 @@ impl Sim {
                     if self.log_reads {
                         self.read_log.push((c, frame.header));
                     }
-                    self.cores[s].handle_received(sid, self.now);
                     self.cores[s].handle_frame(sid, frame, self.now);
                     self.flush(s);
                 }
