@@ -240,7 +240,7 @@ async fn read_loop(
         // read per read, not per frame.
         let next = ctx.at(Instant::now(), || {
             let next = handle_buffered(ctx, sid, buf);
-            if partial != !buf.is_empty() {
+            if partial == buf.is_empty() {
                 partial = !partial;
                 ctx.partial_frame(sid, partial);
             }
