@@ -113,7 +113,7 @@ fn code_values_match_protocol() {
     let known = (0..=u16::MAX)
         .filter(|v| Code::from_u16(*v).is_some())
         .count();
-    assert_eq!(known, 19);
+    assert_eq!(known, 20);
 }
 
 #[test]
