@@ -190,9 +190,7 @@ impl Case {
         let mut rng = Rng(seed);
         let mut cfg = Config::embedded_default();
         cfg.session_idle = Duration::from_secs(60);
-        // The idle kick comes first for a connection that never logs in
-        // (the model knows IDLE; LOGIN_TIMEOUT has tests of its own).
-        cfg.login_timeout = cfg.session_idle;
+        cfg.login_timeout = Duration::from_secs(30);
         cfg.player_linger = Duration::from_secs(120);
         cfg.token_lifetime = Duration::from_secs(90);
         let evicting = rng.chance(25);
@@ -481,7 +479,12 @@ impl Case {
                 c.token = None;
             }
             Kind::Kick => {
-                let ok = h.code == u16::from(Code::Replaced)
+                // LOGIN_TIMEOUT: only a connection not logged in, and
+                // with no login or resume the gateway is serving.
+                let late = h.code == u16::from(Code::LoginTimeout)
+                    && !matches!(m.state, State::Ready { .. });
+                let ok = late
+                    || h.code == u16::from(Code::Replaced)
                     || h.code == u16::from(Code::Idle)
                     || (m.garbage && h.code == u16::from(Code::ProtocolError));
                 if !ok {

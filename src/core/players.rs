@@ -178,7 +178,11 @@ impl Core {
             if c.session.player().is_some() || c.session.is_closing() {
                 return false;
             }
-            if now.saturating_duration_since(*since) >= limit {
+            // A login or resume in progress is bounded by its own
+            // deadline (the backend's request timeout); the next sweep
+            // after it failed finds the session plain Connected again.
+            let waiting = c.session.state() == crate::session::State::Connected;
+            if waiting && now.saturating_duration_since(*since) >= limit {
                 late.push(*sid);
                 return false;
             }
