@@ -677,8 +677,8 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
                         let counts = (!ctx.is_drained()).then(|| ctx.broadcast(msg_id, &body));
                         let _ = reply.try_send(counts);
                     }
-                    Some(ShardMsg::Kick { player, reply }) => {
-                        let _ = reply.try_send(ctx.admin_kick(player));
+                    Some(ShardMsg::Kick { player, end, reply }) => {
+                        let _ = reply.try_send(ctx.admin_kick(player, end));
                     }
                     Some(ShardMsg::ListPlayers {
                         after,

@@ -196,19 +196,64 @@ fn admin_kick_and_player_state() {
     assert_eq!(info["outbox"], 0);
     assert_eq!(info["shard"], shards::home_shard(42, 2) as u64);
 
-    let (status, text) = http(h.http_addr(), "POST", "/v1/kick?player=42", b"");
+    // A soft kick: the player lingers and may resume.
+    let (status, text) = http(h.http_addr(), "POST", "/v1/kick?player=42&resume=true", b"");
+    assert_eq!(status, 200, "{text}");
     assert_eq!(
-        (status, json(&text)["kicked"].clone()),
-        (200, serde_json::Value::Bool(true))
+        (json(&text)["kicked"].clone(), json(&text)["ended"].clone()),
+        (true.into(), false.into())
     );
     assert_eq!(c.expect_kick().expect("kick"), u16::from(Code::Admin));
     assert!(c.is_closed());
     wait_offline(&h, 42);
+    assert!(h.player(42).is_some(), "a soft-kicked player lingers");
+    // Without resume=true the player ends, session or not.
     let (_, text) = http(h.http_addr(), "POST", "/v1/kick?player=42", b"");
-    assert_eq!(json(&text)["kicked"], false, "no session left to kick");
+    assert_eq!(
+        (json(&text)["kicked"].clone(), json(&text)["ended"].clone()),
+        (false.into(), true.into())
+    );
+    assert!(h.player(42).is_none(), "an ended player is gone");
     let (_, text) = http(h.http_addr(), "POST", "/v1/kick?player=4242", b"");
-    assert_eq!(json(&text)["kicked"], false);
-    assert!(h.player(42).is_some(), "a kicked player lingers");
+    assert_eq!(
+        (json(&text)["kicked"].clone(), json(&text)["ended"].clone()),
+        (false.into(), false.into())
+    );
+    let (status, _) = http(
+        h.http_addr(),
+        "POST",
+        "/v1/kick?player=42&resume=maybe",
+        b"",
+    );
+    assert_eq!(status, 400);
+}
+
+#[test]
+fn an_admin_kick_ends_the_player_and_its_token() {
+    let h = Harness::start(2);
+    let mut c = h.client();
+    let li = c.login_demo(43).expect("login");
+    c.request(100, b"x").expect("echo");
+    let (status, text) = http(h.http_addr(), "POST", "/v1/kick?player=43", b"");
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(
+        (json(&text)["kicked"].clone(), json(&text)["ended"].clone()),
+        (true.into(), true.into())
+    );
+    assert_eq!(c.expect_kick().expect("kick"), u16::from(Code::Admin));
+    assert!(c.is_closed());
+    // The token no longer works; pushes count the player offline.
+    let mut again = h.client();
+    match again.resume(&li.token, 2) {
+        Err(slg_gateway::client::ClientError::ResumeRefused(code)) => {
+            assert_eq!(code, u16::from(Code::ResumeRejected))
+        }
+        other => panic!("a kicked player's token must be refused: {other:?}"),
+    }
+    let (_, text) = http(h.http_addr(), "POST", "/v1/push?players=43&msg=7", b"p");
+    assert_eq!(json(&text)["offline"], 1, "{text}");
+    // A new login starts a new life.
+    assert_eq!(again.login_demo(43).expect("login").response.header.seq, 1);
 }
 
 #[test]

@@ -81,6 +81,8 @@ pub enum PlayerEnd {
     Bye,
     /// No session came back within `player_linger`.
     LingerExpired,
+    /// An operator kicked it (`POST /v1/kick`).
+    Admin,
 }
 
 impl Core {

@@ -107,16 +107,28 @@ impl Core {
         self.handle_push(&ids, msg_id, body, now)
     }
 
-    /// `KICK ADMIN` to the player's session; false if it has none here.
-    pub fn handle_admin_kick(&mut self, player: u64, now: Instant) -> bool {
+    /// `KICK ADMIN` to the player's session (`kicked`: it had one here);
+    /// with `end`, the player ends too (`ended`: it was held here): its
+    /// token stops working, its outbox is dropped, pushes to it count
+    /// offline. Without `end` it lingers and may resume (a soft kick).
+    pub fn handle_admin_kick(&mut self, player: u64, end: bool, now: Instant) -> (bool, bool) {
         self.now = now;
-        match self.player_session(player) {
+        let kicked = match self.player_session(player) {
             Some(sid) => {
                 self.kick(sid, Code::Admin);
                 true
             }
             None => false,
+        };
+        let ended = end && self.players.remove(&player).is_some();
+        if ended {
+            self.released(player);
+            self.event(Event::PlayerEnded {
+                player,
+                why: PlayerEnd::Admin,
+            });
         }
+        (kicked, ended)
     }
 
     /// Up to `limit` players with id > `after`, ascending.

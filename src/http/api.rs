@@ -488,21 +488,29 @@ async fn broadcast(ctx: &ShardCtx, req: &Request) -> Response {
     }
 }
 
-/// `POST /v1/kick?player=42`
+/// `POST /v1/kick?player=42[&resume=true]`: the player ends (its token
+/// stops working) unless `resume=true` keeps it for a resume.
 async fn kick(ctx: &ShardCtx, req: &Request) -> Response {
     let Some(player) = req.param("player").and_then(parse_player) else {
         return Response::error(400, "player must be a positive integer");
+    };
+    let end = match req.param("resume") {
+        None | Some("false") => true,
+        Some("true") => false,
+        Some(_) => return Response::error(400, "resume must be true or false"),
     };
     let home = shards::home_shard(player, ctx.count);
     match ask(
         ctx,
         home,
-        || ctx.admin_kick(player),
-        |reply| ShardMsg::Kick { player, reply },
+        || ctx.admin_kick(player, end),
+        |reply| ShardMsg::Kick { player, end, reply },
     )
     .await
     {
-        Ok(kicked) => Response::json(200, format!("{{\"kicked\":{kicked}}}")),
+        Ok((kicked, ended)) => {
+            Response::json(200, format!("{{\"kicked\":{kicked},\"ended\":{ended}}}"))
+        }
         Err(r) => r,
     }
 }

@@ -17,8 +17,9 @@ impl ShardCtx {
         self.with(|c, now| c.handle_broadcast(msg_id, body, now))
     }
 
-    pub fn admin_kick(&self, player: u64) -> bool {
-        self.with(|c, now| c.handle_admin_kick(player, now))
+    /// `(kicked, ended)`: see `Core::handle_admin_kick`.
+    pub fn admin_kick(&self, player: u64, end: bool) -> (bool, bool) {
+        self.with(|c, now| c.handle_admin_kick(player, end, now))
     }
 
     pub fn list_players(&self, after: u64, limit: usize) -> Vec<PlayerInfo> {

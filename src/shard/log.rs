@@ -41,6 +41,7 @@ pub fn log(shard: usize, e: &Event) {
         Event::PlayerEnded { player, why } => match why {
             PlayerEnd::Bye => tracing::info!(player, "bye: player ended"),
             PlayerEnd::LingerExpired => tracing::info!(player, "player ended: linger expired"),
+            PlayerEnd::Admin => tracing::info!(player, "player ended: kicked by an operator"),
         },
         Event::StrayAnswer { player, req_id } => {
             tracing::debug!(player, req_id, "answer for an ended player dropped")

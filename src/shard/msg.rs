@@ -33,10 +33,11 @@ pub enum ShardMsg {
         body: Bytes,
         reply: flume::Sender<Option<PushCounts>>,
     },
-    /// `KICK ADMIN` to the session of `player`.
+    /// `KICK ADMIN` to the session of `player`; with `end` the player ends.
     Kick {
         player: u64,
-        reply: flume::Sender<bool>,
+        end: bool,
+        reply: flume::Sender<(bool, bool)>,
     },
     /// Up to `limit` players with id > `after`, ascending.
     ListPlayers {
