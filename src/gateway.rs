@@ -804,6 +804,21 @@ async fn run_http(ctx: Rc<ShardCtx>, listener: glommio::net::TcpListener) {
                 shard = ctx.id,
                 "http connection refused: http.max_connections"
             );
+            // Say so rather than close in silence (plain HTTP only: on a
+            // TLS port these bytes would mean nothing): one non-blocking
+            // send into the fresh socket's empty buffer, no task.
+            if ctx.wires.borrow().http.is_none() {
+                let mut out = bytes::BytesMut::new();
+                ctx.metrics().http(503);
+                crate::http::Response::error(
+                    503,
+                    "too many HTTP connections: http.max_connections",
+                )
+                .closing()
+                .encode(&mut out);
+                use std::os::fd::AsRawFd;
+                let _ = crate::net::send_now(stream.as_raw_fd(), &out);
+            }
             continue;
         };
         let ctx2 = ctx.clone();

@@ -340,7 +340,9 @@ fn ack_and_ping_trim_the_outbox() {
 
 #[test]
 fn an_idle_session_is_kicked_and_a_busy_one_is_not() {
-    let cfg = config();
+    let mut cfg = config();
+    // The quiet session never logs in: its login deadline must not come first.
+    cfg.login_timeout = cfg.session_idle * 2;
     let idle = cfg.session_idle;
     let mut sim = Sim::new(cfg, 1, 1);
     let quiet = sim.connect(0);

@@ -113,3 +113,44 @@ fn a_slow_http_client_is_cut_off_by_the_deadline() {
     assert_eq!(r[0].0, 408);
     assert!(started.elapsed() < Duration::from_secs(5));
 }
+
+#[test]
+fn silent_http_connections_go_after_head_timeout_and_the_cap_answers_503() {
+    let h = Harness::with(1, |cfg| {
+        cfg.http.head_timeout = Duration::from_millis(300);
+        cfg.http.max_connections = 2;
+    });
+    let addr = http_addr(&h);
+    let started = std::time::Instant::now();
+    let silent: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| std::net::TcpStream::connect(addr).expect("connect"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(100));
+    // At the cap: an answer, not silence.
+    let mut third = std::net::TcpStream::connect(addr).expect("connect");
+    third
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut got = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut third, &mut got);
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+    // The silent ones are closed after head_timeout, not idle_timeout (60 s).
+    for mut s in silent {
+        s.set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        let mut b = [0u8; 64];
+        assert!(matches!(
+            std::io::Read::read(&mut s, &mut b),
+            Ok(0) | Err(_)
+        ));
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    // And the API answers again.
+    let r = exchange(addr, b"GET /healthz HTTP/1.1\r\n\r\n", 1);
+    assert_eq!(r[0].0, 200);
+}

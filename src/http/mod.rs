@@ -94,12 +94,12 @@ impl Response {
         }
     }
 
-    fn closing(mut self) -> Response {
+    pub fn closing(mut self) -> Response {
         self.close = true;
         self
     }
 
-    fn encode(&self, out: &mut BytesMut) {
+    pub fn encode(&self, out: &mut BytesMut) {
         let mut head = String::with_capacity(128);
         let _ = write!(
             head,
@@ -304,9 +304,19 @@ pub async fn serve_conn<H, F>(
     let mut buf = read;
     buf.reserve(1024);
     let mut out = BytesMut::with_capacity(1024);
+    // A new connection gets head_timeout for its first request's first
+    // byte: one that sends nothing cannot hold a place for idle_timeout.
+    let mut first = true;
     loop {
-        // Head: wait up to idle_timeout for its first byte, then head_timeout.
-        let mut deadline = Instant::now() + limits.idle_timeout;
+        // Head: wait up to idle_timeout (keep-alive) for its first byte,
+        // then head_timeout.
+        let wait = if first {
+            limits.head_timeout
+        } else {
+            limits.idle_timeout
+        };
+        first = false;
+        let mut deadline = Instant::now() + wait;
         let mut started = !buf.is_empty();
         if started {
             deadline = Instant::now() + limits.head_timeout;
