@@ -154,3 +154,28 @@ fn silent_http_connections_go_after_head_timeout_and_the_cap_answers_503() {
     let r = exchange(addr, b"GET /healthz HTTP/1.1\r\n\r\n", 1);
     assert_eq!(r[0].0, 200);
 }
+
+#[test]
+fn an_http_1_0_keep_alive_request_is_told_the_connection_stays() {
+    let h = Harness::start(1);
+    let addr = http_addr(&h);
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    for _ in 0..2 {
+        std::io::Write::write_all(
+            &mut s,
+            b"GET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+        )
+        .expect("write");
+        let mut buf = Vec::new();
+        let mut b = [0u8; 1024];
+        while parse_response(&buf).is_none() {
+            let n = std::io::Read::read(&mut s, &mut b).expect("read");
+            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&buf));
+            buf.extend_from_slice(&b[..n]);
+        }
+        let text = String::from_utf8_lossy(&buf);
+        assert!(text.contains("Connection: keep-alive\r\n"), "{text}");
+    }
+}

@@ -45,6 +45,9 @@ pub struct Request {
     /// The client asked to close after this request (`Connection: close`,
     /// or HTTP/1.0 without `keep-alive`).
     pub close: bool,
+    /// HTTP/1.0 with `Connection: keep-alive`: the answer must say it
+    /// keeps the connection, or the client waits for a close.
+    pub keep_alive_10: bool,
     pub body: Bytes,
 }
 
@@ -68,6 +71,8 @@ pub struct Response {
     pub body: String,
     /// Close the connection after this answer.
     pub close: bool,
+    /// Say `Connection: keep-alive` (to an HTTP/1.0 client kept open).
+    pub keep_alive: bool,
 }
 
 impl Response {
@@ -77,6 +82,7 @@ impl Response {
             content_type: "application/json",
             body,
             close: false,
+            keep_alive: false,
         }
     }
 
@@ -91,6 +97,7 @@ impl Response {
             content_type: "text/plain; version=0.0.4",
             body,
             close: false,
+            keep_alive: false,
         }
     }
 
@@ -110,6 +117,8 @@ impl Response {
             self.body.len(),
             if self.close {
                 "Connection: close\r\n"
+            } else if self.keep_alive {
+                "Connection: keep-alive\r\n"
             } else {
                 ""
             }
@@ -249,6 +258,7 @@ pub fn parse_head(buf: &[u8], max_body: usize) -> Parsed {
             query: query.to_string(),
             authorization,
             close,
+            keep_alive_10: req.version == Some(0) && !close,
             body: Bytes::new(),
         },
         head_len,
@@ -376,8 +386,10 @@ pub async fn serve_conn<H, F>(
         let mut frame = buf.split_to(head_len + body_len);
         req.body = frame.split_off(head_len).freeze();
         let asked_close = req.close;
+        let keep_alive_10 = req.keep_alive_10;
         let mut resp = handler(req).await;
         resp.close |= asked_close;
+        resp.keep_alive = keep_alive_10;
         let close = resp.close;
         out.clear();
         resp.encode(&mut out);
@@ -436,6 +448,18 @@ mod tests {
         assert!(!close("GET / HTTP/1.1\r\n\r\n"));
         assert!(close("GET / HTTP/1.0\r\n\r\n"));
         assert!(!close("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"));
+        let kept = |raw: &str| match head(raw) {
+            Parsed::Head { req, .. } => req.keep_alive_10,
+            other => panic!("{other:?}"),
+        };
+        assert!(kept("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n"));
+        assert!(!kept("GET / HTTP/1.0\r\n\r\n"));
+        assert!(!kept("GET / HTTP/1.1\r\n\r\n"));
+        let mut out = BytesMut::new();
+        let mut r = Response::json(200, "{}".into());
+        r.keep_alive = true;
+        r.encode(&mut out);
+        assert!(String::from_utf8_lossy(&out).contains("Connection: keep-alive\r\n"));
     }
 
     #[test]
