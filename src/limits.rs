@@ -77,9 +77,41 @@ pub fn raise_all() -> (Option<Limit>, Option<Limit>) {
     (nofile.ok(), memlock.ok())
 }
 
+/// Descriptors the process needs besides client connections: the HTTP
+/// API's, backend connections, listeners, files; what is left of the
+/// open-files limit after them is all that clients can have.
+pub const RESERVED_FDS: u64 = 256;
+
+/// A warning when `max_connections` client connections (plus the HTTP
+/// API's `http_connections` and [`RESERVED_FDS`]) cannot all be open
+/// under the open-files limit `nofile`: past it accepts fail, and the
+/// HTTP API with them. None when they fit.
+pub fn fd_budget_warning(
+    nofile: u64,
+    max_connections: usize,
+    http_connections: usize,
+) -> Option<String> {
+    let need = max_connections as u64 + http_connections as u64 + RESERVED_FDS;
+    (need > nofile).then(|| {
+        format!(
+            "max_connections ({max_connections}) + http.max_connections ({http_connections}) + \
+             {RESERVED_FDS} reserved need {need} open files, but the limit is {nofile}: \
+             lower max_connections to at most {} or raise the limit (ulimit -n, LimitNOFILE=)",
+            nofile.saturating_sub(http_connections as u64 + RESERVED_FDS)
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_fd_budget_warns_only_past_the_limit() {
+        assert_eq!(fd_budget_warning(20000, 10000, 1024), None);
+        let w = fd_budget_warning(20000, 100_000, 1024).expect("a warning");
+        assert!(w.contains("100000") && w.contains("18720"), "{w}");
+    }
 
     #[test]
     fn nofile_soft_reaches_hard() {

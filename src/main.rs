@@ -156,7 +156,16 @@ fn main() -> ExitCode {
         }
     };
     init_logs(&cfg.log);
-    slg_gateway::limits::raise_all();
+    let (nofile, _) = slg_gateway::limits::raise_all();
+    if let Some(w) = nofile.and_then(|l| {
+        slg_gateway::limits::fd_budget_warning(
+            l.soft,
+            cfg.max_connections,
+            cfg.http.max_connections,
+        )
+    }) {
+        tracing::warn!("{w}");
+    }
 
     let demo = match cfg.demo_backend.as_deref().map(str::parse::<SocketAddr>) {
         None => None,

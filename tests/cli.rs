@@ -175,3 +175,32 @@ fn bad_config_files_exit_2_naming_the_key() {
     assert_eq!(bad_flag.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad_flag.stderr).contains("listen"));
 }
+
+#[test]
+fn a_max_connections_past_the_open_files_limit_is_warned_about_at_start() {
+    let good = config_text("127.0.0.1:7100".parse().expect("addr"));
+    let text = good.replace("max_connections: 100000", "max_connections: 10000000");
+    assert_ne!(text, good);
+    let path = write_temp("fd-budget.ron", &text);
+    let mut gw = Proc(
+        Command::new(BIN)
+            .args(["--config", path.to_str().expect("path")])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env("NO_COLOR", "1")
+            .spawn()
+            .expect("spawn gateway"),
+    );
+    let _ = address_after(&mut gw.0, "gateway listening on ");
+    sigterm(&gw.0);
+    let _ = wait_exit(&mut gw.0, Duration::from_secs(10));
+    let mut err = String::new();
+    if let Some(mut e) = gw.0.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut err);
+    }
+    let _ = std::fs::remove_file(&path);
+    assert!(
+        err.contains("max_connections (10000000)") && err.contains("open files"),
+        "{err}"
+    );
+}

@@ -47,7 +47,7 @@ fn embedded_default_parses_and_validates() {
         c.outbox,
         OutboxLimits {
             max_frames: 1024,
-            max_bytes: 1_048_576
+            max_bytes: 4_194_304
         }
     );
     assert_eq!(c.write_queue_bytes, 1_048_576);
@@ -167,7 +167,7 @@ fn unknown_key_names_the_key_and_line() {
 
 #[test]
 fn unknown_nested_key_names_its_struct() {
-    let e = err(&edited("max_bytes: 1048576", "max_byte: 1048576"));
+    let e = err(&edited("max_bytes: 4194304", "max_byte: 4194304"));
     assert!(
         e.contains(
             "unknown field `max_byte` in `outbox`, expected one of `max_frames`, `max_bytes`"
@@ -186,7 +186,7 @@ fn missing_key_names_the_key() {
     let e = err(&edited("    max_connections: 100000,\n", ""));
     assert!(e.starts_with("config gateway.ron:"), "{e}");
     assert!(e.contains("missing field `max_connections`"), "{e}");
-    let e = err(&edited("        max_bytes: 1048576,\n", ""));
+    let e = err(&edited("        max_bytes: 4194304,\n", ""));
     assert!(e.contains("missing field `max_bytes` in `outbox`"), "{e}");
 }
 
@@ -488,4 +488,17 @@ fn key_path_scanner() {
     assert_eq!(pos("4]").full, "b.k.c[3]");
     assert_eq!(pos("4]").parent, "b.k.c[3]");
     assert_eq!(pos("c:").parent, "b.k");
+}
+
+#[test]
+fn the_shipped_outbox_outlasts_the_write_queue() {
+    // A slow consumer is kicked once write_queue_bytes are queued; if the
+    // outbox kept less, its resume would find frames evicted (RESUME_GAP).
+    let c = Config::embedded_default();
+    assert!(
+        c.outbox.max_bytes > c.write_queue_bytes,
+        "outbox.max_bytes {} <= write_queue_bytes {}",
+        c.outbox.max_bytes,
+        c.write_queue_bytes
+    );
 }
