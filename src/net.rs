@@ -33,8 +33,30 @@ fn reuseport_socket(addr: SocketAddr) -> io::Result<Socket> {
 /// non-listening SO_REUSEPORT socket, so every shard binds the same port and
 /// the kernel never queues a connection on this one. Keep it until every
 /// shard has bound, then drop it.
+///
+/// A plain bind comes first, without SO_REUSEPORT: if anything listens on
+/// the address already (another gateway, started by mistake on the same
+/// port, whose SO_REUSEPORT listeners would otherwise quietly share the
+/// connections with this one), it fails with `AddrInUse`.
 pub fn reserve_port(addr: SocketAddr) -> io::Result<(Socket, SocketAddr)> {
-    let socket = reuseport_socket(addr)?;
+    let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    probe.set_reuse_address(true)?;
+    probe.bind(&addr.into()).map_err(|e| {
+        if e.kind() == io::ErrorKind::AddrInUse {
+            io::Error::new(
+                io::ErrorKind::AddrInUse,
+                "address already in use (is another gateway listening there?)",
+            )
+        } else {
+            e
+        }
+    })?;
+    let picked = probe
+        .local_addr()?
+        .as_socket()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not an inet address"))?;
+    drop(probe);
+    let socket = reuseport_socket(picked)?;
     let bound = socket
         .local_addr()?
         .as_socket()

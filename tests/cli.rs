@@ -204,3 +204,42 @@ fn a_max_connections_past_the_open_files_limit_is_warned_about_at_start() {
         "{err}"
     );
 }
+
+#[test]
+fn accept_failures_at_the_open_files_limit_are_logged_once_a_second() {
+    let text = config_text("127.0.0.1:7100".parse().expect("addr"))
+        .replace("shards: None,", "shards: Some(1),");
+    let path = write_temp("fd-limit.ron", &text);
+    // A gateway with room for about 100 descriptors (a lower hard limit
+    // than the process can raise), then 250 connections to it.
+    let mut gw = Proc(
+        Command::new("sh")
+            .args([
+                "-c",
+                &format!("ulimit -n 100 && exec {BIN} --config {}", path.display()),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env("NO_COLOR", "1")
+            .spawn()
+            .expect("spawn gateway"),
+    );
+    let addr = address_after(&mut gw.0, "gateway listening on ");
+    let conns: Vec<_> = (0..250)
+        .filter_map(|_| std::net::TcpStream::connect(addr).ok())
+        .collect();
+    std::thread::sleep(Duration::from_millis(2500));
+    // Killed, not drained: the count covers those 2.5 s only.
+    let _ = gw.0.kill();
+    let _ = gw.0.wait();
+    drop(conns);
+    let mut err = String::new();
+    if let Some(mut e) = gw.0.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut err);
+    }
+    let _ = std::fs::remove_file(&path);
+    let warned = err.matches("accept failed").count();
+    assert!(warned >= 1, "the failures are logged at all:\n{err}");
+    // 2.5 s of failures every 10 ms: about 250 without the rate limit.
+    assert!(warned <= 5, "{warned} lines:\n{err}");
+}

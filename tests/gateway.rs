@@ -392,3 +392,34 @@ fn bytes_read_past_the_login_move_with_the_connection() {
         assert_eq!(&r.body[..], b"split across the hand-off");
     }
 }
+
+#[test]
+fn a_second_gateway_on_the_same_port_is_refused_not_shared() {
+    let h = common::Harness::start(1);
+    let taken = h.addr();
+    let demo = h.demo.as_ref().expect("demo").addr;
+    for (what, tune) in [
+        (
+            "listen",
+            Box::new(move |c: &mut slg_gateway::config::Config| c.listen = taken.to_string())
+                as Box<dyn Fn(&mut slg_gateway::config::Config)>,
+        ),
+        ("http_listen", {
+            let http = h.gateway.as_ref().expect("gw").http_addr;
+            Box::new(move |c: &mut slg_gateway::config::Config| c.http_listen = http.to_string())
+        }),
+    ] {
+        let mut cfg = common::config(demo, 1);
+        tune(&mut cfg);
+        match slg_gateway::gateway::Gateway::start(cfg) {
+            Ok(g) => {
+                g.stop();
+                panic!("a second gateway started on the {what} port of the first");
+            }
+            Err(e) => assert!(e.to_string().contains("already in use"), "{what}: {e}"),
+        }
+    }
+    // The first one still serves everyone.
+    let mut c = h.client();
+    c.login_demo(5).expect("login");
+}

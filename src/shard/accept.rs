@@ -21,6 +21,10 @@ pub async fn accept_until(
     what: &str,
 ) -> Option<glommio::net::TcpStream> {
     let mut end = std::pin::pin!(end);
+    // At the open-files limit every accept fails: one line a second (with
+    // how many were not logged), not one per failure.
+    let mut last_warn: Option<std::time::Instant> = None;
+    let mut quiet = 0u64;
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
             end.as_mut().await;
@@ -31,7 +35,14 @@ pub async fn accept_until(
             None => return None,
             Some(Ok(s)) => return Some(s),
             Some(Err(e)) => {
-                tracing::warn!(shard, error = %e, what, "accept failed");
+                let now = std::time::Instant::now();
+                if last_warn.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
+                    tracing::warn!(shard, error = %e, what, not_logged = quiet, "accept failed");
+                    last_warn = Some(now);
+                    quiet = 0;
+                } else {
+                    quiet += 1;
+                }
                 glommio::timer::sleep(Duration::from_millis(10)).await;
             }
         }
