@@ -523,3 +523,59 @@ fn metrics_pass_the_exposition_format_check() {
         ),
     }
 }
+
+#[test]
+fn the_push_token_opens_push_endpoints_only_and_the_admin_token_opens_all() {
+    let h = Harness::with(2, |cfg| {
+        cfg.push_token = Some("pusher".into());
+        cfg.admin_token = Some("operator".into());
+    });
+    let mut c = h.client();
+    c.login_demo(9).expect("login");
+    let addr = h.http_addr();
+    let call = |method: &str, path: &str, token: Option<&str>| -> u16 {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let auth = token
+            .map(|t| format!("Authorization: Bearer {t}\r\n"))
+            .unwrap_or_default();
+        let req = format!(
+            "{method} {path} HTTP/1.1\r\n{auth}Content-Length: 2\r\nConnection: close\r\n\r\nhi"
+        );
+        s.write_all(req.as_bytes()).expect("write");
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0)
+    };
+    // Push scope: either token.
+    assert_eq!(
+        call("POST", "/v1/push?players=9&msg=1", Some("pusher")),
+        200
+    );
+    assert_eq!(
+        call("POST", "/v1/push?players=9&msg=1", Some("operator")),
+        200
+    );
+    assert_eq!(call("GET", "/v1/players/9", Some("pusher")), 200);
+    assert_eq!(call("POST", "/v1/push?players=9&msg=1", None), 401);
+    // Admin scope: the admin token only; the push token is told why not.
+    for (method, path) in [
+        ("POST", "/v1/kick?player=9&resume=true"),
+        ("GET", "/v1/players"),
+        ("GET", "/metrics"),
+        ("POST", "/v1/reload"),
+    ] {
+        assert_eq!(call(method, path, Some("pusher")), 403, "{path}");
+        assert_eq!(call(method, path, None), 401, "{path}");
+        assert_eq!(call(method, path, Some("wrong")), 401, "{path}");
+    }
+    assert_eq!(call("GET", "/v1/players", Some("operator")), 200);
+    assert_eq!(call("GET", "/healthz", Some("pusher")), 200);
+    assert_eq!(call("GET", "/healthz", Some("operator")), 200);
+    assert_eq!(
+        call("POST", "/v1/kick?player=9&resume=true", Some("operator")),
+        200
+    );
+}

@@ -78,9 +78,18 @@ pub struct Config {
     pub services: BTreeMap<String, ServiceConfig>,
     /// msg_id ranges -> service.
     pub routes: Vec<RouteConfig>,
-    /// Bearer token required on push/admin HTTP requests; `None` = no check.
+    /// Bearer token of the push endpoints (push, broadcast, player
+    /// lookup); `None` = no check there unless `admin_token` is set.
     #[serde(default)]
     pub push_token: Option<String>,
+    /// Bearer token of the admin endpoints (kick, drain, reload, migrate,
+    /// evacuate, listing, metrics); it opens the push endpoints too.
+    #[serde(default)]
+    pub admin_token: Option<String>,
+    /// An HTTP API reachable from other hosts (`http_listen` not on the
+    /// loopback) with no token is refused at start unless this is true.
+    #[serde(default)]
+    pub http_open: bool,
     /// Limits and deadlines of the HTTP API.
     #[serde(default)]
     pub http: HttpConfig,
@@ -412,7 +421,18 @@ impl Config {
     /// Checks every rule; the first broken one is returned.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
-        self.http_listen_addr()?;
+        let http = self.http_listen_addr()?;
+        let open = self.push_token.is_none() && self.admin_token.is_none();
+        if open && !http.ip().is_loopback() && !self.http_open {
+            return Err(invalid(
+                "http_listen",
+                format!(
+                    "{http} is reachable from other hosts and neither push_token nor \
+                     admin_token is set: set them, or http_open: true to serve the API \
+                     to anyone"
+                ),
+            ));
+        }
         self.validate_wire()?;
         if let Some(n) = self.shards {
             if n == 0 || n > MAX_SHARDS {
@@ -600,10 +620,13 @@ impl Config {
                 ));
             }
         }
-        if let Some(token) = &self.push_token {
-            if token.is_empty() {
+        for (key, token) in [
+            ("push_token", &self.push_token),
+            ("admin_token", &self.admin_token),
+        ] {
+            if token.as_deref() == Some("") {
                 return Err(invalid(
-                    "push_token",
+                    key,
                     "must not be empty; use None to disable the check",
                 ));
             }

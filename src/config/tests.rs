@@ -502,3 +502,22 @@ fn the_shipped_outbox_outlasts_the_write_queue() {
         c.write_queue_bytes
     );
 }
+
+#[test]
+fn an_http_api_open_to_other_hosts_needs_a_token_or_http_open() {
+    let e = invalid_of(|c| c.http_listen = "0.0.0.0:7001".into());
+    assert!(e.contains("http_listen") && e.contains("http_open"), "{e}");
+    for tune in [
+        (|c: &mut Config| c.push_token = Some("p".into())) as fn(&mut Config),
+        |c| c.admin_token = Some("a".into()),
+        |c| c.http_open = true,
+    ] {
+        let mut c = Config::embedded_default();
+        c.http_listen = "0.0.0.0:7001".into();
+        tune(&mut c);
+        assert!(c.validate().is_ok());
+    }
+    let mut c = Config::embedded_default();
+    c.http_listen = "[::1]:7001".into();
+    assert!(c.validate().is_ok(), "the loopback needs nothing");
+}

@@ -36,13 +36,55 @@ fn authorized(got: &str, want: &str) -> bool {
     (g.ct_eq(want.as_bytes()) & same_len).into()
 }
 
-async fn route(ctx: &ShardCtx, req: Request) -> Response {
-    if let Some(token) = &ctx.cfg().push_token {
-        let want = format!("Bearer {token}");
-        let got = req.authorization.as_deref().unwrap_or("");
-        if !authorized(got, &want) {
-            return Response::error(401, "missing or wrong Authorization: Bearer token");
+/// Which token an endpoint takes (docs/PROTOCOL.md, "Tokens").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// `/healthz`: any configured token.
+    Any,
+    /// Push, broadcast, one player's state: `push_token` (or `admin_token`).
+    Push,
+    /// Everything else (kick, drain, reload, migrate, evacuate, listing,
+    /// metrics): `admin_token` only.
+    Admin,
+}
+
+fn scope(path: &str) -> Scope {
+    match path {
+        "/healthz" => Scope::Any,
+        "/v1/push" | "/v1/broadcast" => Scope::Push,
+        p if p.starts_with("/v1/players/") => Scope::Push,
+        _ => Scope::Admin,
+    }
+}
+
+/// None: let the request through; Some: the refusal.
+fn check_token(cfg: &crate::config::Config, req: &Request) -> Option<Response> {
+    let got = req.authorization.as_deref().unwrap_or("");
+    let is = |t: &Option<String>| {
+        t.as_ref()
+            .is_some_and(|t| authorized(got, &format!("Bearer {t}")))
+    };
+    let (push, admin) = (&cfg.push_token, &cfg.admin_token);
+    if push.is_none() && admin.is_none() {
+        return None;
+    }
+    let ok = match scope(&req.path) {
+        Scope::Any | Scope::Push => is(push) || is(admin),
+        // Known, but not allowed here: 403 (401 is for no or a wrong token).
+        Scope::Admin if is(push) && !is(admin) => {
+            return Some(Response::error(
+                403,
+                "this endpoint needs admin_token; push_token opens push, broadcast and player lookups only",
+            ))
         }
+        Scope::Admin => admin.is_none() || is(admin),
+    };
+    (!ok).then(|| Response::error(401, "missing or wrong Authorization: Bearer token"))
+}
+
+async fn route(ctx: &ShardCtx, req: Request) -> Response {
+    if let Some(refused) = check_token(&ctx.cfg(), &req) {
+        return refused;
     }
     let method = req.method.as_str();
     match req.path.as_str() {
