@@ -176,29 +176,50 @@ fn bad_config_files_exit_2_naming_the_key() {
     assert!(String::from_utf8_lossy(&bad_flag.stderr).contains("listen"));
 }
 
-#[test]
-fn a_max_connections_past_the_open_files_limit_is_warned_about_at_start() {
-    let good = config_text("127.0.0.1:7100".parse().expect("addr"));
-    let text = good.replace("max_connections: 100000", "max_connections: 10000000");
-    assert_ne!(text, good);
-    let path = write_temp("fd-budget.ron", &text);
+/// Run the gateway on config `text` (with `ulimit -n` first if given),
+/// call `during` with its client address once it listens, kill it, and
+/// return what it logged on stderr.
+fn logged_while(
+    name: &str,
+    text: &str,
+    nofile: Option<u32>,
+    during: impl FnOnce(std::net::SocketAddr),
+) -> String {
+    let path = write_temp(name, text);
+    let ulimit = nofile
+        .map(|n| format!("ulimit -n {n} && "))
+        .unwrap_or_default();
     let mut gw = Proc(
-        Command::new(BIN)
-            .args(["--config", path.to_str().expect("path")])
+        Command::new("sh")
+            .args([
+                "-c",
+                &format!("{ulimit}exec {BIN} --config {}", path.display()),
+            ])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .env("NO_COLOR", "1")
             .spawn()
             .expect("spawn gateway"),
     );
-    let _ = address_after(&mut gw.0, "gateway listening on ");
-    sigterm(&gw.0);
-    let _ = wait_exit(&mut gw.0, Duration::from_secs(10));
+    let addr = address_after(&mut gw.0, "gateway listening on ");
+    during(addr);
+    // Killed, not drained: the log covers `during` only.
+    let _ = gw.0.kill();
+    let _ = gw.0.wait();
     let mut err = String::new();
     if let Some(mut e) = gw.0.stderr.take() {
         let _ = std::io::Read::read_to_string(&mut e, &mut err);
     }
     let _ = std::fs::remove_file(&path);
+    err
+}
+
+#[test]
+fn a_max_connections_past_the_open_files_limit_is_warned_about_at_start() {
+    let good = config_text("127.0.0.1:7100".parse().expect("addr"));
+    let text = good.replace("max_connections: 100000", "max_connections: 10000000");
+    assert_ne!(text, good);
+    let err = logged_while("fd-budget.ron", &text, None, |_| {});
     assert!(
         err.contains("max_connections (10000000)") && err.contains("open files"),
         "{err}"
@@ -209,35 +230,15 @@ fn a_max_connections_past_the_open_files_limit_is_warned_about_at_start() {
 fn accept_failures_at_the_open_files_limit_are_logged_once_a_second() {
     let text = config_text("127.0.0.1:7100".parse().expect("addr"))
         .replace("shards: None,", "shards: Some(1),");
-    let path = write_temp("fd-limit.ron", &text);
     // A gateway with room for about 100 descriptors (a lower hard limit
-    // than the process can raise), then 250 connections to it.
-    let mut gw = Proc(
-        Command::new("sh")
-            .args([
-                "-c",
-                &format!("ulimit -n 100 && exec {BIN} --config {}", path.display()),
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .env("NO_COLOR", "1")
-            .spawn()
-            .expect("spawn gateway"),
-    );
-    let addr = address_after(&mut gw.0, "gateway listening on ");
-    let conns: Vec<_> = (0..250)
-        .filter_map(|_| std::net::TcpStream::connect(addr).ok())
-        .collect();
-    std::thread::sleep(Duration::from_millis(2500));
-    // Killed, not drained: the count covers those 2.5 s only.
-    let _ = gw.0.kill();
-    let _ = gw.0.wait();
-    drop(conns);
-    let mut err = String::new();
-    if let Some(mut e) = gw.0.stderr.take() {
-        let _ = std::io::Read::read_to_string(&mut e, &mut err);
-    }
-    let _ = std::fs::remove_file(&path);
+    // than the process can raise), then 250 connections to it for 2.5 s.
+    let err = logged_while("fd-limit.ron", &text, Some(100), |addr| {
+        let conns: Vec<_> = (0..250)
+            .filter_map(|_| std::net::TcpStream::connect(addr).ok())
+            .collect();
+        std::thread::sleep(Duration::from_millis(2500));
+        drop(conns);
+    });
     let warned = err.matches("accept failed").count();
     assert!(warned >= 1, "the failures are logged at all:\n{err}");
     // 2.5 s of failures every 10 ms: about 250 without the rate limit.
