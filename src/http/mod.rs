@@ -40,6 +40,8 @@ pub struct Request {
     pub path: String,
     /// The raw query string (after `?`), empty when absent.
     pub query: String,
+    /// The query's parameters, percent-decoded; each name at most once.
+    pub params: Vec<(String, String)>,
     /// The `Authorization` header, if any.
     pub authorization: Option<String>,
     /// The client asked to close after this request (`Connection: close`,
@@ -52,14 +54,12 @@ pub struct Request {
 }
 
 impl Request {
-    /// Query parameter `name` (first occurrence, undecoded: our parameters
-    /// are numbers and comma lists).
+    /// Query parameter `name`, percent-decoded.
     pub fn param(&self, name: &str) -> Option<&str> {
-        self.query
-            .split('&')
-            .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
-            .find(|(k, _)| *k == name)
-            .map(|(_, v)| v)
+        self.params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -202,6 +202,16 @@ pub fn parse_head(buf: &[u8], max_body: usize) -> Parsed {
     let method = req.method.unwrap_or("").to_string();
     let target = req.path.unwrap_or("/");
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let mut params: Vec<(String, String)> = Vec::new();
+    for (k, v) in form_urlencoded::parse(query.as_bytes()) {
+        if params.iter().any(|(seen, _)| *seen == k) {
+            return Parsed::Reject(Response::error(
+                400,
+                &format!("query parameter `{k}` given twice"),
+            ));
+        }
+        params.push((k.into_owned(), v.into_owned()));
+    }
     let mut content_length = None;
     let mut authorization = None;
     let mut chunked = false;
@@ -256,6 +266,7 @@ pub fn parse_head(buf: &[u8], max_body: usize) -> Parsed {
             method,
             path: path.to_string(),
             query: query.to_string(),
+            params,
             authorization,
             close,
             keep_alive_10: req.version == Some(0) && !close,
@@ -436,6 +447,22 @@ mod tests {
             Parsed::Reject(r) => r.status,
             other => panic!("expected a rejection, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn query_parameters_are_decoded_and_given_once() {
+        let Parsed::Head { req, .. } =
+            head("GET /v1/push?players=1%2C2&to=gw%2Db&msg=7 HTTP/1.1\r\n\r\n")
+        else {
+            panic!("expected a head")
+        };
+        assert_eq!(req.param("players"), Some("1,2"));
+        assert_eq!(req.param("to"), Some("gw-b"));
+        assert_eq!(req.param("msg"), Some("7"));
+        assert_eq!(
+            status(head("GET /v1/push?msg=1&msg=2 HTTP/1.1\r\n\r\n")),
+            400
+        );
     }
 
     #[test]
