@@ -134,11 +134,12 @@ fn refused(h: &Harness, player: u64, msg: Message, close: u16) {
     }
 }
 
-fn frame(kind: Kind, body: &[u8]) -> Vec<u8> {
+/// One REQUEST frame's bytes.
+fn frame_to(msg_id: u32, req_id: u32, body: &[u8]) -> Vec<u8> {
     let mut b = bytes::BytesMut::new();
-    let mut h = Header::new(kind);
-    h.msg_id = ECHO;
-    h.req_id = 999;
+    let mut h = Header::new(Kind::Request);
+    h.msg_id = msg_id;
+    h.req_id = req_id;
     encode(&mut b, &h, body);
     b.to_vec()
 }
@@ -156,9 +157,9 @@ fn malformed_websocket_messages_are_protocol_errors_and_touch_no_one_else() {
     ws_bystander.login_demo(51).expect("login");
 
     refused(&h, 60, Message::Text("hello".into()), 1003);
-    let two = [frame(Kind::Request, b"a"), frame(Kind::Request, b"b")].concat();
+    let two = [frame_to(ECHO, 999, b"a"), frame_to(ECHO, 999, b"b")].concat();
     refused(&h, 61, Message::Binary(two.into()), 1002);
-    let short = frame(Kind::Request, b"abc");
+    let short = frame_to(ECHO, 999, b"abc");
     refused(&h, 62, Message::Binary(short[..10].to_vec().into()), 1002);
     refused(&h, 63, Message::Binary(vec![0u8; 4000].into()), 1009);
 
@@ -500,15 +501,6 @@ fn a_request_sent_with_the_close_frame_is_still_handled() {
     c2.resume(&li.token, 1).expect("resume");
     let r = c2.recv().expect("the answer");
     assert_eq!((r.header.req_id, &r.body[..]), (77, &b"last words"[..]));
-}
-
-fn frame_to(msg_id: u32, req_id: u32, body: &[u8]) -> Vec<u8> {
-    let mut b = bytes::BytesMut::new();
-    let mut h = Header::new(Kind::Request);
-    h.msg_id = msg_id;
-    h.req_id = req_id;
-    encode(&mut b, &h, body);
-    b.to_vec()
 }
 
 #[test]
