@@ -94,6 +94,30 @@ fn bad_requests_get_their_status_and_close() {
 }
 
 #[test]
+fn numbers_are_digits_only_and_content_length_comes_once() {
+    let h = Harness::start(1);
+    let addr = http_addr(&h);
+    let push = |query: &str, lengths: &[&str]| {
+        let mut raw = format!("POST /v1/push?{query} HTTP/1.1\r\n");
+        for l in lengths {
+            raw.push_str(&format!("Content-Length: {l}\r\n"));
+        }
+        raw.push_str("\r\nhello");
+        exchange(addr, raw.as_bytes(), 1)[0].clone()
+    };
+    // What `str::parse` takes but RFC 9110's `1*DIGIT` does not.
+    assert_eq!(push("players=42&msg=7", &["+5"]).0, 400);
+    assert_eq!(push("players=42&msg=7", &["5", "5"]).0, 400);
+    let (status, body) = push("players=%2B42&msg=7", &["5"]);
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(push("players=42&msg=+7", &["5"]).0, 400);
+    // Percent-encoded digits are digits: what Python's urlencode sends.
+    let (status, body) = push("players=42%2C43&msg=%37", &["5"]);
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("\"offline\":2"), "{body}");
+}
+
+#[test]
 fn a_slow_http_client_is_cut_off_by_the_deadline() {
     let h = Harness::with(1, |cfg| {
         cfg.http.head_timeout = Duration::from_millis(300);

@@ -153,14 +153,14 @@ async fn route(ctx: &ShardCtx, req: Request) -> Response {
 }
 
 fn parse_player(s: &str) -> Option<u64> {
-    s.parse::<u64>().ok().filter(|&p| p > 0)
+    super::digits::<u64>(s).filter(|&p| p > 0)
 }
 
 fn parse_msg(req: &Request) -> Result<u32, Response> {
     match req.param("msg") {
         None | Some("") => Err(Response::error(400, "missing msg")),
-        Some(m) => m
-            .parse::<u32>()
+        Some(m) => super::digits::<u32>(m)
+            .ok_or(())
             .map_err(|_| Response::error(400, "msg must be an integer 0..=4294967295")),
     }
 }
@@ -270,7 +270,7 @@ async fn push(ctx: &ShardCtx, req: &Request) -> Response {
             // keeps it here.
             let hops: u32 = match req.param("local") {
                 Some("1") => MAX_HOPS,
-                _ => req.param("hops").and_then(|h| h.parse().ok()).unwrap_or(0),
+                _ => req.param("hops").and_then(super::digits).unwrap_or(0),
             };
             match push_elsewhere(ctx, cluster, players, msg_id, &body, hops).await {
                 Ok(remote) => {
@@ -580,15 +580,15 @@ fn player_json(p: &PlayerInfo) -> String {
 async fn list_players(ctx: &ShardCtx, req: &Request) -> Response {
     let after = match req.param("after") {
         None | Some("") => 0,
-        Some(a) => match a.parse::<u64>() {
-            Ok(a) => a,
-            Err(_) => return Response::error(400, "after must be a player id"),
+        Some(a) => match super::digits::<u64>(a) {
+            Some(a) => a,
+            None => return Response::error(400, "after must be a player id"),
         },
     };
     let limit = match req.param("limit") {
         None | Some("") => 100,
-        Some(l) => match l.parse::<usize>() {
-            Ok(l) if (1..=MAX_PAGE).contains(&l) => l,
+        Some(l) => match super::digits::<usize>(l) {
+            Some(l) if (1..=MAX_PAGE).contains(&l) => l,
             _ => return Response::error(400, &format!("limit must be 1..={MAX_PAGE}")),
         },
     };

@@ -181,6 +181,17 @@ pub enum Parsed {
     Reject(Response),
 }
 
+/// A decimal number as RFC 9110 writes one (`1*DIGIT`): ASCII digits only,
+/// so `+5`, ` 5`, `5 ` and `0x5` are refused where Rust's `parse` would
+/// take some of them. Content-Length leniency is how request smuggling
+/// starts behind a load balancer; query numbers follow the same rule.
+pub fn digits<T: std::str::FromStr>(s: &str) -> Option<T> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    s.parse().ok()
+}
+
 /// Parse a request head from the front of `buf`.
 pub fn parse_head(buf: &[u8], max_body: usize) -> Parsed {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -218,13 +229,18 @@ pub fn parse_head(buf: &[u8], max_body: usize) -> Parsed {
     let mut connection = None;
     for h in req.headers.iter() {
         if h.name.eq_ignore_ascii_case("content-length") {
-            let v = std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.trim().parse::<usize>().ok());
+            // One Content-Length, digits only (httparse already trimmed
+            // the optional whitespace around a field value). A second one,
+            // even an equal one, is refused: RFC 9112 lets a server take
+            // equal duplicates, but a proxy in front may have chosen the
+            // other, and a request read two ways is the smuggler's tool.
+            let v = std::str::from_utf8(h.value).ok().and_then(digits::<usize>);
             match (v, content_length) {
                 (Some(v), None) => content_length = Some(v),
-                (Some(v), Some(old)) if v == old => {}
-                _ => return Parsed::Reject(Response::error(400, "bad Content-Length")),
+                (_, Some(_)) => {
+                    return Parsed::Reject(Response::error(400, "Content-Length given twice"))
+                }
+                (None, None) => return Parsed::Reject(Response::error(400, "bad Content-Length")),
             }
         } else if h.name.eq_ignore_ascii_case("authorization") {
             authorization = std::str::from_utf8(h.value)
@@ -513,6 +529,22 @@ mod tests {
             )),
             400
         );
+        // Digits only, once: what `str::parse` would also take is refused.
+        for bad in ["+5", "5 5", "0x5", "5,5", ""] {
+            let req = format!("POST /x HTTP/1.1\r\nContent-Length: {bad}\r\n\r\n");
+            assert_eq!(status(head(&req)), 400, "Content-Length: {bad:?}");
+        }
+        assert_eq!(
+            status(head(
+                "POST /x HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n"
+            )),
+            400
+        );
+        // The optional whitespace around a field value is not part of it.
+        assert!(matches!(
+            head("POST /x HTTP/1.1\r\nContent-Length:  7 \r\n\r\n"),
+            Parsed::Head { body_len: 7, .. }
+        ));
         assert_eq!(status(head("GARBAGE\r\n\r\n")), 400);
         let many: String = (0..40).map(|i| format!("X-{i}: y\r\n")).collect();
         assert_eq!(status(head(&format!("GET / HTTP/1.1\r\n{many}\r\n"))), 431);
