@@ -871,32 +871,33 @@ async fn run_http(ctx: Rc<ShardCtx>, listener: glommio::net::TcpListener) {
     }
 }
 
-/// How long a session must have sent nothing before a drain kicks it.
+/// A drain's grace: a session that has sent nothing for this long is
+/// kicked at once, and once the drain is this old every session with no
+/// request in flight is, whether or not its client keeps sending.
 const DRAIN_QUIET: Duration = Duration::from_millis(100);
 
-/// Drain this shard: in-flight requests finish (new ones are answered
-/// `SHUTTING_DOWN`), then each session, once quiet, gets `KICK SHUTDOWN`
-/// after its queued output; then the players go to the coordinator.
-/// Everything is bounded by `drain_timeout`; a force finishes at once.
+/// Drain this shard: new requests are answered `SHUTTING_DOWN`; each
+/// session gets `KICK SHUTDOWN` after its queued output as soon as its own
+/// requests at a backend are answered (or timed out) and the grace is over
+/// (or it fell quiet); then, once no request of any player is in flight,
+/// the players go to the coordinator. So a busy gateway drains in about one
+/// request timeout. Everything is bounded by `drain_timeout`; a force
+/// finishes at once.
 async fn drain_shard(ctx: Rc<ShardCtx>, reply: flume::Sender<DrainReport>) {
-    let deadline = Instant::now() + ctx.cfg().drain_timeout;
+    let began = Instant::now();
+    let deadline = began + ctx.cfg().drain_timeout;
     let tick = Duration::from_millis(5);
     let wait = |ctx: Rc<ShardCtx>| async move {
         futures_lite::future::or(glommio::timer::sleep(tick), ctx.force_wake.notified()).await;
     };
     let mut clean = true;
-    while ctx.in_flight() > 0 {
-        if ctx.is_forced() || Instant::now() >= deadline {
-            clean = false;
-            break;
-        }
-        wait(ctx.clone()).await;
-    }
     loop {
-        let quiet_since = Instant::now()
-            .checked_sub(DRAIN_QUIET)
-            .unwrap_or_else(Instant::now);
-        if ctx.kick_quiet(quiet_since) == 0 {
+        let now = Instant::now();
+        let quiet_since = now.checked_sub(DRAIN_QUIET).unwrap_or(began);
+        let open = ctx.drain_kicks(quiet_since, now >= began + DRAIN_QUIET);
+        // Answers for players whose session is gone still go to their
+        // outboxes, so the images wait for every request in flight.
+        if open == 0 && ctx.in_flight() == 0 {
             break;
         }
         if ctx.is_forced() || Instant::now() >= deadline {

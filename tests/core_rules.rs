@@ -461,12 +461,65 @@ fn a_drain_refuses_requests_and_resumes_and_kicks_quiet_sessions() {
     // A session that sent nothing since the drain began is kicked.
     let since = sim.now;
     sim.advance(Duration::from_millis(10));
-    sim.on_core(0, |core, now| core.handle_kick_quiet(since, now));
+    sim.on_core(0, |core, now| core.handle_drain_kicks(since, false, now));
     sim.run();
     assert_eq!(sim.cores[0].session_count(), 0);
     assert_eq!(shape(&sim.recv(c)), [(Kind::Kick, code(Code::Shutdown), 0)]);
     // The player stays for the snapshot.
     assert!(sim.cores[0].holds(7));
+}
+
+#[test]
+fn after_the_grace_a_drain_kicks_a_busy_session_once_its_requests_are_answered() {
+    let mut sim = Sim::new(config(), 1, 1);
+    let busy = sim.connect(0);
+    sim.login(busy, 7, 1);
+    let waiting = sim.connect(0);
+    sim.login(waiting, 8, 1);
+    // `waiting` has a request at the backend when the drain begins.
+    request(&mut sim, waiting, 150, 2);
+    assert_eq!(sim.backend.len(), 1);
+    sim.on_core(0, |core, _| core.drain(false));
+    let since = sim.now;
+    // `busy` keeps sending: each request is answered SHUTTING_DOWN at once.
+    for r in 2..=4 {
+        sim.advance(Duration::from_millis(40));
+        request(&mut sim, busy, 150, r);
+        let f = sim.recv(busy);
+        assert_eq!(
+            shape(&f),
+            [(Kind::Response, code(Code::ShuttingDown), r as u64)]
+        );
+        // Within the grace, a session that is not quiet stays.
+        sim.on_core(0, |core, now| core.handle_drain_kicks(since, false, now));
+        sim.run();
+        assert!(sim.is_open(busy));
+    }
+    // The grace is over: `busy` goes though it just sent, `waiting` stays
+    // until its answer is in.
+    let open = sim.on_core(0, |core, now| core.handle_drain_kicks(since, true, now));
+    sim.run();
+    assert_eq!(
+        shape(&sim.recv(busy)),
+        [(Kind::Kick, code(Code::Shutdown), 0)]
+    );
+    assert!(!sim.is_open(busy));
+    assert!(open >= 1);
+    assert!(sim.is_open(waiting));
+    sim.answer(0, 0, 8, b"done");
+    sim.run();
+    sim.on_core(0, |core, now| core.handle_drain_kicks(since, true, now));
+    sim.run();
+    let f = sim.recv(waiting);
+    assert_eq!(
+        shape(&f),
+        [
+            (Kind::Response, 0, 2),
+            (Kind::Kick, code(Code::Shutdown), 0)
+        ],
+        "the answer, then the KICK"
+    );
+    assert_eq!(sim.cores[0].session_count(), 0);
 }
 
 #[test]

@@ -462,3 +462,55 @@ fn a_drain_request_or_reload_during_a_drain_does_not_force_it() {
     demo.stop();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn a_drain_kicks_clients_that_keep_sending_and_ends_clean_in_about_a_request_timeout() {
+    let demo = DemoBackend::start("127.0.0.1:0".parse().expect("addr")).expect("demo");
+    let dir = temp_dir("busy");
+    let gw = in_process(&demo, &dir, 2, |c| {
+        c.drain_timeout = Duration::from_secs(10)
+    });
+    let addr = gw.client_addr;
+    let clients: Vec<_> = (0..8u64)
+        .map(|i| {
+            std::thread::spawn(move || {
+                let mut c = Client::connect(addr).expect("connect");
+                c.login_demo(300 + i).expect("login");
+                let mut refused = 0;
+                // One request every 50 ms, whatever the answer, until
+                // kicked (or long after the test gave up).
+                let give_up = std::time::Instant::now() + Duration::from_secs(20);
+                while std::time::Instant::now() < give_up {
+                    match c.request(ECHO, b"tick") {
+                        Ok(f) if f.header.code == u16::from(Code::ShuttingDown) => refused += 1,
+                        Ok(f) => assert_eq!(f.header.code, 0),
+                        // The KICK came instead of the answer (it stays
+                        // queued, read by expect_kick).
+                        Err(ClientError::Closed) => {
+                            return (c.expect_kick().ok(), refused);
+                        }
+                        Err(e) => panic!("client {i}: {e}"),
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                (None, refused)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let (_tx, rx) = flume::unbounded();
+    let began = std::time::Instant::now();
+    let outcome = gw.drain(&rx);
+    let took = began.elapsed();
+    assert!(outcome.clean, "{outcome:?}");
+    assert_eq!(outcome.snapshot_players, Some(8));
+    // The demo answers at once; the grace is 100 ms. Well under the 10 s
+    // drain_timeout the old quiet-wait rule always ran to.
+    assert!(took < Duration::from_secs(3), "drain took {took:?}");
+    for c in clients {
+        let (kick, _refused) = c.join().expect("client");
+        assert_eq!(kick, Some(u16::from(Code::Shutdown)));
+    }
+    demo.stop();
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -277,13 +277,24 @@ impl Core {
 
     // ----- drain and snapshots ------------------------------------------
 
-    /// During a drain: `KICK SHUTDOWN` to every session that has sent
-    /// nothing since `quiet_since` (a client that got `SHUTTING_DOWN` stops
-    /// sending, so a request still on its way is read and answered first).
-    /// Returns the sessions still open.
-    pub fn handle_kick_quiet(&mut self, quiet_since: Instant, now: Instant) -> usize {
+    /// During a drain: `KICK SHUTDOWN` (after its queued output) to every
+    /// session with no request in flight that has sent nothing since
+    /// `quiet_since`, or to every such session whatever it sends once
+    /// `grace_over`. The grace lets a request already on its way be read
+    /// and answered `SHUTTING_DOWN`; after it, a client that keeps sending
+    /// cannot hold the drain open (each new request is answered at once, so
+    /// a session's in-flight count only falls). Returns the sessions still
+    /// open.
+    pub fn handle_drain_kicks(
+        &mut self,
+        quiet_since: Instant,
+        grace_over: bool,
+        now: Instant,
+    ) -> usize {
         self.now = now;
-        self.kick_where(Code::Shutdown, |s| s.quiet_after(quiet_since));
+        self.kick_where(Code::Shutdown, |s| {
+            s.inflight() == 0 && !s.is_closing() && (grace_over || s.quiet_after(quiet_since))
+        });
         self.session_count()
     }
 

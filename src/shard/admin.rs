@@ -61,10 +61,11 @@ impl ShardCtx {
         self.backends.in_flight()
     }
 
-    /// During a drain: `KICK SHUTDOWN` to every quiet session; the sessions
-    /// still open.
-    pub fn kick_quiet(&self, quiet_since: Instant) -> usize {
-        self.with(|c, now| c.handle_kick_quiet(quiet_since, now))
+    /// During a drain: `KICK SHUTDOWN` to every session with nothing in
+    /// flight that is quiet (or to all of them once `grace_over`); the
+    /// sessions still open.
+    pub fn drain_kicks(&self, quiet_since: Instant, grace_over: bool) -> usize {
+        self.with(|c, now| c.handle_drain_kicks(quiet_since, grace_over, now))
     }
 
     /// Every player as a snapshot keeps it.

@@ -22,6 +22,11 @@ const READ_MAX: usize = crate::net::SCRATCH_LEN;
 /// How long a closing connection may take to flush its last frames.
 const CLOSE_FLUSH: Duration = Duration::from_secs(2);
 
+/// After its FIN, how long a closed connection still reads (and drops)
+/// what its client sends, and how much at most.
+const LINGER: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 64 * 1024;
+
 /// How a read loop ended.
 enum End {
     Close,
@@ -106,11 +111,13 @@ async fn finish(
                     )
                     .await;
                 }
-                let _ = shutdown_write(&stream);
             }
             let (player, reason) = ctx.remove_session(sid);
-            drop(slot);
             tracing::info!(session = sid, %peer, ?player, reason = reason.name(), "close");
+            if flushed && shutdown_write(&stream).is_ok() {
+                linger(&stream, buf).await;
+            }
+            drop(slot);
         }
         End::Handoff { home, arrival } => {
             // Everything already queued went out from here first.
@@ -175,6 +182,26 @@ pub(crate) async fn write_backlog(ctx: Rc<ShardCtx>, sid: SessionId, mut stream:
         }
     }
     ctx.backlog_written(sid);
+}
+
+/// The lingering close of HTTP servers: after our FIN, read and drop what
+/// the client still sends until its own FIN, [`LINGER`] or [`LINGER_BYTES`].
+/// A socket closed with unread bytes in it (or that gets some later)
+/// answers with a reset, and a reset makes the client's kernel drop what
+/// it had not yet read: the `KICK` that said why, after a client that kept
+/// sending (a busy session in a drain, a flood). The descriptor keeps its
+/// `max_connections` slot until then.
+async fn linger(stream: &SharedStream, mut buf: BytesMut) {
+    let until = Instant::now() + LINGER;
+    let mut dropped = 0;
+    while dropped < LINGER_BYTES {
+        buf.clear();
+        let wait = until.saturating_duration_since(Instant::now());
+        match crate::net::read_more(stream, &mut buf, 4096, glommio::timer::sleep(wait)).await {
+            ReadMore::Data(n) => dropped += n,
+            _ => break,
+        }
+    }
 }
 
 fn shutdown_write(stream: &SharedStream) -> std::io::Result<()> {
