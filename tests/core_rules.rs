@@ -239,6 +239,72 @@ fn a_takeover_on_the_same_shard_kicks_the_old_session() {
 }
 
 #[test]
+fn takeover_flapping_is_refused_rate_limited_and_a_reconnect_after_a_drop_is_not() {
+    let mut cfg = config();
+    cfg.limits.takeovers = Some(slg_gateway::config::TakeoverLimit {
+        max: 3,
+        window: Duration::from_secs(10),
+        backoff: Duration::from_secs(30),
+    });
+    let mut sim = Sim::new(cfg, 1, 1);
+    let mut live = sim.connect(0);
+    let mut t = token(&sim.login(live, 7, 1));
+    // Three takeovers within the window: each kicks the one before.
+    for r in 0..3 {
+        let next = sim.connect(0);
+        t = token(&sim.login(next, 7, 10 + r));
+        sim.run();
+        assert!(!sim.is_open(live));
+        live = next;
+        sim.advance(Duration::from_secs(1));
+    }
+    // The fourth: the backend accepted the login, the gateway refuses it.
+    let flapper = sim.connect(0);
+    let f = sim.login(flapper, 7, 20);
+    assert_eq!(shape(&f), [(Kind::Response, code(Code::RateLimited), 0)]);
+    assert!(
+        sim.is_open(flapper) && sim.is_open(live),
+        "both stay; the live one bound"
+    );
+    // The live session still works.
+    request(&mut sim, live, 150, 30);
+    assert_eq!(sim.backend.len(), 1);
+    sim.answer_all();
+    assert_eq!(sim.recv(live).len(), 1);
+    // Its client comes back with its token before the gateway noticed the
+    // old connection drop: a resume is never refused by the guard (only the
+    // latest session's client holds a valid token).
+    let again = sim.connect(0);
+    let f = resume(&mut sim, again, &t, 0);
+    assert_eq!(shape(&f).first().map(|s| s.0), Some(Kind::Session));
+    sim.run();
+    assert!(!sim.is_open(live));
+    // Its connection drops: a login (no live session to replace) is served
+    // although the back-off runs.
+    sim.hang_up(again, false);
+    sim.run();
+    let back = sim.connect(0);
+    let f = sim.login(back, 7, 40);
+    assert_eq!(
+        shape(&f).first().map(|s| s.0),
+        Some(Kind::Session),
+        "{:?}",
+        shape(&f)
+    );
+    // While it is live, takeovers stay refused until the back-off ends.
+    let f = sim.login(flapper, 7, 41);
+    assert_eq!(shape(&f), [(Kind::Response, code(Code::RateLimited), 0)]);
+    sim.advance(Duration::from_secs(31));
+    // (`flapper` went meanwhile: not logged in within login_timeout.)
+    let later = sim.connect(0);
+    let f = sim.login(later, 7, 42);
+    assert_eq!(shape(&f).first().map(|s| s.0), Some(Kind::Session));
+    sim.run();
+    assert!(!sim.is_open(back), "REPLACED after the back-off");
+    assert_eq!(sim.cores[0].stats.takeovers_refused.get(), 2);
+}
+
+#[test]
 fn a_takeover_from_another_shard_moves_the_connection_home() {
     let mut sim = Sim::new(config(), 2, 1);
     let p = homed_on(1, 2);

@@ -190,3 +190,40 @@ fn a_frame_not_finished_within_frame_timeout_is_kicked() {
     assert!(took < Duration::from_secs(5), "kicked after {took:?}");
     assert_eq!(slow.request(ECHO, b"fine").expect("echo").header.seq, 2);
 }
+
+#[test]
+fn two_hundred_logins_of_one_player_in_a_burst_cannot_flap_without_end() {
+    // The shipped guard: 5 takeovers in 10 s, then a 30 s back-off.
+    let h = Harness::start(2);
+    let mut first = h.client();
+    first.login_demo(42).expect("login");
+    let mut live = first;
+    let (mut took_over, mut refused) = (0, 0);
+    for _ in 0..200 {
+        let mut c = h.client();
+        match c.login_demo(42) {
+            Ok(_) => {
+                took_over += 1;
+                live = c;
+            }
+            Err(slg_gateway::client::ClientError::LoginRejected(code)) => {
+                assert_eq!(code, u16::from(Code::RateLimited));
+                refused += 1;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!((took_over, refused), (5, 195));
+    // The session that holds the player now was never disturbed.
+    assert_eq!(
+        live.request(ECHO, b"still here").expect("echo").header.code,
+        0
+    );
+    let metrics = common::http(h.http_addr(), "GET", "/metrics", b"").1;
+    let counted: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("slg_takeovers_refused_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(counted, 195, "{metrics}");
+}

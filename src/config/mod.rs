@@ -213,6 +213,32 @@ pub struct Limits {
     pub backend_queue_bytes: usize,
     /// Per-session token bucket (requests per second, burst); None: no limit.
     pub rate: Option<RateLimit>,
+    /// The takeover flapping guard; None: off.
+    pub takeovers: Option<TakeoverLimit>,
+}
+
+/// At most `max` takeovers of one player (a login that replaces a live
+/// session) per `window`; the next one starts a `backoff` during which
+/// logins that would take over are refused RATE_LIMITED (one with no live
+/// session to replace never is, nor is a resume).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TakeoverLimit {
+    pub max: u32,
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    #[serde(with = "humantime_serde")]
+    pub backoff: Duration,
+}
+
+impl Default for TakeoverLimit {
+    fn default() -> Self {
+        TakeoverLimit {
+            max: 5,
+            window: Duration::from_secs(10),
+            backoff: Duration::from_secs(30),
+        }
+    }
 }
 
 /// A token bucket: `per_second` tokens added each second, at most `burst` kept.
@@ -230,6 +256,7 @@ impl Default for Limits {
             backend_inflight: 65536,
             backend_queue_bytes: 8 * 1024 * 1024,
             rate: None,
+            takeovers: Some(TakeoverLimit::default()),
         }
     }
 }
@@ -480,6 +507,13 @@ impl Config {
             if !(r.burst >= 1.0 && r.burst.is_finite()) {
                 return Err(invalid("limits.rate.burst", "must be at least 1"));
             }
+        }
+        if let Some(t) = l.takeovers {
+            if t.max == 0 {
+                return Err(invalid("limits.takeovers.max", "must be greater than 0"));
+            }
+            positive("limits.takeovers.window", t.window)?;
+            positive("limits.takeovers.backoff", t.backoff)?;
         }
         if self.http.max_connections == 0 {
             return Err(invalid("http.max_connections", "must be greater than 0"));

@@ -381,6 +381,37 @@ impl Core {
         true
     }
 
+    /// The takeover flapping guard (`limits.takeovers`): whether the login
+    /// on `sid` may replace the player's live session, if it has one (a
+    /// player with no session, such as one whose connection dropped, is
+    /// never refused). Resumes are not guarded: a token is single use and
+    /// replaced by every login, so a valid one is held only by the client
+    /// of the latest session; its resume is that client coming back, often
+    /// before the gateway noticed its old connection drop. Two clients
+    /// taking an account from each other must log in each time.
+    fn may_take_over(&mut self, sid: SessionId, player: u64) -> bool {
+        let Some(limit) = self.cfg.limits.takeovers else {
+            return true;
+        };
+        let now = self.now;
+        let Some(p) = self.players.get_mut(&player) else {
+            return true;
+        };
+        let live = p.session.is_some_and(|old| {
+            old != sid
+                && self
+                    .sessions
+                    .get(&old)
+                    .is_some_and(|c| !c.session.is_closing())
+        });
+        if !live || p.takeovers.take_over(limit, now).is_ok() {
+            return true;
+        }
+        bump(&self.stats.takeovers_refused);
+        self.event(Event::TakeoverRefused { sid, player });
+        false
+    }
+
     fn session_frame(player: u64, token: &[u8], resume_point: u64, gap: bool, out: &mut BytesMut) {
         let mut h = Header::new(Kind::Session);
         h.seq = resume_point;
@@ -396,6 +427,14 @@ impl Core {
     /// `SESSION` (R = last ack, or `GAP`), every retained unacknowledged
     /// frame, then the login `RESPONSE` with the next seq.
     fn login(&mut self, sid: SessionId, player: u64, reply: LoginReply) {
+        if !self.may_take_over(sid, player) {
+            if let Some(c) = self.sessions.get_mut(&sid) {
+                c.session.binding_failed();
+            }
+            bump(&self.stats.logins_rejected);
+            let code = Code::RateLimited.into();
+            return self.respond(sid, reply.req_id, reply.msg_id, code, &[]);
+        }
         let now = self.now;
         let secret = self.new_secret();
         let life = if self.players.contains_key(&player) {

@@ -35,6 +35,9 @@ pub enum Event {
         player: u64,
         why: ResumeError,
     },
+    /// A login of `player` on `sid` was refused `RATE_LIMITED`
+    /// by the takeover flapping guard (its live session stays).
+    TakeoverRefused { sid: SessionId, player: u64 },
     /// The gateway sent `KICK code` to `sid`.
     Kicked {
         sid: SessionId,

@@ -24,6 +24,7 @@ crate::counters! {
         session_panics: "Panics caught while handling one session's event (that session closed).",
         write_backlogs: "Times a client socket took less than was queued (a writer task waited for it to drain).",
         login_timeouts: "Connections closed for not logging in within login_timeout (KICK LOGIN_TIMEOUT).",
+        takeovers_refused: "Logins refused RATE_LIMITED by the takeover flapping guard (limits.takeovers).",
         frame_timeouts: "Sessions kicked IDLE for a frame begun and not finished within frame_timeout.",
         handshakes_failed: "Client connections whose TLS handshake or WebSocket upgrade failed or was refused.",
         handshakes_timed_out: "Client connections whose TLS handshake or WebSocket upgrade took longer than its handshake_timeout.",

@@ -69,6 +69,46 @@ pub struct Player {
     pub detached_since: Option<Instant>,
     secret: [u8; SECRET_LEN],
     token_expires: Instant,
+    /// Takeovers of this player, for the flapping guard.
+    pub takeovers: Takeovers,
+}
+
+/// The takeovers of one player in the current window (a fixed window
+/// from the first one), and the back-off the guard started, if any.
+#[derive(Debug, Clone, Default)]
+pub struct Takeovers {
+    window_start: Option<Instant>,
+    count: u32,
+    refused_until: Option<Instant>,
+}
+
+impl Takeovers {
+    /// A new session would take over the player's live one at `now`.
+    /// Ok: it may (and is counted); Err: refused, until the instant given.
+    pub fn take_over(
+        &mut self,
+        limit: crate::config::TakeoverLimit,
+        now: Instant,
+    ) -> Result<(), Instant> {
+        if let Some(until) = self.refused_until {
+            if now < until {
+                return Err(until);
+            }
+            *self = Takeovers::default();
+        }
+        let start = *self.window_start.get_or_insert(now);
+        if now.saturating_duration_since(start) >= limit.window {
+            self.window_start = Some(now);
+            self.count = 0;
+        }
+        if self.count >= limit.max {
+            let until = now + limit.backoff;
+            self.refused_until = Some(until);
+            return Err(until);
+        }
+        self.count += 1;
+        Ok(())
+    }
 }
 
 impl Player {
@@ -84,6 +124,7 @@ impl Player {
             detached_since: Some(now),
             secret: [0; SECRET_LEN],
             token_expires: now,
+            takeovers: Takeovers::default(),
         }
     }
 
@@ -283,6 +324,7 @@ impl Player {
             detached_since: Some(instant(img.detached_unix_ms)),
             secret: img.token_secret,
             token_expires: instant(img.token_expires_unix_ms),
+            takeovers: Takeovers::default(),
         }
     }
 
@@ -306,6 +348,33 @@ mod tests {
     fn push(p: &mut Player, n: usize) {
         for _ in 0..n {
             p.sequence(Header::new(Kind::Push), Bytes::from_static(b"x"), |_| ());
+        }
+    }
+
+    #[test]
+    fn takeovers_beyond_the_window_limit_start_a_backoff() {
+        let limit = crate::config::TakeoverLimit {
+            max: 3,
+            window: Duration::from_secs(10),
+            backoff: Duration::from_secs(30),
+        };
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut t = Takeovers::default();
+        for i in 0..3 {
+            assert_eq!(t.take_over(limit, t0 + s(i)), Ok(()));
+        }
+        // The fourth within the window: refused for the back-off.
+        assert_eq!(t.take_over(limit, t0 + s(4)), Err(t0 + s(34)));
+        assert_eq!(t.take_over(limit, t0 + s(20)), Err(t0 + s(34)));
+        // After it, a fresh window.
+        for i in 0..3 {
+            assert_eq!(t.take_over(limit, t0 + s(34 + i)), Ok(()));
+        }
+        // Takeovers spread wider than the window never trip it.
+        let mut t = Takeovers::default();
+        for i in 0..20 {
+            assert_eq!(t.take_over(limit, t0 + s(4 * i)), Ok(()));
         }
     }
 

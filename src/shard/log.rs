@@ -21,6 +21,13 @@ pub fn log(shard: usize, e: &Event) {
         Event::ResumeRefused { sid, player, why } => {
             tracing::debug!(session = sid, player, error = %why, "resume refused")
         }
+        // One line per refusal of a flapping pair would be a flood of its
+        // own; slg_takeovers_refused_total counts them.
+        Event::TakeoverRefused { sid, player } => tracing::debug!(
+            session = sid,
+            player,
+            "takeover refused: limits.takeovers (flapping)"
+        ),
         Event::Kicked { sid, player, code } => {
             tracing::info!(session = sid, player = ?player, reason = code.name(), "kick")
         }
