@@ -102,9 +102,46 @@ pub fn fd_budget_warning(
     })
 }
 
+/// The memory this process may use: the machine's physical memory, or
+/// its cgroup's limit (cgroup v2 `memory.max`) where that is smaller.
+/// What the `Auto` memory budgets are derived from.
+pub fn physical_memory() -> Option<u64> {
+    // SAFETY: sysconf reads a system constant; no memory is passed.
+    let (pages, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    let machine = (pages > 0 && page > 0).then(|| pages as u64 * page as u64);
+    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    match (machine, cgroup) {
+        (Some(m), Some(c)) => Some(m.min(c)),
+        (m, c) => m.or(c),
+    }
+}
+
+/// Give freed heap memory back to the kernel (glibc keeps it for reuse,
+/// so the RSS of a burst would stay after it ends).
+pub fn trim_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn physical_memory_is_known_here() {
+        let m = physical_memory().expect("Linux tells");
+        assert!(m > 64 << 20, "{m}");
+    }
 
     #[test]
     fn the_fd_budget_warns_only_past_the_limit() {

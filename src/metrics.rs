@@ -176,6 +176,11 @@ pub struct Snapshot {
     pub players_lingering: u64,
     pub outbox_frames: u64,
     pub outbox_bytes: u64,
+    /// The shard's budgets (None: unlimited) and what its buffers hold.
+    pub outbox_budget: Option<u64>,
+    pub buffer_bytes: u64,
+    pub buffer_budget: Option<u64>,
+    pub players_max: u64,
     /// Named monotonic counters (metric name suffix, value).
     pub counters: Vec<(&'static str, &'static str, u64)>,
     pub kicks: Vec<(u16, u64)>,
@@ -286,6 +291,50 @@ pub fn render(snaps: &[Snapshot], ctx: &Context) -> String {
             "outbox_bytes",
             &format!("shard=\"{}\"", s.shard),
             s.outbox_bytes,
+        );
+    }
+    o.head(
+        "outbox_budget_bytes",
+        "gauge",
+        "The shard's budget for all its outboxes (memory.outboxes); absent when unlimited.",
+    );
+    for s in snaps {
+        if let Some(b) = s.outbox_budget {
+            o.line("outbox_budget_bytes", &format!("shard=\"{}\"", s.shard), b);
+        }
+    }
+    o.head(
+        "buffer_bytes",
+        "gauge",
+        "Bytes of client connection buffers: frames begun and not finished, output not yet written.",
+    );
+    for s in snaps {
+        o.line(
+            "buffer_bytes",
+            &format!("shard=\"{}\"", s.shard),
+            s.buffer_bytes,
+        );
+    }
+    o.head(
+        "buffer_budget_bytes",
+        "gauge",
+        "The shard's budget for its connection buffers (memory.buffers); absent when unlimited.",
+    );
+    for s in snaps {
+        if let Some(b) = s.buffer_budget {
+            o.line("buffer_budget_bytes", &format!("shard=\"{}\"", s.shard), b);
+        }
+    }
+    o.head(
+        "players_max",
+        "gauge",
+        "Players the shard may hold (its share of max_players).",
+    );
+    for s in snaps {
+        o.line(
+            "players_max",
+            &format!("shard=\"{}\"", s.shard),
+            s.players_max,
         );
     }
     o.head(

@@ -123,6 +123,64 @@ pub struct Config {
     /// TLS on the listeners it names (None: plain everywhere).
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// Players held at once, lingering ones included (each shard holds at
+    /// most its share); a login of one more is answered OVERLOADED.
+    #[serde(default = "default_max_players")]
+    pub max_players: usize,
+    /// Per-shard memory budgets.
+    #[serde(default)]
+    pub memory: MemoryConfig,
+}
+
+fn default_max_players() -> usize {
+    200_000
+}
+
+/// What one shard may hold, beyond which it frees memory itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemoryConfig {
+    /// Bytes of all outboxes of a shard: beyond it the oldest frames of the
+    /// largest outboxes are evicted. `Auto`: a quarter of the machine's
+    /// memory, shared among the shards.
+    pub outboxes: Budget,
+    /// Bytes of a shard's connection buffers: frames begun and not
+    /// finished, and output not yet written. Beyond it the sessions holding
+    /// the most are kicked SLOW_CONSUMER. `Auto`: an eighth of the
+    /// machine's memory, shared among the shards.
+    pub buffers: Budget,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            outboxes: Budget::Auto,
+            buffers: Budget::Auto,
+        }
+    }
+}
+
+/// A memory budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Budget {
+    /// Derived from the machine's memory (see where it is used).
+    Auto,
+    /// This many bytes per shard.
+    Bytes(usize),
+    /// No budget.
+    Unlimited,
+}
+
+impl Budget {
+    /// Bytes per shard: `Auto` is `memory / divisor / shards` (`memory`
+    /// the machine's physical memory, if known; else no budget).
+    pub fn per_shard(self, memory: Option<u64>, divisor: u64, shards: usize) -> Option<usize> {
+        match self {
+            Budget::Bytes(n) => Some(n),
+            Budget::Unlimited => None,
+            Budget::Auto => memory.map(|m| (m / divisor / shards.max(1) as u64) as usize),
+        }
+    }
 }
 
 fn default_frame_timeout() -> Duration {
@@ -484,6 +542,21 @@ impl Config {
         positive("session_idle", self.session_idle)?;
         positive("login_timeout", self.login_timeout)?;
         positive("frame_timeout", self.frame_timeout)?;
+        if self.max_players == 0 {
+            return Err(invalid("max_players", "must be greater than 0"));
+        }
+        // A budget smaller than one frame would evict or kick at once.
+        let one_frame = self.max_frame as usize + LEN_PREFIX;
+        for (key, b) in [
+            ("memory.outboxes", self.memory.outboxes),
+            ("memory.buffers", self.memory.buffers),
+        ] {
+            if let Budget::Bytes(n) = b {
+                if n < one_frame {
+                    return Err(invalid(key, "must be at least max_frame + 4 bytes"));
+                }
+            }
+        }
         let l = &self.limits;
         if l.session_inflight == 0 {
             return Err(invalid("limits.session_inflight", "must be greater than 0"));

@@ -300,6 +300,37 @@ fn max_connections_must_be_positive() {
 }
 
 #[test]
+fn budgets_and_player_caps_are_checked() {
+    let e = invalid_of(|c| c.max_players = 0);
+    assert_eq!(e, "config key `max_players`: must be greater than 0");
+    let e = invalid_of(|c| c.memory.outboxes = super::Budget::Bytes(1000));
+    assert_eq!(
+        e,
+        "config key `memory.outboxes`: must be at least max_frame + 4 bytes"
+    );
+    let e = invalid_of(|c| {
+        c.limits.takeovers = Some(super::TakeoverLimit {
+            max: 0,
+            ..Default::default()
+        })
+    });
+    assert_eq!(
+        e,
+        "config key `limits.takeovers.max`: must be greater than 0"
+    );
+    let c: Config =
+        ron::from_str(&edited("buffers: Auto,", "buffers: Bytes(1048576),")).expect("parses");
+    assert_eq!(c.memory.buffers, super::Budget::Bytes(1 << 20));
+    // Auto: a share of the memory; Unlimited: none.
+    let b = super::Budget::Auto;
+    assert_eq!(b.per_shard(Some(8 << 30), 4, 2), Some(1 << 30));
+    assert_eq!(
+        super::Budget::Unlimited.per_shard(Some(8 << 30), 4, 2),
+        None
+    );
+}
+
+#[test]
 fn durations_must_be_positive() {
     let e = invalid_of(|c| c.session_idle = Duration::ZERO);
     assert_eq!(e, "config key `session_idle`: must be greater than 0");

@@ -67,6 +67,21 @@ impl Core {
             // through the next gateway.
             return self.kick(sid, Code::Shutdown);
         }
+        // A player not held here needs room for one more (max_players).
+        if !self.players.contains_key(&arrival.player()) && !self.has_room_for_a_player() {
+            bump(&self.stats.players_refused);
+            if let Some(c) = self.sessions.get_mut(&sid) {
+                c.session.binding_failed();
+            }
+            return match arrival {
+                Arrival::Login { reply, .. } => {
+                    bump(&self.stats.logins_rejected);
+                    let code = Code::Overloaded.into();
+                    self.respond(sid, reply.req_id, reply.msg_id, code, &[])
+                }
+                Arrival::Resume { .. } => self.reject_resume(sid, Code::ResumeRejected),
+            };
+        }
         // In a cluster, a player this gateway does not hold is claimed (and
         // fetched from its holder) first.
         if self.clustered && !self.players.contains_key(&arrival.player()) {
@@ -162,6 +177,7 @@ impl Core {
         if let Some((sid, over)) = queued {
             self.queued(sid, over);
         }
+        self.check_outboxes();
         true
     }
 
@@ -445,9 +461,11 @@ impl Core {
         let (old, frames) = {
             let o = self.cfg.outbox;
             let lifetime = self.cfg.token_lifetime;
+            let meter = &self.outbox_meter;
             let p = self.players.entry(player).or_insert_with(|| {
                 let mut p = Player::new(player, o.max_frames, o.max_bytes, now);
                 p.life = life;
+                p.outbox.meter(meter);
                 p
             });
             let old = p.attach(sid);

@@ -18,6 +18,7 @@
 //! | [`players`] | push, admin, timers, drain, snapshots, migration steps |
 //! | [`stats`] | the counters, each declared once with its help text |
 
+mod budget;
 mod client;
 mod entropy;
 mod event;
@@ -26,6 +27,7 @@ mod output;
 mod players;
 mod stats;
 
+pub use budget::Budgets;
 pub use client::Step;
 use output::Tx;
 pub use output::{Flushed, Transmit, WriteNow};
@@ -135,9 +137,16 @@ pub struct Core {
     /// `login_timeout` sweep); a session leaves it when the sweep finds it
     /// bound, or when it closes.
     unbound: HashMap<SessionId, Instant>,
-    /// Sessions whose connection holds a frame begun and not whole, since
-    /// when (the `frame_timeout` sweep).
-    partial: HashMap<SessionId, Instant>,
+    /// Sessions whose connection holds a frame begun and not whole: since
+    /// when (the `frame_timeout` sweep), and the bytes held for it.
+    partial: HashMap<SessionId, (Instant, usize)>,
+    /// Their sum.
+    partial_bytes: usize,
+    /// What open sessions' buffers held at the last sweep.
+    buffered: usize,
+    /// Bytes of all outboxes of this shard.
+    outbox_meter: crate::player::outbox::Meter,
+    budgets: Budgets,
     players: HashMap<u64, Player>,
     /// Players being migrated away, with the pushes that arrived meanwhile
     /// (they follow the player once it has moved).
@@ -168,7 +177,9 @@ impl Core {
         entropy: Box<dyn Entropy>,
         now: Instant,
     ) -> Core {
+        let budgets = Budgets::new(&cfg, count);
         Core {
+            budgets,
             id,
             count,
             router: Rc::new(Router::new(&cfg)),
@@ -176,6 +187,9 @@ impl Core {
             sessions: HashMap::new(),
             unbound: HashMap::default(),
             partial: HashMap::default(),
+            partial_bytes: 0,
+            buffered: 0,
+            outbox_meter: Default::default(),
             players: HashMap::new(),
             migrating: HashMap::new(),
             next_session: 1,
@@ -207,6 +221,7 @@ impl Core {
     /// players and requests in flight stay.
     pub fn reload(&mut self, cfg: Rc<Config>, router: Rc<Router>) {
         self.metrics.reset_routes();
+        self.budgets = Budgets::new(&cfg, self.count);
         self.cfg = cfg;
         self.router = router;
     }
@@ -321,7 +336,7 @@ impl Core {
     pub fn remove_session(&mut self, sid: SessionId, now: Instant) -> (Option<u64>, CloseReason) {
         self.now = now;
         self.unbound.remove(&sid);
-        self.partial.remove(&sid);
+        self.forget_partial(sid);
         let Some(c) = self.sessions.remove(&sid) else {
             return (None, CloseReason::Open);
         };
@@ -362,21 +377,6 @@ impl Core {
     /// The session of `player`, if it has one here.
     pub fn player_session(&self, player: u64) -> Option<SessionId> {
         self.players.get(&player).and_then(|p| p.session)
-    }
-
-    /// Bytes arrived on a session.
-    /// The connection of `sid` holds a frame begun and not whole
-    /// (`partial`), or no longer: past `frame_timeout` such a frame gets
-    /// the session kicked (`IDLE`: a frame that never finishes is no frame).
-    pub fn handle_partial_frame(&mut self, sid: SessionId, partial: bool, now: Instant) {
-        self.now = now;
-        if partial {
-            if self.sessions.contains_key(&sid) {
-                self.partial.entry(sid).or_insert(now);
-            }
-        } else {
-            self.partial.remove(&sid);
-        }
     }
 
     // ----- closing -------------------------------------------------------

@@ -174,6 +174,8 @@ impl Core {
         self.login_deadlines(now);
         self.frame_deadlines(now);
         self.end_lingering(now);
+        self.check_buffers();
+        self.check_outboxes();
     }
 
     /// A connection that has not logged in (or resumed) `login_timeout`
@@ -210,15 +212,14 @@ impl Core {
     /// (a client that trickles bytes never sends a frame).
     fn frame_deadlines(&mut self, now: Instant) {
         let limit = self.cfg.frame_timeout;
-        let mut late = Vec::new();
-        self.partial.retain(|sid, since| {
-            let keep = now.saturating_duration_since(*since) < limit;
-            if !keep {
-                late.push(*sid);
-            }
-            keep
-        });
+        let late: Vec<SessionId> = self
+            .partial
+            .iter()
+            .filter(|(_, (since, _))| now.saturating_duration_since(*since) >= limit)
+            .map(|(&sid, _)| sid)
+            .collect();
         for sid in late {
+            self.forget_partial(sid);
             super::bump(&self.stats.frame_timeouts);
             self.kick(sid, Code::Idle);
         }
@@ -328,6 +329,7 @@ impl Core {
                 continue;
             }
             p.life = self.new_life();
+            p.outbox.meter(self.meter());
             self.players.insert(p.id, p);
         }
         (self.players.len(), dropped)
@@ -378,6 +380,7 @@ impl Core {
         let mut p = Player::new(player, o.max_frames, o.max_bytes, now);
         p.life = self.new_life();
         p.lost_history = true;
+        p.outbox.meter(self.meter());
         self.players.entry(player).or_insert(p);
     }
 
@@ -533,6 +536,11 @@ impl Core {
             s.outbox_frames += p.outbox.len() as u64;
             s.outbox_bytes += p.outbox.bytes() as u64;
         }
+        let b = self.budgets();
+        s.outbox_budget = b.outboxes.map(|b| b as u64);
+        s.buffer_budget = b.buffers.map(|b| b as u64);
+        s.buffer_bytes = self.buffer_bytes() as u64;
+        s.players_max = b.players as u64;
         self.metrics.fill(&mut s);
         s
     }

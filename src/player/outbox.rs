@@ -9,7 +9,14 @@
 
 use crate::protocol::{encode_head, Header, FRAME_HEAD};
 use bytes::{BufMut, Bytes, BytesMut};
+use std::cell::Cell;
 use std::collections::VecDeque;
+use std::rc::Rc;
+
+/// A shard's running total of the bytes its outboxes hold: each outbox
+/// given one adds and subtracts its own changes, and its remainder when
+/// it is dropped, so the total is right however a player ends.
+pub type Meter = Rc<Cell<usize>>;
 
 /// One sequenced frame: its head (len prefix and header) and its body.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,7 +76,7 @@ impl SeqFrame {
 }
 
 /// The bounded ring of unacknowledged frames of one player.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Outbox {
     /// (seq, frame), seqs consecutive and ascending.
     frames: VecDeque<(u64, SeqFrame)>,
@@ -80,6 +87,31 @@ pub struct Outbox {
     evicted_through: u64,
     /// Frames dropped unacknowledged, over the player's life.
     evictions: u64,
+    /// The shard's total, if this outbox counts in one.
+    meter: Option<Meter>,
+}
+
+/// A copy counts in no shard's total.
+impl Clone for Outbox {
+    fn clone(&self) -> Outbox {
+        Outbox {
+            frames: self.frames.clone(),
+            bytes: self.bytes,
+            max_frames: self.max_frames,
+            max_bytes: self.max_bytes,
+            evicted_through: self.evicted_through,
+            evictions: self.evictions,
+            meter: None,
+        }
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        if let Some(m) = &self.meter {
+            m.set(m.get().saturating_sub(self.bytes));
+        }
+    }
 }
 
 impl Outbox {
@@ -91,7 +123,47 @@ impl Outbox {
             max_bytes: max_bytes.max(1),
             evicted_through: 0,
             evictions: 0,
+            meter: None,
         }
+    }
+
+    /// Count this outbox's bytes in `meter` from now on.
+    pub fn meter(&mut self, meter: &Meter) {
+        if let Some(old) = self.meter.take() {
+            old.set(old.get().saturating_sub(self.bytes));
+        }
+        meter.set(meter.get() + self.bytes);
+        self.meter = Some(meter.clone());
+    }
+
+    fn grow(&mut self, n: usize) {
+        self.bytes += n;
+        if let Some(m) = &self.meter {
+            m.set(m.get() + n);
+        }
+    }
+
+    fn shrink(&mut self, n: usize) {
+        self.bytes -= n;
+        if let Some(m) = &self.meter {
+            m.set(m.get().saturating_sub(n));
+        }
+    }
+
+    /// Evict the oldest frames until at most `level` bytes are held (the
+    /// shard's outbox budget). Returns how many went.
+    pub fn evict_to(&mut self, level: usize) -> usize {
+        let mut evicted = 0;
+        while self.bytes > level {
+            let Some((s, f)) = self.frames.pop_front() else {
+                break;
+            };
+            self.shrink(f.len());
+            self.evicted_through = s;
+            evicted += 1;
+        }
+        self.evictions += evicted as u64;
+        evicted
     }
 
     /// Keep `frame` (with `seq`, the player's newest) until acknowledged;
@@ -103,14 +175,14 @@ impl Outbox {
             // entries would cost 192 bytes more per idle session.
             self.frames.reserve_exact(1);
         }
-        self.bytes += frame.len();
+        self.grow(frame.len());
         self.frames.push_back((seq, frame));
         let mut evicted = 0;
         while self.frames.len() > self.max_frames || self.bytes > self.max_bytes {
             let Some((s, f)) = self.frames.pop_front() else {
                 break;
             };
-            self.bytes -= f.len();
+            self.shrink(f.len());
             self.evicted_through = s;
             evicted += 1;
         }
@@ -122,7 +194,7 @@ impl Outbox {
     pub fn ack(&mut self, seq: u64) {
         while self.frames.front().is_some_and(|(s, _)| *s <= seq) {
             if let Some((_, f)) = self.frames.pop_front() {
-                self.bytes -= f.len();
+                self.shrink(f.len());
             }
         }
     }
@@ -206,6 +278,33 @@ mod tests {
     /// A frame with an `n`-byte body (24 + n bytes in all).
     fn f(n: usize) -> SeqFrame {
         SeqFrame::new(&Header::new(Kind::Push), Bytes::from(vec![0u8; n]))
+    }
+
+    #[test]
+    fn the_meter_follows_every_change_and_a_dropped_outbox() {
+        let meter = Meter::default();
+        let mut a = Outbox::new(10, 1 << 20);
+        a.push(1, f(76));
+        a.meter(&meter);
+        assert_eq!(meter.get(), 100, "what it held before counts");
+        let mut b = Outbox::new(2, 1 << 20);
+        b.meter(&meter);
+        for seq in 1..=3 {
+            b.push(seq, f(26));
+        }
+        assert_eq!(meter.get(), 200, "b evicted one of its three");
+        a.push(2, f(0));
+        a.ack(1);
+        assert_eq!(meter.get(), 124);
+        assert_eq!(b.evict_to(60), 1);
+        assert_eq!((b.bytes(), b.evicted_through(), meter.get()), (50, 2, 74));
+        let copy = b.clone();
+        drop(copy);
+        assert_eq!(meter.get(), 74, "a copy counts nowhere");
+        drop(b);
+        assert_eq!(meter.get(), 24);
+        drop(a);
+        assert_eq!(meter.get(), 0);
     }
 
     #[test]

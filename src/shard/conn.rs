@@ -19,6 +19,8 @@ use std::time::{Duration, Instant};
 /// The most one read takes from a client (it lands in the shard's scratch
 /// buffer; the connection keeps only the bytes of a frame not yet whole).
 const READ_MAX: usize = crate::net::SCRATCH_LEN;
+/// An empty read buffer with more room than this is given back.
+const RECLAIM: usize = 16 * 1024;
 /// How long a closing connection may take to flush its last frames.
 const CLOSE_FLUSH: Duration = Duration::from_secs(2);
 
@@ -98,19 +100,15 @@ async fn finish(
     .await;
     match end {
         End::Close => {
-            if flushed {
-                if stream.is_wired() {
-                    // A WebSocket close frame, TLS close_notify.
-                    stream.with_wire(|_, w| w.map(|w| w.close()));
-                    let _ = futures_lite::future::or(
-                        async { stream.flush_wire().await.is_ok() },
-                        async {
-                            glommio::timer::sleep(CLOSE_FLUSH).await;
-                            false
-                        },
-                    )
+            if flushed && stream.is_wired() {
+                // A WebSocket close frame, TLS close_notify.
+                stream.with_wire(|_, w| w.map(|w| w.close()));
+                let _ =
+                    futures_lite::future::or(async { stream.flush_wire().await.is_ok() }, async {
+                        glommio::timer::sleep(CLOSE_FLUSH).await;
+                        false
+                    })
                     .await;
-                }
             }
             let (player, reason) = ctx.remove_session(sid);
             tracing::info!(session = sid, %peer, ?player, reason = reason.name(), "close");
@@ -259,17 +257,28 @@ async fn read_loop(
     buf: &mut BytesMut,
     ctl: &shards::Notify,
 ) -> End {
-    // A frame begun and not yet whole is in `buf` (told to the core, which
-    // times it: frame_timeout).
-    let mut partial = false;
+    // A frame begun and not yet whole is in `buf`: the core is told what
+    // it holds (it times the frame, frame_timeout, and counts the bytes in
+    // the shard's buffer budget), again whenever that changes.
+    let mut reported = 0;
     loop {
         // Between two awaits everything happens at one instant: one clock
         // read per read, not per frame.
         let next = ctx.at(Instant::now(), || {
             let next = handle_buffered(ctx, sid, buf);
-            if partial == buf.is_empty() {
-                partial = !partial;
-                ctx.partial_frame(sid, partial);
+            if buf.is_empty() && buf.capacity() > RECLAIM {
+                // A large frame is done: its buffer goes (what the frame's
+                // Bytes still share of it goes with them).
+                *buf = BytesMut::new();
+            }
+            let held = if buf.is_empty() {
+                0
+            } else {
+                buf.capacity().max(buf.len())
+            };
+            if held != reported {
+                reported = held;
+                ctx.partial_frame(sid, held);
             }
             next
         });

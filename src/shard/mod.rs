@@ -82,6 +82,10 @@ pub struct ShardCtx {
     pub http_connections: Arc<AtomicUsize>,
     /// Woken when a drain begins (the accept loop stops).
     pub drain_started: shards::Notify,
+    /// The most the outboxes and buffers held since the heap was last
+    /// trimmed, and when that was (see `tick`).
+    heap_peak: std::cell::Cell<usize>,
+    last_trim: std::cell::Cell<Option<Instant>>,
     /// Woken when a drain is forced.
     pub force_wake: shards::Notify,
     /// Where `POST /v1/drain` goes (the process's coordinator).
@@ -135,6 +139,8 @@ impl ShardCtx {
             connections,
             http_connections,
             drain_started: shards::Notify::new(),
+            heap_peak: Default::default(),
+            last_trim: Default::default(),
             force_wake: shards::Notify::new(),
             events: None,
             cluster,
@@ -405,12 +411,12 @@ impl ShardCtx {
         self.core.borrow().player_count()
     }
 
-    /// Bytes arrived on a session.
-    /// `sid`'s read buffer holds a frame begun and not whole (or no more).
-    pub fn partial_frame(&self, sid: SessionId, partial: bool) {
+    /// `sid`'s read buffer holds `bytes` for a frame begun and not whole
+    /// (0: no more).
+    pub fn partial_frame(&self, sid: SessionId, bytes: usize) {
         self.core
             .borrow_mut()
-            .handle_partial_frame(sid, partial, self.now());
+            .handle_partial_frame(sid, bytes, self.now());
     }
 
     /// What the read loop of `sid` must do now.
@@ -474,11 +480,35 @@ impl ShardCtx {
         self.with(|c, now| c.kick_all(code, now));
     }
 
-    /// The sweep timer.
+    /// The sweep timer. After a burst (outboxes and connection buffers
+    /// holding [`TRIM_AFTER`] less than at their peak) freed heap memory
+    /// goes back to the kernel, at most every [`TRIM_EVERY`].
     pub fn tick(&self) {
-        self.with(|c, now| c.handle_tick(now));
+        let held = self.with(|c, now| {
+            c.handle_tick(now);
+            c.held_at_sweep()
+        });
+        let peak = self.heap_peak.get().max(held);
+        let now = Instant::now();
+        let due = self
+            .last_trim
+            .get()
+            .is_none_or(|t| now.saturating_duration_since(t) >= TRIM_EVERY);
+        if peak - held >= TRIM_AFTER && due {
+            crate::limits::trim_heap();
+            self.last_trim.set(Some(now));
+            self.heap_peak.set(held);
+        } else {
+            self.heap_peak.set(peak);
+        }
     }
 }
+
+/// How much less than at their peak the outboxes and buffers must hold
+/// before freed heap memory is given back to the kernel.
+const TRIM_AFTER: usize = 32 << 20;
+/// The most often the heap is trimmed.
+const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Token secrets from the OS CSPRNG.
 struct OsEntropy;
