@@ -227,3 +227,55 @@ fn two_hundred_logins_of_one_player_in_a_burst_cannot_flap_without_end() {
         .sum();
     assert_eq!(counted, 195, "{metrics}");
 }
+
+/// A client connection from source address `from`.
+fn connect_from(from: [u8; 4], to: std::net::SocketAddr) -> std::io::Result<std::net::TcpStream> {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    s.bind(&std::net::SocketAddr::from((from, 0)).into())?;
+    s.connect(&to.into())?;
+    Ok(s.into())
+}
+
+/// Whether the gateway closed `s` at once (accept-time refusal) rather
+/// than keeping it for a login.
+fn closed_at_once(s: &mut std::net::TcpStream) -> bool {
+    use std::io::Read;
+    s.set_read_timeout(Some(Duration::from_millis(300)))
+        .expect("timeout");
+    let mut b = [0u8; 1];
+    match s.read(&mut b) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => !matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+    }
+}
+
+#[test]
+fn one_host_cannot_open_connections_faster_than_limits_accept_per_ip() {
+    let h = Harness::with(1, |c| {
+        c.limits.accept.per_ip = Some(RateLimit {
+            per_second: 1.0,
+            burst: 4.0,
+        })
+    });
+    let addr = h.addr();
+    let mut from_a: Vec<std::net::TcpStream> = (0..10)
+        .map(|_| connect_from([127, 0, 0, 1], addr).expect("connect"))
+        .collect();
+    let refused = from_a.iter_mut().map(closed_at_once).filter(|&c| c).count();
+    assert_eq!(refused, 6, "a burst of 4, then one a second");
+    // Another address has its own bucket; the ones let in work.
+    let mut b = connect_from([127, 0, 0, 2], addr).expect("connect");
+    assert!(!closed_at_once(&mut b));
+    std::thread::sleep(Duration::from_millis(1100));
+    let mut c = h.client();
+    c.login_demo(5).expect("a second later one more is let in");
+    let metrics = common::http(h.http_addr(), "GET", "/metrics", b"").1;
+    assert!(
+        metrics.contains("slg_refused_rate_total{shard=\"0\"} 6"),
+        "{metrics}"
+    );
+}

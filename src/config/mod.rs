@@ -273,6 +273,19 @@ pub struct Limits {
     pub rate: Option<RateLimit>,
     /// The takeover flapping guard; None: off.
     pub takeovers: Option<TakeoverLimit>,
+    /// Connection-rate limits of the client ports.
+    pub accept: AcceptLimits,
+}
+
+/// New client connections per second (token buckets), per source IP and
+/// per listener; None: no limit. Each shard accepts on its own, so each
+/// enforces `per_second / shards` with `burst / shards` (at least 1): the
+/// kernel spreads one address's connections over the shards.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AcceptLimits {
+    pub per_ip: Option<RateLimit>,
+    pub per_listener: Option<RateLimit>,
 }
 
 /// At most `max` takeovers of one player (a login that replaces a live
@@ -315,6 +328,7 @@ impl Default for Limits {
             backend_queue_bytes: 8 * 1024 * 1024,
             rate: None,
             takeovers: Some(TakeoverLimit::default()),
+            accept: AcceptLimits::default(),
         }
     }
 }
@@ -579,6 +593,20 @@ impl Config {
             }
             if !(r.burst >= 1.0 && r.burst.is_finite()) {
                 return Err(invalid("limits.rate.burst", "must be at least 1"));
+            }
+        }
+        for (key, rate) in [
+            ("limits.accept.per_ip", l.accept.per_ip),
+            ("limits.accept.per_listener", l.accept.per_listener),
+        ] {
+            if let Some(r) = rate {
+                if !(r.per_second > 0.0
+                    && r.per_second.is_finite()
+                    && r.burst >= 1.0
+                    && r.burst.is_finite())
+                {
+                    return Err(invalid(key, "per_second must be > 0 and burst >= 1"));
+                }
             }
         }
         if let Some(t) = l.takeovers {

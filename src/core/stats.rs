@@ -9,6 +9,7 @@ crate::counters! {
     pub struct Stats {
         accepted: "Client connections accepted.",
         refused_max_connections: "Client connections refused by max_connections.",
+        refused_rate: "Client connections refused by limits.accept (per source IP or per listener).",
         handoffs_out: "Connections handed to another shard.",
         handoffs_in: "Connections received from another shard.",
         logins_ok: "Logins accepted.",

@@ -151,6 +151,14 @@ impl RateBucket {
         }
     }
 
+    /// Whether the bucket would be full at `now` (nothing to remember).
+    pub fn is_full(&self, rate: RateLimit, now: Instant) -> bool {
+        let elapsed = now
+            .saturating_duration_since(self.refilled_at)
+            .as_secs_f64();
+        self.tokens + elapsed * rate.per_second >= rate.burst
+    }
+
     /// Take one token if there is one.
     pub fn take(&mut self, rate: RateLimit, now: Instant) -> bool {
         let tokens = (self.tokens

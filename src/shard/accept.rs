@@ -3,13 +3,15 @@
 //! place under `max_connections` first; a connection with a wire runs its
 //! handshakes before it is a session (`handshake.rs`).
 
+use crate::config::{AcceptLimits, RateLimit};
 use crate::net::Slot;
+use crate::session::RateBucket;
 use crate::shard::ShardCtx;
 use bytes::BytesMut;
 use glommio::net::TcpListener;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The next connection on `listener`, or None once `end` resolves. A
 /// failed accept (out of fds, say) is logged and retried after a pause
@@ -49,6 +51,74 @@ pub async fn accept_until(
     }
 }
 
+/// The connection-rate limits of one accept loop (`limits.accept`), at
+/// this shard's share of each rate.
+struct AcceptLimiter {
+    per_ip: foldhash::HashMap<std::net::IpAddr, RateBucket>,
+    listener: Option<RateBucket>,
+    pruned: Instant,
+}
+
+/// Source addresses remembered at most (full buckets are forgotten first).
+const MAX_TRACKED: usize = 65536;
+
+impl AcceptLimiter {
+    fn new(now: Instant) -> AcceptLimiter {
+        AcceptLimiter {
+            per_ip: Default::default(),
+            listener: None,
+            pruned: now,
+        }
+    }
+
+    /// Whether a connection from `ip` may be accepted at `now`.
+    fn admit(
+        &mut self,
+        limits: AcceptLimits,
+        shards: usize,
+        ip: std::net::IpAddr,
+        now: Instant,
+    ) -> bool {
+        let share = |r: RateLimit| RateLimit {
+            per_second: r.per_second / shards as f64,
+            burst: (r.burst / shards as f64).max(1.0),
+        };
+        if let Some(rate) = limits.per_listener.map(share) {
+            let bucket = self
+                .listener
+                .get_or_insert_with(|| RateBucket::full(Some(rate), now));
+            if !bucket.take(rate, now) {
+                return false;
+            }
+        }
+        let Some(rate) = limits.per_ip.map(share) else {
+            return true;
+        };
+        if self.per_ip.len() >= MAX_TRACKED
+            || now.saturating_duration_since(self.pruned) >= PRUNE_EVERY
+        {
+            self.per_ip.retain(|_, b| !b.is_full(rate, now));
+            self.pruned = now;
+        }
+        let ip = ip.to_canonical();
+        let room = self.per_ip.len() < MAX_TRACKED;
+        match self.per_ip.get_mut(&ip) {
+            Some(b) => b.take(rate, now),
+            // Every tracked address is busy: a new one goes unlimited
+            // rather than the map growing without end.
+            None if !room => true,
+            None => {
+                let mut b = RateBucket::full(Some(rate), now);
+                let ok = b.take(rate, now);
+                self.per_ip.insert(ip, b);
+                ok
+            }
+        }
+    }
+}
+
+const PRUNE_EVERY: Duration = Duration::from_secs(10);
+
 /// Which client port a loop serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Port {
@@ -63,6 +133,7 @@ pub async fn accept_clients(ctx: Rc<ShardCtx>, listener: TcpListener, port: Port
         Port::Tcp => "client",
         Port::WebSocket => "websocket",
     };
+    let mut limiter = AcceptLimiter::new(Instant::now());
     loop {
         let end = futures_lite::future::or(ctx.stop.stopped(), ctx.drain_started.notified());
         let Some(stream) = accept_until(&listener, end, id, what).await else {
@@ -71,7 +142,15 @@ pub async fn accept_clients(ctx: Rc<ShardCtx>, listener: TcpListener, port: Port
         let peer = stream
             .peer_addr()
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
-        let Some(slot) = Slot::take(&ctx.connections, ctx.cfg().max_connections) else {
+        let cfg = ctx.cfg();
+        if !limiter.admit(cfg.limits.accept, ctx.count, peer.ip(), Instant::now()) {
+            let st = ctx.stats();
+            st.refused_rate.set(st.refused_rate.get() + 1);
+            tracing::debug!(shard = id, %peer, "refused: limits.accept");
+            drop(stream);
+            continue;
+        }
+        let Some(slot) = Slot::take(&ctx.connections, cfg.max_connections) else {
             let st = ctx.stats();
             st.refused_max_connections
                 .set(st.refused_max_connections.get() + 1);
@@ -110,5 +189,62 @@ pub async fn accept_clients(ctx: Rc<ShardCtx>, listener: TcpListener, port: Port
                 .detach();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_source_address_has_its_own_bucket_at_the_shards_share() {
+        let limits = AcceptLimits {
+            per_ip: Some(RateLimit {
+                per_second: 2.0,
+                burst: 6.0,
+            }),
+            per_listener: None,
+        };
+        let t0 = Instant::now();
+        let mut l = AcceptLimiter::new(t0);
+        let a: std::net::IpAddr = "10.0.0.1".parse().expect("ip");
+        let b: std::net::IpAddr = "::ffff:10.0.0.2".parse().expect("ip");
+        // Two shards: a burst of 3 each, then one a second.
+        let taken = (0..10).filter(|_| l.admit(limits, 2, a, t0)).count();
+        assert_eq!(taken, 3);
+        assert!(
+            l.admit(limits, 2, b, t0),
+            "another address is not limited by a"
+        );
+        assert!(!l.admit(limits, 2, a, t0 + Duration::from_millis(500)));
+        assert!(l.admit(limits, 2, a, t0 + Duration::from_millis(1100)));
+        // A full bucket is forgotten at the next prune.
+        let later = t0 + Duration::from_secs(60);
+        assert!(l.admit(limits, 2, b, later));
+        assert_eq!(l.per_ip.len(), 1, "{:?}", l.per_ip.keys());
+        assert!(l.per_ip.contains_key(&b.to_canonical()), "stored as IPv4");
+    }
+
+    #[test]
+    fn the_listener_bucket_limits_every_address_together() {
+        let limits = AcceptLimits {
+            per_ip: None,
+            per_listener: Some(RateLimit {
+                per_second: 10.0,
+                burst: 5.0,
+            }),
+        };
+        let t0 = Instant::now();
+        let mut l = AcceptLimiter::new(t0);
+        let taken = (0..20u8)
+            .filter(|&i| l.admit(limits, 1, std::net::IpAddr::from([10, 0, 0, i]), t0))
+            .count();
+        assert_eq!(taken, 5);
+        assert!(l.admit(
+            limits,
+            1,
+            [10, 0, 0, 99].into(),
+            t0 + Duration::from_millis(100)
+        ));
     }
 }
