@@ -102,6 +102,30 @@ pub fn fd_budget_warning(
     })
 }
 
+/// The most client connections the open-files limit leaves room for:
+/// its soft value now, less the HTTP API's `http_connections` and
+/// [`RESERVED_FDS`] (backend connections, listeners, snapshots, logs), but
+/// never less than half of it (a small limit is shared, not given away).
+/// Accepting beyond it would take the descriptors the admin API needs when
+/// a crowd fills the client port. None when the limit is unknown.
+pub fn client_fd_cap(http_connections: usize) -> Option<usize> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0
+        || lim.rlim_cur == libc::RLIM_INFINITY
+    {
+        return None;
+    }
+    let cap = lim
+        .rlim_cur
+        .saturating_sub(http_connections as u64 + RESERVED_FDS)
+        .max(lim.rlim_cur / 2);
+    Some(usize::try_from(cap).unwrap_or(usize::MAX))
+}
+
 /// The memory this process may use: the machine's physical memory, or
 /// its cgroup's limit (cgroup v2 `memory.max`) where that is smaller.
 /// What the `Auto` memory budgets are derived from.

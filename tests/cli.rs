@@ -227,18 +227,48 @@ fn a_max_connections_past_the_open_files_limit_is_warned_about_at_start() {
 }
 
 #[test]
-fn accept_failures_at_the_open_files_limit_are_logged_once_a_second() {
+fn the_client_port_leaves_descriptors_for_the_http_api_and_accept_failures_are_logged_once_a_second(
+) {
+    let http_addr = std::net::SocketAddr::from(([127, 0, 0, 1], common::free_port()));
     let text = config_text("127.0.0.1:7100".parse().expect("addr"))
-        .replace("shards: None,", "shards: Some(1),");
-    // A gateway with room for about 100 descriptors (a lower hard limit
-    // than the process can raise), then 250 connections to it for 2.5 s.
-    let err = logged_while("fd-limit.ron", &text, Some(100), |addr| {
-        let conns: Vec<_> = (0..250)
+        .replace("shards: None,", "shards: Some(1),")
+        .replace(
+            "http_listen: \"127.0.0.1:0\"",
+            &format!("http_listen: \"{http_addr}\""),
+        );
+    assert!(text.contains(&http_addr.to_string()));
+    // Room for 400 descriptors (a hard limit the process cannot raise):
+    // client connections are held to half of them (the limit less
+    // http.max_connections and 256 reserved would be none).
+    let mut health = None;
+    let err = logged_while("fd-limit.ron", &text, Some(400), |addr| {
+        let mut clients: Vec<_> = (0..300)
             .filter_map(|_| std::net::TcpStream::connect(addr).ok())
             .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        let closed = clients
+            .iter_mut()
+            .map(|c| {
+                use std::io::Read;
+                let _ = c.set_read_timeout(Some(Duration::from_millis(20)));
+                matches!(c.read(&mut [0u8; 1]), Ok(0))
+            })
+            .filter(|&closed| closed)
+            .count();
+        health = Some((closed, common::http(http_addr, "GET", "/healthz", b"").0));
+        // Now the HTTP port itself runs out: 300 idle connections.
+        let idle: Vec<_> = (0..300)
+            .filter_map(|_| std::net::TcpStream::connect(http_addr).ok())
+            .collect();
         std::thread::sleep(Duration::from_millis(2500));
-        drop(conns);
+        drop((clients, idle));
     });
+    let (closed, status) = health.expect("ran");
+    assert_eq!(closed, 100, "200 of 300 client connections kept:\n{err}");
+    assert_eq!(
+        status, 200,
+        "the HTTP API answers with the client port full"
+    );
     let warned = err.matches("accept failed").count();
     assert!(warned >= 1, "the failures are logged at all:\n{err}");
     // 2.5 s of failures every 10 ms: about 250 without the rate limit.

@@ -150,7 +150,8 @@ pub async fn accept_clients(ctx: Rc<ShardCtx>, listener: TcpListener, port: Port
             drop(stream);
             continue;
         }
-        let Some(slot) = Slot::take(&ctx.connections, cfg.max_connections) else {
+        let cap = cfg.max_connections.min(ctx.fd_cap);
+        let Some(slot) = Slot::take(&ctx.connections, cap) else {
             let st = ctx.stats();
             st.refused_max_connections
                 .set(st.refused_max_connections.get() + 1);

@@ -82,6 +82,10 @@ pub struct ShardCtx {
     pub http_connections: Arc<AtomicUsize>,
     /// Woken when a drain begins (the accept loop stops).
     pub drain_started: shards::Notify,
+    /// Client connections the open-files limit allows at most (read at
+    /// start): `max_connections` is cut to it, so the HTTP API keeps its
+    /// descriptors when the client port is full.
+    pub fd_cap: usize,
     /// The most the outboxes and buffers held since the heap was last
     /// trimmed, and when that was (see `tick`).
     heap_peak: std::cell::Cell<usize>,
@@ -139,6 +143,7 @@ impl ShardCtx {
             connections,
             http_connections,
             drain_started: shards::Notify::new(),
+            fd_cap: crate::limits::client_fd_cap(cfg.http.max_connections).unwrap_or(usize::MAX),
             heap_peak: Default::default(),
             last_trim: Default::default(),
             force_wake: shards::Notify::new(),
