@@ -341,9 +341,18 @@ impl BackendPool {
         (up, sick, down)
     }
 
-    fn has_room(&self) -> impl Fn(&BackendConn) -> bool {
+    /// Whether a connection takes one more request. A request of a
+    /// session with nothing else in flight (`light`) may use a reserve of
+    /// as much again past the bounds: a flood of a few clients fills a
+    /// backend connection to its bounds, and every other player's next
+    /// request still goes (the flood's are refused OVERLOADED).
+    fn has_room(&self, light: bool) -> impl Fn(&BackendConn) -> bool {
         let (max_inflight, max_queue) = self.bounds.get();
-        move |c: &BackendConn| c.in_flight() < max_inflight && c.out.borrow().queued() < max_queue
+        let k = if light { 2 } else { 1 };
+        move |c: &BackendConn| {
+            c.in_flight() < max_inflight.saturating_mul(k)
+                && c.out.borrow().queued() < max_queue.saturating_mul(k)
+        }
     }
 
     /// Send a request to `route.service`: one instance chosen by the
@@ -365,7 +374,7 @@ impl BackendPool {
             .get(route.service)
             .cloned()
             .ok_or_else(|| Error::not_sent(Code::NoRoute, "the route's service is gone"))?;
-        let room = self.has_room();
+        let room = self.has_room(pending.asker.light);
         let deadline = now + self.request_timeout.get();
         if route.idempotent {
             pending.retry = Some(Rc::new(Retry {
@@ -496,7 +505,7 @@ impl BackendPool {
         else {
             return Err(p);
         };
-        let room = self.has_room();
+        let room = self.has_room(p.asker.light);
         let n = service.instances.len();
         let Some(i) = crate::router::pick(r.balance, p.asker.player, n, &service.cursor, |i| {
             service.instances[i].has_conn(&room)

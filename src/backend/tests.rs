@@ -12,6 +12,8 @@ fn asker(player: u64, req_id: u32) -> Asker {
         req_id,
         msg_id: 1,
         login: false,
+        bytes: 0,
+        light: false,
     }
 }
 use crate::config::Balance;

@@ -264,6 +264,9 @@ fn default_prefix() -> String {
 pub struct Limits {
     /// Requests of one session waiting for backends; beyond it OVERLOADED.
     pub session_inflight: u32,
+    /// Bytes of request bodies of one session at backends; beyond it
+    /// OVERLOADED (one request always goes, however large).
+    pub session_inflight_bytes: usize,
     /// Requests waiting on one backend connection; beyond it the instance
     /// is skipped, and OVERLOADED when every instance is that full.
     pub backend_inflight: usize,
@@ -324,6 +327,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             session_inflight: 256,
+            session_inflight_bytes: 1024 * 1024,
             backend_inflight: 65536,
             backend_queue_bytes: 8 * 1024 * 1024,
             rate: None,
@@ -572,6 +576,12 @@ impl Config {
             }
         }
         let l = &self.limits;
+        if l.session_inflight_bytes == 0 {
+            return Err(invalid(
+                "limits.session_inflight_bytes",
+                "must be greater than 0",
+            ));
+        }
         if l.session_inflight == 0 {
             return Err(invalid("limits.session_inflight", "must be greater than 0"));
         }

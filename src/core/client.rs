@@ -316,7 +316,16 @@ impl Core {
             let Some(c) = self.sessions.get_mut(&sid) else {
                 return;
             };
-            let decision = c.session.admit(route, &self.cfg.limits, now);
+            let mut decision = c.session.admit(route, &self.cfg.limits, now);
+            // The bytes a session may have at backends: a few clients
+            // sending large requests cannot take a backend connection's
+            // whole queue (one request always goes, however large).
+            let heavy =
+                c.session.inflight_bytes() + body.len() > self.cfg.limits.session_inflight_bytes;
+            if decision == (Decision::Forward { login: false }) && heavy && c.session.inflight() > 0
+            {
+                decision = Decision::Reply(Code::Overloaded);
+            }
             match decision {
                 Decision::Reply(Code::RateLimited) => bump(&self.stats.rate_limited),
                 Decision::Reply(Code::Overloaded) => bump(&self.stats.overloaded),
@@ -330,8 +339,12 @@ impl Core {
             Decision::Forward { login } => {
                 let Some(route) = route else { return };
                 let life = self.players.get(&player).map_or(0, |p| p.life);
+                let mut light = true;
+                let bytes = body.len();
                 if let Some(c) = self.sessions.get_mut(&sid) {
+                    light = c.session.inflight() == 0;
                     c.session.forwarded(login);
+                    c.session.count_inflight_bytes(body.len(), true);
                 }
                 self.forwards.push_back(Forward {
                     route: route.clone(),
@@ -344,6 +357,8 @@ impl Core {
                         req_id: h.req_id,
                         msg_id: h.msg_id,
                         login,
+                        bytes: bytes as u32,
+                        light,
                     },
                 });
             }
@@ -357,6 +372,7 @@ impl Core {
         self.failed(asker.session, Some(asker.req_id), err);
         if let Some(c) = self.sessions.get_mut(&asker.session) {
             c.session.not_forwarded(asker.login);
+            c.session.count_inflight_bytes(asker.bytes as usize, false);
         }
         if code == Code::Overloaded {
             bump(&self.stats.overloaded);
@@ -549,6 +565,9 @@ impl Core {
     /// BACKEND_UNAVAILABLE).
     pub fn handle_answer(&mut self, asker: Asker, a: Answer, now: Instant) {
         self.now = now;
+        if let Some(c) = self.sessions.get_mut(&asker.session) {
+            c.session.count_inflight_bytes(asker.bytes as usize, false);
+        }
         if asker.login {
             return self.on_login_answer(asker, a);
         }

@@ -81,6 +81,10 @@ pub struct Asker {
     pub msg_id: u32,
     /// A login request: its answer may authenticate the session.
     pub login: bool,
+    /// Its body's length (counted in the session's bytes in flight).
+    pub bytes: u32,
+    /// Its session had nothing else in flight (see the backends' reserve).
+    pub light: bool,
 }
 
 /// A request for a backend. If it cannot be sent, the shell says so with

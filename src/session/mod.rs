@@ -184,6 +184,8 @@ pub struct Session {
     state: State,
     /// Requests of this session at a backend, login excluded.
     inflight: u32,
+    /// Bytes of the requests in flight.
+    inflight_bytes: usize,
     /// A login or resume waiting for `inflight` to reach 0.
     /// Boxed: set only between a login's answer and its hand-off, and
     /// 64 bytes inline in every session.
@@ -214,6 +216,7 @@ impl Session {
         Session {
             state: State::Connected,
             inflight: 0,
+            inflight_bytes: 0,
             arrival: None,
             resume_failures: 0,
             held: false,
@@ -329,6 +332,20 @@ impl Session {
     pub fn forwarded(&mut self, login: bool) {
         if !login {
             self.inflight += 1;
+        }
+    }
+
+    /// Bytes of request bodies of this session at backends.
+    pub fn inflight_bytes(&self) -> usize {
+        self.inflight_bytes
+    }
+
+    /// A request of `bytes` went to a backend, or (`add` false) is back.
+    pub fn count_inflight_bytes(&mut self, bytes: usize, add: bool) {
+        if add {
+            self.inflight_bytes += bytes;
+        } else {
+            self.inflight_bytes = self.inflight_bytes.saturating_sub(bytes);
         }
     }
 

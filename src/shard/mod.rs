@@ -511,7 +511,7 @@ impl ShardCtx {
 
 /// How much less than at their peak the outboxes and buffers must hold
 /// before freed heap memory is given back to the kernel.
-const TRIM_AFTER: usize = 32 << 20;
+const TRIM_AFTER: usize = 8 << 20;
 /// The most often the heap is trimmed.
 const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
