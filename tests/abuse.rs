@@ -28,6 +28,8 @@ const LATENCY_BOUND: Duration = Duration::from_millis(1500);
 const STALL_LATENCY_BOUND: Duration = Duration::from_millis(2500);
 /// The most the gateway's RSS may grow over its level before the attacks.
 const RSS_GROWTH_BOUND_KB: u64 = 96 * 1024;
+/// What RSS may stay above that level once the partial frames are gone.
+const PARTIAL_AFTER_BOUND_KB: u64 = 16 * 1024;
 
 /// The demo backend as a process of its own (so that it can be stopped).
 fn spawn_backend() -> (Proc, SocketAddr) {
@@ -180,6 +182,7 @@ struct Run {
     http: SocketAddr,
     pid: u32,
     backend_pid: u32,
+    baseline_kb: u64,
 }
 
 // ----- the attacks ------------------------------------------------------
@@ -200,13 +203,14 @@ fn silent(r: &Run) -> String {
     format!("{closed} closed by login_timeout")
 }
 
-/// 500 connections that each announce a 60,000-byte frame, send 59,000
-/// bytes of it and stop: the buffer budget kicks the largest holders, the
-/// frame timeout the rest.
+/// 2,000 connections that each announce a 60,000-byte frame, send 59,000
+/// bytes of it and stop (118 MB offered): the buffer budget kicks the
+/// largest holders, the frame timeout the rest, and the memory goes back
+/// to the kernel once they are gone.
 fn partial_frames(r: &Run) -> String {
     let mut head = frame(Kind::Request, ECHO, 1, 0, &[0u8; 59_976]);
     head.truncate(59_000);
-    let mut conns: Vec<TcpStream> = (0..500)
+    let mut conns: Vec<TcpStream> = (0..2000)
         .filter_map(|_| {
             let mut s = TcpStream::connect(r.client).ok()?;
             s.write_all(&head).ok()?;
@@ -218,8 +222,27 @@ fn partial_frames(r: &Run) -> String {
         .map(|s| closed_within(s, Duration::from_millis(3500)))
         .filter(|&c| c)
         .count();
-    assert_eq!(closed, 500, "every connection holding a partial frame went");
-    format!("{closed} closed (buffer budget, frame_timeout)")
+    assert_eq!(
+        closed, 2000,
+        "every connection holding a partial frame went"
+    );
+    drop(conns);
+    // The heap is trimmed at most every 5 s, after a sweep.
+    let until = Instant::now() + Duration::from_secs(7);
+    let mut rss = rss_kb(r.pid);
+    while rss > r.baseline_kb + PARTIAL_AFTER_BOUND_KB && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(100));
+        rss = rss_kb(r.pid);
+    }
+    assert!(
+        rss <= r.baseline_kb + PARTIAL_AFTER_BOUND_KB,
+        "RSS {} MB after the connections left",
+        rss / 1024
+    );
+    format!(
+        "{closed} closed (buffer budget, frame_timeout), RSS back to {} MB",
+        rss / 1024
+    )
 }
 
 /// 20 logged-in clients (small receive buffers) that send requests and
@@ -441,6 +464,7 @@ fn hostile_clients_leave_the_canaries_whole_and_the_memory_bounded() {
         http,
         pid: gw.0.id(),
         backend_pid: backend.0.id(),
+        baseline_kb: 0,
     };
     // A canary on every shard.
     let canaries: Vec<u64> = (0..SHARDS)
@@ -470,6 +494,10 @@ fn hostile_clients_leave_the_canaries_whole_and_the_memory_bounded() {
     };
     std::thread::sleep(Duration::from_millis(500));
     let baseline = rss_kb(run.pid);
+    let run = Run {
+        baseline_kb: baseline,
+        ..run
+    };
     println!("baseline RSS {} MB", baseline / 1024);
     /// (name, attack, latency bound, whether the backend may be out).
     type Attack<'a> = (&'a str, Box<dyn Fn(&Run) -> String + 'a>, Duration, bool);

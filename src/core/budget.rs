@@ -62,10 +62,20 @@ impl Core {
         self.outbox_meter.get()
     }
 
-    /// What the outboxes and the open sessions' buffers held at the last
-    /// sweep (when the shell may give memory back to the kernel).
-    pub fn held_at_sweep(&self) -> usize {
-        self.outbox_meter.get() + self.buffered
+    /// What the outboxes and the connection buffers hold now (as of the
+    /// last sweep for unsent output), and the most they held since the
+    /// last call: the shell gives memory back to the kernel when a burst
+    /// has ended.
+    pub fn take_held(&mut self) -> (usize, usize) {
+        let now = self.outbox_meter.get() + self.partial_bytes + self.buffered;
+        let peak = self.held_peak.max(now);
+        self.held_peak = now;
+        (now, peak)
+    }
+
+    fn note_held(&mut self) {
+        let now = self.outbox_meter.get() + self.partial_bytes + self.buffered;
+        self.held_peak = self.held_peak.max(now);
     }
 
     /// Bytes of partial frames (as last reported) and unsent output.
@@ -84,6 +94,7 @@ impl Core {
 
     /// After outbox growth: trim if over the budget.
     pub(super) fn check_outboxes(&mut self) {
+        self.note_held();
         if let Some(budget) = self.budgets.outboxes {
             if self.outbox_meter.get() > budget {
                 self.trim_outboxes(budget);
@@ -140,6 +151,7 @@ impl Core {
             let entry = self.partial.entry(sid).or_insert((now, 0));
             self.partial_bytes = self.partial_bytes - entry.1 + bytes;
             entry.1 = bytes;
+            self.note_held();
             if let Some(budget) = self.budgets.buffers {
                 // Output is summed only when partial frames alone could
                 // be over (it is summed on every sweep too).
@@ -173,7 +185,8 @@ impl Core {
             .filter(|h| h.0 > 0)
             .collect();
         let mut total: usize = held.iter().map(|h| h.0).sum();
-        self.buffered = total;
+        self.buffered = total.saturating_sub(self.partial_bytes.min(total));
+        self.note_held();
         let Some(budget) = self.budgets.buffers.filter(|&b| total > b) else {
             return;
         };
@@ -185,6 +198,9 @@ impl Core {
             total -= bytes;
             bump(&self.stats.budget_kicks);
             self.kick(sid, Code::SlowConsumer);
+            // Its buffer goes with the close (the shell drops it once the
+            // KICK is out): not counted again by the next report.
+            self.forget_partial(sid);
         }
     }
 }

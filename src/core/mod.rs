@@ -146,8 +146,10 @@ pub struct Core {
     partial: HashMap<SessionId, (Instant, usize)>,
     /// Their sum.
     partial_bytes: usize,
-    /// What open sessions' buffers held at the last sweep.
+    /// Unsent output of open sessions at the last sweep.
     buffered: usize,
+    /// The most outboxes and buffers held since the shell last asked.
+    held_peak: usize,
     /// Bytes of all outboxes of this shard.
     outbox_meter: crate::player::outbox::Meter,
     budgets: Budgets,
@@ -193,6 +195,7 @@ impl Core {
             partial: HashMap::default(),
             partial_bytes: 0,
             buffered: 0,
+            held_peak: 0,
             outbox_meter: Default::default(),
             players: HashMap::new(),
             migrating: HashMap::new(),

@@ -113,7 +113,10 @@ async fn finish(
             let (player, reason) = ctx.remove_session(sid);
             tracing::info!(session = sid, %peer, ?player, reason = reason.name(), "close");
             if flushed && shutdown_write(&stream).is_ok() {
-                linger(&stream, buf).await;
+                // The read buffer may hold most of a large frame: it goes
+                // now, not after the linger.
+                drop(buf);
+                linger(&stream, BytesMut::new()).await;
             }
             drop(slot);
         }

@@ -90,6 +90,7 @@ pub struct ShardCtx {
     /// trimmed, and when that was (see `tick`).
     heap_peak: std::cell::Cell<usize>,
     last_trim: std::cell::Cell<Option<Instant>>,
+    trims_due: std::cell::Cell<u8>,
     /// Woken when a drain is forced.
     pub force_wake: shards::Notify,
     /// Where `POST /v1/drain` goes (the process's coordinator).
@@ -146,6 +147,7 @@ impl ShardCtx {
             fd_cap: crate::limits::client_fd_cap(cfg.http.max_connections).unwrap_or(usize::MAX),
             heap_peak: Default::default(),
             last_trim: Default::default(),
+            trims_due: Default::default(),
             force_wake: shards::Notify::new(),
             events: None,
             cluster,
@@ -489,22 +491,28 @@ impl ShardCtx {
     /// holding [`TRIM_AFTER`] less than at their peak) freed heap memory
     /// goes back to the kernel, at most every [`TRIM_EVERY`].
     pub fn tick(&self) {
-        let held = self.with(|c, now| {
+        let (held, peak) = self.with(|c, now| {
             c.handle_tick(now);
-            c.held_at_sweep()
+            c.take_held()
         });
-        let peak = self.heap_peak.get().max(held);
+        let peak = self.heap_peak.get().max(peak);
         let now = Instant::now();
         let due = self
             .last_trim
             .get()
             .is_none_or(|t| now.saturating_duration_since(t) >= TRIM_EVERY);
-        if peak - held >= TRIM_AFTER && due {
-            crate::limits::trim_heap();
-            self.last_trim.set(Some(now));
+        if peak - held >= TRIM_AFTER {
+            // This trim and one more: what a burst's last connections
+            // held is freed only as they finish closing.
+            self.trims_due.set(2);
             self.heap_peak.set(held);
         } else {
             self.heap_peak.set(peak);
+        }
+        if due && self.trims_due.get() > 0 {
+            crate::limits::trim_heap();
+            self.last_trim.set(Some(now));
+            self.trims_due.set(self.trims_due.get() - 1);
         }
     }
 }
