@@ -171,3 +171,47 @@ fn past_the_buffer_budget_the_sessions_holding_the_most_are_kicked() {
     sim.on_core(0, |core, now| core.handle_partial_frame(sids[1], 0, now));
     assert_eq!(sim.cores[0].buffer_bytes(), before - 3_000);
 }
+
+#[test]
+fn a_session_may_have_only_so_many_request_bytes_in_flight() {
+    let mut cfg = config();
+    cfg.limits.session_inflight_bytes = 2_500;
+    let mut sim = Sim::new(cfg, 1, 1);
+    let c = sim.connect(0);
+    sim.login(c, 7, 1);
+    for r in 2..=4 {
+        sim.send(c, &header(Kind::Request, 150, r, 0), &[0u8; 1000]);
+    }
+    sim.run();
+    assert_eq!(
+        sim.backend.len(),
+        2,
+        "2,000 bytes in flight; the third is over"
+    );
+    let f = sim.recv(c);
+    assert_eq!(
+        (f[0].header.req_id, f[0].header.code),
+        (4, u16::from(Code::Overloaded))
+    );
+    // An answer gives its bytes back.
+    sim.answer(0, 0, 7, b"ok");
+    sim.run();
+    sim.send(c, &header(Kind::Request, 150, 5, 0), &[0u8; 1000]);
+    sim.run();
+    assert_eq!(sim.backend.len(), 2);
+    // One request always goes, however large: with nothing else in flight.
+    let mut cfg = config();
+    cfg.limits.session_inflight_bytes = 500;
+    let mut sim = Sim::new(cfg, 1, 1);
+    let c = sim.connect(0);
+    sim.login(c, 7, 1);
+    sim.send(c, &header(Kind::Request, 150, 2, 0), &[0u8; 1000]);
+    sim.send(c, &header(Kind::Request, 150, 3, 0), &[0u8; 10]);
+    sim.run();
+    assert_eq!(sim.backend.len(), 1);
+    let f = sim.recv(c);
+    assert_eq!(
+        (f[0].header.req_id, f[0].header.code),
+        (3, u16::from(Code::Overloaded))
+    );
+}

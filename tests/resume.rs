@@ -284,6 +284,9 @@ fn a_slow_consumer_is_kicked_and_resumes_with_nothing_lost() {
         cfg.write_queue_bytes = 256 * 1024;
         cfg.outbox.max_frames = 100_000;
         cfg.outbox.max_bytes = 64 * 1024 * 1024;
+        // Every request of the flood goes to the backend (by default a
+        // session's 1 MiB in flight would refuse most OVERLOADED).
+        cfg.limits.session_inflight_bytes = 64 * 1024 * 1024;
     });
     let mut a = h.client();
     a.set_next_req_id(1);
@@ -365,6 +368,7 @@ fn a_slow_consumer_is_kicked_and_resumes_with_nothing_lost() {
 fn a_client_that_never_reads_cannot_grow_memory_past_the_limits() {
     let h = Harness::with(1, |cfg| {
         cfg.write_queue_bytes = 256 * 1024;
+        cfg.limits.session_inflight_bytes = 64 * 1024 * 1024;
         cfg.outbox.max_frames = 1000;
         // Smaller than the write queue: a kick (over 256 KiB unwritten)
         // needs more answers than the outbox holds, so it has evicted by
