@@ -98,7 +98,13 @@ fn a_full_backend_connection_gives_overloaded() {
     let h = Harness::with(1, |c| c.limits.backend_inflight = 3);
     let mut a = h.client();
     a.login_demo(5).expect("login");
+    let mut b = h.client();
+    b.login_demo(6).expect("login");
     let reqs = burst(&mut a, 5, DELAY, b"300");
+    // With the connection full of a's requests, another player with
+    // nothing in flight still gets through (the light sessions' reserve).
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(b.request(ECHO, b"me too").expect("echo").header.code, 0);
     let got = codes(&mut a, &reqs);
     assert_eq!(got.iter().filter(|&&c| c == 0).count(), 3, "{got:?}");
     assert_eq!(
