@@ -12,7 +12,7 @@ mod common;
 use common::{address_after, config_text, sigterm, wait_exit, Proc, BIN};
 
 #[test]
-fn demo_backend_alone_then_a_gateway_in_front_of_it() {
+fn demo_backend_alone_then_a_gateway_on_a_short_config_in_front_of_it() {
     let mut demo = Proc(
         Command::new(BIN)
             .args(["demo-backend", "--listen", "127.0.0.1:0"])
@@ -22,7 +22,16 @@ fn demo_backend_alone_then_a_gateway_in_front_of_it() {
             .expect("spawn demo backend"),
     );
     let backend = address_after(&mut demo.0, "demo backend listening on ");
-    let cfg_path = write_temp("gw-demo.ron", &config_text(backend));
+    // A short config: what only the user knows (and ports of its own);
+    // every other key takes its documented default.
+    let short = format!(
+        r#"(
+    listen: "127.0.0.1:0", http_listen: "127.0.0.1:0",
+    services: {{ "demo": (instances: ["{backend}"]) }},
+    routes: [ (msgs: (1, 1), service: "demo", login: true), (msgs: (100, 199), service: "demo", auth: true) ],
+)"#
+    );
+    let cfg_path = write_temp("gw-demo.ron", &short);
     let mut gw = Proc(
         Command::new(BIN)
             .args([

@@ -41,18 +41,22 @@ const LEN_PREFIX: usize = 4;
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Client TCP address, bound by every shard with SO_REUSEPORT.
+    #[serde(default = "default_listen")]
     pub listen: String,
     /// Push/admin HTTP address.
+    #[serde(default = "default_http_listen")]
     pub http_listen: String,
     /// `Some(n)`: n shards; `None`: one per available core.
     #[serde(default)]
     pub shards: Option<usize>,
     /// Largest allowed frame `len` field (bytes after the length prefix).
+    #[serde(default = "default_max_frame")]
     pub max_frame: u32,
     /// Client connections per gateway; beyond it new ones are closed at once.
+    #[serde(default = "default_max_connections")]
     pub max_connections: usize,
     /// A session silent for this long is closed.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "humantime_serde", default = "default_session_idle")]
     pub session_idle: Duration,
     /// A connection not logged in (or resumed) this long after it was
     /// accepted is closed (KICK LOGIN_TIMEOUT).
@@ -63,16 +67,19 @@ pub struct Config {
     #[serde(with = "humantime_serde", default = "default_frame_timeout")]
     pub frame_timeout: Duration,
     /// How long a player without a connection is kept for resume.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "humantime_serde", default = "default_player_linger")]
     pub player_linger: Duration,
     /// How long a reconnect token stays valid after it is issued.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "humantime_serde", default = "default_token_lifetime")]
     pub token_lifetime: Duration,
     /// Per-player outbox bounds.
+    #[serde(default)]
     pub outbox: OutboxLimits,
     /// Per-session queued-output byte limit; beyond it KICK SLOW_CONSUMER.
+    #[serde(default = "default_write_queue_bytes")]
     pub write_queue_bytes: usize,
     /// Backend link timings.
+    #[serde(default)]
     pub backend: BackendConfig,
     /// Service name -> instances.
     pub services: BTreeMap<String, ServiceConfig>,
@@ -130,6 +137,38 @@ pub struct Config {
     /// Per-shard memory budgets.
     #[serde(default)]
     pub memory: MemoryConfig,
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:7000".into()
+}
+
+fn default_http_listen() -> String {
+    "127.0.0.1:7001".into()
+}
+
+fn default_max_frame() -> u32 {
+    65536
+}
+
+fn default_max_connections() -> usize {
+    100_000
+}
+
+fn default_session_idle() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_player_linger() -> Duration {
+    Duration::from_secs(300)
+}
+
+fn default_token_lifetime() -> Duration {
+    Duration::from_secs(3600)
+}
+
+fn default_write_queue_bytes() -> usize {
+    1024 * 1024
 }
 
 fn default_max_players() -> usize {
@@ -201,10 +240,19 @@ fn default_log() -> String {
 
 /// Bounds of a player's outbox (frames kept for resume).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct OutboxLimits {
     pub max_frames: usize,
     pub max_bytes: usize,
+}
+
+impl Default for OutboxLimits {
+    fn default() -> Self {
+        OutboxLimits {
+            max_frames: 1024,
+            max_bytes: 4 * 1024 * 1024,
+        }
+    }
 }
 
 /// This gateway's place in a cluster.
@@ -367,7 +415,7 @@ impl Default for HttpConfig {
 
 /// Backend connection timings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct BackendConfig {
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
@@ -378,20 +426,25 @@ pub struct BackendConfig {
     #[serde(with = "humantime_serde")]
     pub reconnect_max: Duration,
     /// How often each backend connection is sent a PING.
-    #[serde(with = "humantime_serde", default = "default_health_interval")]
+    #[serde(with = "humantime_serde")]
     pub health_interval: Duration,
     /// A PING unanswered this long takes the instance out of rotation
     /// until it answers again.
-    #[serde(with = "humantime_serde", default = "default_health_timeout")]
+    #[serde(with = "humantime_serde")]
     pub health_timeout: Duration,
 }
 
-fn default_health_interval() -> Duration {
-    Duration::from_secs(2)
-}
-
-fn default_health_timeout() -> Duration {
-    Duration::from_secs(1)
+impl Default for BackendConfig {
+    fn default() -> Self {
+        BackendConfig {
+            request_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(1),
+            reconnect_min: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(5),
+            health_interval: Duration::from_secs(2),
+            health_timeout: Duration::from_secs(1),
+        }
+    }
 }
 
 /// One backend service.

@@ -183,11 +183,35 @@ fn unknown_nested_key_names_its_struct() {
 
 #[test]
 fn missing_key_names_the_key() {
-    let e = err(&edited("    max_connections: 100000,\n", ""));
+    // Only what only the user knows is required: services and routes.
+    let start = DEFAULT_RON.find("    services: {").expect("services");
+    let end = DEFAULT_RON[start..].find("\n    },\n").expect("end") + start + 7;
+    let text = format!("{}{}", &DEFAULT_RON[..start], &DEFAULT_RON[end..]);
+    let e = err(&text);
     assert!(e.starts_with("config gateway.ron:"), "{e}");
-    assert!(e.contains("missing field `max_connections`"), "{e}");
-    let e = err(&edited("        max_bytes: 4194304,\n", ""));
-    assert!(e.contains("missing field `max_bytes` in `outbox`"), "{e}");
+    assert!(e.contains("missing field `services`"), "{e}");
+    let e = err("(services: {})");
+    assert!(e.contains("missing field `routes`"), "{e}");
+}
+
+#[test]
+fn a_config_of_services_and_routes_takes_every_other_default_of_the_template() {
+    let short = Config::from_ron(
+        r#"(
+    services: { "demo": (instances: ["127.0.0.1:7100"]) },
+    routes: [ (msgs: (1, 1), service: "demo", login: true) ],
+)"#,
+        "short.ron",
+    )
+    .expect("a short config is valid");
+    let full = Config::embedded_default();
+    // Every key the template sets takes the same value when left out,
+    // except the template's own demo service.
+    let mut expected = full.clone();
+    expected.services = short.services.clone();
+    expected.routes = short.routes.clone();
+    expected.demo_backend = None;
+    assert_eq!(format!("{short:?}"), format!("{expected:?}"));
 }
 
 #[test]
