@@ -283,3 +283,62 @@ fn the_client_port_leaves_descriptors_for_the_http_api_and_accept_failures_are_l
     // 2.5 s of failures every 10 ms: about 250 without the rate limit.
     assert!(warned <= 5, "{warned} lines:\n{err}");
 }
+
+#[test]
+fn check_prints_the_effective_config_or_the_key_at_fault() {
+    let short = write_temp(
+        "check-short.ron",
+        r#"(
+    services: { "game": (instances: ["127.0.0.1:9000"]) },
+    routes: [ (msgs: (1, 1), service: "game", login: true) ],
+)"#,
+    );
+    let out = Command::new(BIN)
+        .args(["check", "--config", short.to_str().expect("path")])
+        .output()
+        .expect("run check");
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).expect("utf-8");
+    // Every default is filled in, and what it prints is a config again.
+    for key in [
+        "max_frame: 65536",
+        "session_idle: \"1m\"",
+        "takeovers: Some(",
+        "\"game\"",
+    ] {
+        assert!(text.contains(key), "{key} in:\n{text}");
+    }
+    let again = slg_gateway::config::Config::from_ron(&text, "printed").expect("round trip");
+    assert_eq!(again.services.len(), 1);
+    assert_eq!(again.max_players, 200_000);
+    // A bad value: one line naming the key, exit 2, nothing on stdout.
+    let bad = write_temp(
+        "check-bad.ron",
+        r#"(
+    services: { "game": (instances: ["127.0.0.1:9000"]) },
+    routes: [ (msgs: (1, 1), service: "game", login: true) ],
+    outbox: (max_frames: 0),
+)"#,
+    );
+    let out = Command::new(BIN)
+        .args(["check", "--config", bad.to_str().expect("path")])
+        .output()
+        .expect("run check");
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("outbox.max_frames"), "{err}");
+    assert!(out.stdout.is_empty());
+    let version = Command::new(BIN)
+        .arg("--version")
+        .output()
+        .expect("version");
+    assert!(String::from_utf8_lossy(&version.stdout).starts_with("slg-gateway "));
+    let _ = std::fs::remove_file(short);
+    let _ = std::fs::remove_file(bad);
+}

@@ -37,7 +37,7 @@ pub const MAX_SHARDS: usize = 1024;
 const LEN_PREFIX: usize = 4;
 
 /// The whole gateway configuration (one RON file).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Client TCP address, bound by every shard with SO_REUSEPORT.
@@ -176,7 +176,7 @@ fn default_max_players() -> usize {
 }
 
 /// What one shard may hold, beyond which it frees memory itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MemoryConfig {
     /// Bytes of all outboxes of a shard: beyond it the oldest frames of the
@@ -200,7 +200,7 @@ impl Default for MemoryConfig {
 }
 
 /// A memory budget.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 pub enum Budget {
     /// Derived from the machine's memory (see where it is used).
     Auto,
@@ -239,7 +239,7 @@ fn default_log() -> String {
 }
 
 /// Bounds of a player's outbox (frames kept for resume).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutboxLimits {
     pub max_frames: usize,
@@ -256,7 +256,7 @@ impl Default for OutboxLimits {
 }
 
 /// This gateway's place in a cluster.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
     /// Redis URL, `redis://host:port/db`.
@@ -287,7 +287,7 @@ pub struct ClusterConfig {
 }
 
 /// Behaviour while Redis is unreachable.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 pub enum RedisDown {
     /// Refuse logins and resumes of players this gateway does not hold
     /// (BACKEND_UNAVAILABLE / RESUME_REJECTED); sessions already here go on.
@@ -307,7 +307,7 @@ fn default_prefix() -> String {
 }
 
 /// Backpressure and fairness.
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
     /// Requests of one session waiting for backends; beyond it OVERLOADED.
@@ -332,7 +332,7 @@ pub struct Limits {
 /// per listener; None: no limit. Each shard accepts on its own, so each
 /// enforces `per_second / shards` with `burst / shards` (at least 1): the
 /// kernel spreads one address's connections over the shards.
-#[derive(Debug, Clone, Copy, PartialEq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AcceptLimits {
     pub per_ip: Option<RateLimit>,
@@ -343,7 +343,7 @@ pub struct AcceptLimits {
 /// session) per `window`; the next one starts a `backoff` during which
 /// logins that would take over are refused RATE_LIMITED (one with no live
 /// session to replace never is, nor is a resume).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TakeoverLimit {
     pub max: u32,
@@ -364,7 +364,7 @@ impl Default for TakeoverLimit {
 }
 
 /// A token bucket: `per_second` tokens added each second, at most `burst` kept.
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimit {
     pub per_second: f64,
@@ -386,7 +386,7 @@ impl Default for Limits {
 }
 
 /// Limits and deadlines of the push/admin HTTP listener.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     /// Open HTTP connections per gateway; beyond it new ones are closed.
@@ -414,7 +414,7 @@ impl Default for HttpConfig {
 }
 
 /// Backend connection timings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct BackendConfig {
     #[serde(with = "humantime_serde")]
@@ -448,7 +448,7 @@ impl Default for BackendConfig {
 }
 
 /// One backend service.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceConfig {
     /// `"ip:port"` of each instance.
@@ -464,7 +464,7 @@ fn one() -> usize {
 }
 
 /// One route: an inclusive msg_id range sent to a service.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     /// Inclusive `(first, last)` msg_id range.
@@ -486,7 +486,7 @@ pub struct RouteConfig {
 }
 
 /// How a route picks an instance of its service.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
 pub enum Balance {
     /// Spread requests over the instances in turn.
     #[default]
