@@ -51,15 +51,27 @@ enum Command {
     },
 }
 
-fn init_logs(filter: &str) {
+/// Logs on stderr: plain text (with colours only on a terminal), or one
+/// JSON object per line.
+fn init_logs(filter: &str, format: slg_gateway::config::LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    match format {
+        slg_gateway::config::LogFormat::Text => logs
+            .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+            .init(),
+        slg_gateway::config::LogFormat::Json => logs
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+    }
 }
 
 /// Block until SIGINT or SIGTERM.
@@ -174,7 +186,7 @@ fn main() -> ExitCode {
         return check(&cli);
     }
     if let Some(Command::DemoBackend { listen }) = cli.command {
-        init_logs("info");
+        init_logs("info", Default::default());
         return match DemoBackend::start(listen) {
             Ok(demo) => {
                 println!("demo backend listening on {}", demo.addr);
@@ -196,7 +208,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logs(&cfg.log);
+    init_logs(&cfg.log, cfg.log_format);
     let (nofile, _) = slg_gateway::limits::raise_all();
     if let Some(w) = nofile.and_then(|l| {
         slg_gateway::limits::fd_budget_warning(

@@ -342,3 +342,63 @@ fn check_prints_the_effective_config_or_the_key_at_fault() {
     let _ = std::fs::remove_file(short);
     let _ = std::fs::remove_file(bad);
 }
+
+/// What the gateway on `text` logs on stderr (a pipe) while a client logs
+/// in and is answered; NO_COLOR is not set.
+fn logs_of(name: &str, text: &str) -> String {
+    let path = write_temp(name, text);
+    let mut gw = Proc(
+        Command::new(BIN)
+            .args(["--config", path.to_str().expect("path")])
+            .env_remove("NO_COLOR")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn gateway"),
+    );
+    let addr = address_after(&mut gw.0, "gateway listening on ");
+    let mut c = Client::connect(addr).expect("connect");
+    c.login_demo(77).expect("login");
+    c.request(100, b"x").expect("echo");
+    drop(c);
+    std::thread::sleep(Duration::from_millis(200));
+    sigterm(&gw.0);
+    assert_eq!(wait_exit(&mut gw.0, Duration::from_secs(10)), Some(0));
+    let mut err = String::new();
+    if let Some(mut e) = gw.0.stderr.take() {
+        let _ = std::io::Read::read_to_string(&mut e, &mut err);
+    }
+    let _ = std::fs::remove_file(&path);
+    err
+}
+
+#[test]
+fn logs_to_a_pipe_have_no_escapes_and_json_lines_parse_with_their_fields() {
+    let demo =
+        slg_gateway::demo::DemoBackend::start("127.0.0.1:0".parse().expect("addr")).expect("demo");
+    let text = config_text(demo.addr);
+    let plain = logs_of("logs-text.ron", &text);
+    assert!(plain.contains("login"), "{plain}");
+    assert!(!plain.contains('\x1b'), "an escape byte in:\n{plain}");
+    let json = logs_of(
+        "logs-json.ron",
+        &text.replace("log_format: Text", "log_format: Json"),
+    );
+    let lines: Vec<serde_json::Value> = json
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert!(lines.len() >= 3, "{json}");
+    for l in &lines {
+        for key in ["timestamp", "level", "message"] {
+            assert!(l.get(key).is_some(), "{key} missing in {l}");
+        }
+    }
+    let login = lines
+        .iter()
+        .find(|l| l["message"] == "login")
+        .unwrap_or_else(|| panic!("no login line in {json}"));
+    assert_eq!(login["player"], 77);
+    assert!(login.get("session").is_some() && login.get("shard").is_some());
+    demo.stop();
+}

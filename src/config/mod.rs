@@ -121,6 +121,9 @@ pub struct Config {
     /// tracing filter; `RUST_LOG` overrides it.
     #[serde(default = "default_log")]
     pub log: String,
+    /// How log lines are written on stderr.
+    #[serde(default)]
+    pub log_format: LogFormat,
     /// WebSocket client address, bound by every shard (None: no WebSocket).
     #[serde(default)]
     pub ws_listen: Option<String>,
@@ -173,6 +176,17 @@ fn default_write_queue_bytes() -> usize {
 
 fn default_max_players() -> usize {
     200_000
+}
+
+/// The form of log lines.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+pub enum LogFormat {
+    /// Human-readable lines; colours only when stderr is a terminal.
+    #[default]
+    Text,
+    /// One JSON object per line (`timestamp`, `level`, `message` and the
+    /// event's fields), for log shippers.
+    Json,
 }
 
 /// What one shard may hold, beyond which it frees memory itself.
