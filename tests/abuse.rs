@@ -11,7 +11,7 @@
 
 mod common;
 
-use common::{config_text, spawn_gateway, Proc, BIN};
+use common::{config_text, spawn_gateway, Proc};
 use slg_gateway::client::{Client, ClientError};
 use slg_gateway::protocol::{encode, Code, Header, Kind};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -33,7 +33,7 @@ const PARTIAL_AFTER_BOUND_KB: u64 = 16 * 1024;
 
 /// The demo backend as a process of its own (so that it can be stopped).
 fn spawn_backend() -> (Proc, SocketAddr) {
-    let mut child = std::process::Command::new(BIN)
+    let mut child = common::bin()
         .args(["demo-backend", "--listen", "127.0.0.1:0"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())

@@ -14,7 +14,7 @@ use common::{address_after, config_text, sigterm, wait_exit, Proc, BIN};
 #[test]
 fn demo_backend_alone_then_a_gateway_on_a_short_config_in_front_of_it() {
     let mut demo = Proc(
-        Command::new(BIN)
+        common::bin()
             .args(["demo-backend", "--listen", "127.0.0.1:0"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -33,7 +33,7 @@ fn demo_backend_alone_then_a_gateway_on_a_short_config_in_front_of_it() {
     );
     let cfg_path = write_temp("gw-demo.ron", &short);
     let mut gw = Proc(
-        Command::new(BIN)
+        common::bin()
             .args([
                 "--config",
                 cfg_path.to_str().expect("path"),
@@ -62,24 +62,56 @@ fn demo_backend_alone_then_a_gateway_on_a_short_config_in_front_of_it() {
 }
 
 #[test]
-fn no_arguments_runs_the_embedded_default_with_its_demo_backend() {
+fn no_arguments_runs_the_embedded_default_and_a_restart_loses_nothing() {
     // Only the client and HTTP ports are moved off their defaults, so a
     // gateway already running on this machine does not collide; the demo
     // backend takes its default 127.0.0.1:7100 as a newcomer's run would.
-    let mut gw = Proc(
-        Command::new(BIN)
-            .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn gateway"),
-    );
-    let addr = address_after(&mut gw.0, "gateway listening on ");
+    // Both runs share one working directory: the default snapshot_dir
+    // (`state`) is relative to it.
+    let dir = std::env::temp_dir().join(format!("slg-default-restart-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("dir");
+    let start = || {
+        let mut gw = Proc(
+            common::bin()
+                .current_dir(&dir)
+                .args(["--listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("spawn gateway"),
+        );
+        let addr = address_after(&mut gw.0, "gateway listening on ");
+        (gw, addr)
+    };
+    let (mut gw, addr) = start();
     let mut c = Client::connect(addr).expect("connect");
-    c.login_demo(1).expect("login");
+    let li = c.login_demo(1).expect("login");
     assert_eq!(c.request(2, b"hi").expect("echo").body, &b"hi"[..]);
+    let read = c.last_seq;
+    // One more answer that the client has not read when the gateway stops.
+    c.send_request(100, b"unread").expect("send");
+    std::thread::sleep(Duration::from_millis(200));
     sigterm(&gw.0);
     assert_eq!(wait_exit(&mut gw.0, Duration::from_secs(10)), Some(0));
+    assert!(
+        dir.join("state").join("players.snap").exists(),
+        "the default keeps a snapshot"
+    );
+    drop(c);
+    // Start again: the player resumes with its token and gets what it missed.
+    let (mut gw, addr) = start();
+    let mut c = Client::connect(addr).expect("connect");
+    let back = c.resume(&li.token, read).expect("resume after the restart");
+    assert_eq!(back.resume_point, read);
+    let missed = c.recv().expect("the unread answer");
+    assert_eq!(
+        (missed.header.seq, &missed.body[..]),
+        (read + 1, &b"unread"[..])
+    );
+    sigterm(&gw.0);
+    assert_eq!(wait_exit(&mut gw.0, Duration::from_secs(10)), Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn write_temp(name: &str, text: &str) -> std::path::PathBuf {
@@ -93,7 +125,7 @@ fn write_temp(name: &str, text: &str) -> std::path::PathBuf {
 /// stderr containing every one of `needles`.
 fn expect_refused(name: &str, text: &str, needles: &[&str]) {
     let path = write_temp(name, text);
-    let out = Command::new(BIN)
+    let out = common::bin()
         .args(["--config", path.to_str().expect("path")])
         .stdin(Stdio::null())
         .output()
@@ -171,13 +203,13 @@ fn bad_config_files_exit_2_naming_the_key() {
         ),
         &["tls", "names no listener"],
     );
-    let missing = Command::new(BIN)
+    let missing = common::bin()
         .args(["--config", "/nonexistent/gateway.ron"])
         .output()
         .expect("run");
     assert_eq!(missing.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&missing.stderr).contains("/nonexistent/gateway.ron"));
-    let bad_flag = Command::new(BIN)
+    let bad_flag = common::bin()
         .args(["--listen", "nowhere"])
         .output()
         .expect("run");
@@ -293,7 +325,7 @@ fn check_prints_the_effective_config_or_the_key_at_fault() {
     routes: [ (msgs: (1, 1), service: "game", login: true) ],
 )"#,
     );
-    let out = Command::new(BIN)
+    let out = common::bin()
         .args(["check", "--config", short.to_str().expect("path")])
         .output()
         .expect("run check");
@@ -325,7 +357,7 @@ fn check_prints_the_effective_config_or_the_key_at_fault() {
     outbox: (max_frames: 0),
 )"#,
     );
-    let out = Command::new(BIN)
+    let out = common::bin()
         .args(["check", "--config", bad.to_str().expect("path")])
         .output()
         .expect("run check");
@@ -334,10 +366,7 @@ fn check_prints_the_effective_config_or_the_key_at_fault() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("outbox.max_frames"), "{err}");
     assert!(out.stdout.is_empty());
-    let version = Command::new(BIN)
-        .arg("--version")
-        .output()
-        .expect("version");
+    let version = common::bin().arg("--version").output().expect("version");
     assert!(String::from_utf8_lossy(&version.stdout).starts_with("slg-gateway "));
     let _ = std::fs::remove_file(short);
     let _ = std::fs::remove_file(bad);
@@ -348,7 +377,7 @@ fn check_prints_the_effective_config_or_the_key_at_fault() {
 fn logs_of(name: &str, text: &str) -> String {
     let path = write_temp(name, text);
     let mut gw = Proc(
-        Command::new(BIN)
+        common::bin()
             .args(["--config", path.to_str().expect("path")])
             .env_remove("NO_COLOR")
             .stdout(Stdio::piped())

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{http, sigterm, wait_exit, Proc, BIN};
+use common::{http, sigterm, wait_exit, Proc};
 use slg_gateway::client::{Client, ClientError};
 use slg_gateway::config::{Config, ServiceConfig};
 use slg_gateway::demo::DemoBackend;
@@ -12,7 +12,7 @@ use slg_gateway::protocol::{Code, Frame, Kind};
 use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -51,7 +51,7 @@ struct Gw {
 #[allow(clippy::zombie_processes)]
 fn spawn_gateway(cfg: &Path, shards: usize) -> Gw {
     use std::io::{BufRead, BufReader};
-    let mut child = Command::new(BIN)
+    let mut child = common::bin()
         .args([
             "--config",
             cfg.to_str().expect("path"),

@@ -332,6 +332,7 @@ fn a_silent_tls_client_is_dropped_after_the_handshake_timeout() {
 #[test]
 fn a_bad_certificate_path_is_refused_at_start_naming_the_key() {
     let mut cfg = Config::embedded_default();
+    cfg.snapshot_dir = None;
     cfg.listen = "127.0.0.1:0".into();
     cfg.http_listen = "127.0.0.1:0".into();
     cfg.demo_backend = None;

@@ -110,7 +110,7 @@ pub struct Config {
     #[serde(default, with = "humantime_serde")]
     pub park_spin: Option<Duration>,
     /// Directory for snapshots of player state at shutdown (None: none).
-    #[serde(default)]
+    #[serde(default = "default_snapshot_dir")]
     pub snapshot_dir: Option<String>,
     /// How long a drain may take before it is forced.
     #[serde(with = "humantime_serde", default = "default_drain_timeout")]
@@ -140,6 +140,10 @@ pub struct Config {
     /// Per-shard memory budgets.
     #[serde(default)]
     pub memory: MemoryConfig,
+}
+
+fn default_snapshot_dir() -> Option<String> {
+    Some("state".into())
 }
 
 fn default_listen() -> String {

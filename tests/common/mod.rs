@@ -13,6 +13,9 @@ use std::time::Duration;
 /// The embedded default, on port 0, with the demo service at `backend`.
 pub fn config(backend: SocketAddr, shards: usize) -> Config {
     let mut cfg = Config::embedded_default();
+    // Tests keep no snapshot unless they say where (the default `state`
+    // would be shared by every test run in this directory).
+    cfg.snapshot_dir = None;
     cfg.listen = "127.0.0.1:0".into();
     cfg.http_listen = "127.0.0.1:0".into();
     cfg.shards = Some(shards);
@@ -206,6 +209,7 @@ pub fn wait_exit(child: &mut std::process::Child, limit: Duration) -> Option<i32
 /// The shipped config, with port 0 and the demo service at `backend`.
 pub fn config_text(backend: SocketAddr) -> String {
     slg_gateway::config::DEFAULT_RON
+        .replace("snapshot_dir: Some(\"state\")", "snapshot_dir: None")
         .replace("\"127.0.0.1:7000\"", "\"127.0.0.1:0\"")
         .replace("\"127.0.0.1:7001\"", "\"127.0.0.1:0\"")
         .replace(
@@ -315,12 +319,26 @@ pub fn start_redis() -> Option<Redis> {
     start_redis_on(0)
 }
 
+/// The gateway binary as a command, run in a scratch directory of its own:
+/// whatever it writes relative to its working directory (the default
+/// snapshot_dir, `state`) stays out of the repository and away from other
+/// tests.
+pub fn bin() -> std::process::Command {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("slg-cwd-{}-{n}", std::process::id()));
+    let _ = std::fs::create_dir_all(&dir);
+    let mut c = std::process::Command::new(BIN);
+    c.current_dir(dir);
+    c
+}
+
 /// Start the gateway binary on `cfg` with `shards`; (process, client
 /// address, HTTP address) from its stdout.
 // The child is owned by the returned Proc, which kills and reaps it.
 #[allow(clippy::zombie_processes)]
 pub fn spawn_gateway(cfg: &std::path::Path, shards: usize) -> (Proc, SocketAddr, SocketAddr) {
-    let mut child = std::process::Command::new(BIN)
+    let mut child = bin()
         .args([
             "--config",
             cfg.to_str().expect("path"),

@@ -87,6 +87,9 @@ export async function startGateway(o: GatewayOptions = {}): Promise<Gateway> {
     );
   }
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), "slg-sdk-"));
+  // Snapshots (on by default, in `state` under the working directory) go
+  // to this gateway's own directory.
+  sub('snapshot_dir: Some("state")', `snapshot_dir: Some(${JSON.stringify(path.join(dir, "state"))})`);
   let certPem: string | undefined;
   if (o.tls) {
     const cert = path.join(dir, "cert.pem");
