@@ -181,6 +181,8 @@ pub struct Snapshot {
     pub buffer_bytes: u64,
     pub buffer_budget: Option<u64>,
     pub players_max: u64,
+    /// The shard is draining (or drained).
+    pub draining: bool,
     /// Named monotonic counters (metric name suffix, value).
     pub counters: Vec<(&'static str, &'static str, u64)>,
     pub kicks: Vec<(u16, u64)>,
@@ -324,6 +326,18 @@ pub fn render(snaps: &[Snapshot], ctx: &Context) -> String {
         if let Some(b) = s.buffer_budget {
             o.line("buffer_budget_bytes", &format!("shard=\"{}\"", s.shard), b);
         }
+    }
+    o.head(
+        "draining",
+        "gauge",
+        "1 while the shard drains (SIGTERM, POST /v1/drain): sessions fall to 0, then the gateway stops.",
+    );
+    for s in snaps {
+        o.line(
+            "draining",
+            &format!("shard=\"{}\"", s.shard),
+            u8::from(s.draining),
+        );
     }
     o.head(
         "players_max",

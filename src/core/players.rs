@@ -541,6 +541,7 @@ impl Core {
         s.buffer_budget = b.buffers.map(|b| b as u64);
         s.buffer_bytes = self.buffer_bytes() as u64;
         s.players_max = b.players as u64;
+        s.draining = self.is_draining();
         self.metrics.fill(&mut s);
         s
     }

@@ -415,6 +415,7 @@ pub async fn serve_conn<H, F>(
         let asked_close = req.close;
         let keep_alive_10 = req.keep_alive_10;
         let mut resp = handler(req).await;
+        count(resp.status);
         resp.close |= asked_close;
         resp.keep_alive = keep_alive_10;
         let close = resp.close;
