@@ -433,6 +433,35 @@ fn http_abuse(r: &Run, canaries: &[u64]) -> String {
     format!("2000 concurrent: {statuses:?}; 100 slowloris cut; 20 pushes answered 200")
 }
 
+/// 10,000 players that log in and leave (they linger for player_linger),
+/// then 20 broadcasts of 1 KB to all of them: `memory.outboxes` (16 MiB
+/// per shard here) evicts the oldest frames of the largest outboxes.
+fn lingering_broadcasts(r: &Run) -> String {
+    for p in 0..10_000u64 {
+        let mut c = Client::connect(r.client).expect("connect");
+        c.login_demo(100_000 + p).expect("login");
+    }
+    let body = vec![b'b'; 1024];
+    let mut cached = 0u64;
+    for _ in 0..20 {
+        let (status, answer) = common::http(r.http, "POST", "/v1/broadcast?msg=3002", &body);
+        assert_eq!(status, 200, "{answer}");
+        let v: serde_json::Value = serde_json::from_str(&answer).expect("json");
+        cached += v["cached"].as_u64().unwrap_or(0);
+    }
+    let (_, metrics) = common::http(r.http, "GET", "/metrics", b"");
+    let held: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("slg_outbox_bytes{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(held <= 2 * 16 << 20, "outboxes hold {held} bytes");
+    format!(
+        "{cached} pushes cached, outboxes hold {} MB (budget 2 x 16 MiB)",
+        held >> 20
+    )
+}
+
 /// The backend stopped (SIGSTOP) for 1.5 s, longer than request_timeout.
 fn backend_stall(r: &Run) -> String {
     let pid = r.backend_pid as libc::pid_t;
@@ -534,6 +563,12 @@ fn hostile_clients_leave_the_canaries_whole_and_the_memory_bounded() {
             false,
         ),
         (
+            "10,000 lingering players, 20 broadcasts",
+            Box::new(lingering_broadcasts),
+            LATENCY_BOUND,
+            false,
+        ),
+        (
             "backend stall",
             Box::new(backend_stall),
             STALL_LATENCY_BOUND,
@@ -583,8 +618,9 @@ fn hostile_clients_leave_the_canaries_whole_and_the_memory_bounded() {
         t.join().expect("a canary failed (its panic is above)");
     }
     let _ = sampler.join();
-    // 10 pushes to each canary were answered 200: each one arrived.
-    assert_eq!(watch.pushes.load(Ordering::SeqCst), 10 * SHARDS as u64);
+    // 10 pushes and 20 broadcasts reached each canary, answered 200: each
+    // one arrived.
+    assert_eq!(watch.pushes.load(Ordering::SeqCst), 30 * SHARDS as u64);
     let after = rss_kb(run.pid);
     println!("RSS after the attacks {} MB", after / 1024);
     drop(gw);
