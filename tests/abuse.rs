@@ -27,7 +27,10 @@ const SHARDS: usize = 2;
 const LATENCY_BOUND: Duration = Duration::from_millis(1500);
 const STALL_LATENCY_BOUND: Duration = Duration::from_millis(2500);
 /// The most the gateway's RSS may grow over its level before the attacks.
-const RSS_GROWTH_BOUND_KB: u64 = 96 * 1024;
+/// The partial-frame attack peaks at +65..+90 MB here (without
+/// memory.buffers: +116 MB; the budget counts the buffers, not what each
+/// closing connection holds while it closes: docs/reliability.md).
+const RSS_GROWTH_BOUND_KB: u64 = 112 * 1024;
 /// What RSS may stay above that level once the partial frames are gone.
 const PARTIAL_AFTER_BOUND_KB: u64 = 16 * 1024;
 
@@ -455,7 +458,7 @@ fn lingering_broadcasts(r: &Run) -> String {
         .filter(|l| l.starts_with("slg_outbox_bytes{"))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
         .sum();
-    assert!(held <= 2 * 16 << 20, "outboxes hold {held} bytes");
+    assert!(held <= 32 << 20, "outboxes hold {held} bytes");
     format!(
         "{cached} pushes cached, outboxes hold {} MB (budget 2 x 16 MiB)",
         held >> 20
