@@ -540,8 +540,8 @@ pub enum ConfigError {
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
-        key: key.into(),
-        message: message.into(),
+        key: one_line(&key.into()),
+        message: one_line(&message.into()),
     }
 }
 
@@ -918,11 +918,29 @@ fn syntax_error(text: &str, origin: &str, e: &ron::error::SpannedError) -> Confi
         }
     };
     ConfigError::Syntax {
-        origin: origin.to_string(),
+        origin: one_line(origin),
         line,
         col,
-        message,
+        message: one_line(&message),
     }
+}
+
+/// Text from the file (a key, a value) made fit for the one line of a
+/// [`ConfigError`]: control characters (a newline in a string value
+/// would forge a second log line) are written as escapes.
+fn one_line(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_string();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_debug().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
 }
 
 #[derive(Debug, Default, PartialEq)]

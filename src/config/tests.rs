@@ -324,6 +324,22 @@ fn max_connections_must_be_positive() {
 }
 
 #[test]
+fn an_error_is_one_line_whatever_the_file_holds() {
+    // fuzz/regressions/config/listen-value-newline: a value with a newline
+    // escape would have forged a second log line.
+    let e = err(&edited(
+        "listen: \"127.0.0.1:7000\",",
+        "listen: \"127.0.0.1:7000\\nINFO forged log line\",",
+    ));
+    assert_eq!(e.lines().count(), 1, "{e}");
+    assert!(e.contains("\\nINFO forged"), "{e}");
+    // fuzz/regressions/config/crash-8b366441...: a map key with a newline
+    // in the key path of a syntax error.
+    let e = err("(services: {\"a\nb\": (instances: [\"x\"], bogus: 1)}, routes: [])");
+    assert_eq!(e.lines().count(), 1, "{e}");
+}
+
+#[test]
 fn budgets_and_player_caps_are_checked() {
     let e = invalid_of(|c| c.max_players = 0);
     assert_eq!(e, "config key `max_players`: must be greater than 0");

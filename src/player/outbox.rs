@@ -162,7 +162,7 @@ impl Outbox {
             self.evicted_through = s;
             evicted += 1;
         }
-        self.evictions += evicted as u64;
+        self.evictions = self.evictions.saturating_add(evicted as u64);
         evicted
     }
 
@@ -186,7 +186,7 @@ impl Outbox {
             self.evicted_through = s;
             evicted += 1;
         }
-        self.evictions += evicted as u64;
+        self.evictions = self.evictions.saturating_add(evicted as u64);
         evicted
     }
 

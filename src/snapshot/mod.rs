@@ -143,6 +143,11 @@ impl Image {
             if p.id == 0 {
                 return Err(bad("player id 0"));
             }
+            // No real stream comes near it (2^62 frames), and the next
+            // frame's seq must not wrap to 0, the unsequenced value.
+            if p.seq >= MAX_SEQ {
+                return Err(bad("seq beyond any real stream"));
+            }
             if p.acked > p.seq || p.evicted_through > p.seq {
                 return Err(bad("acked or evicted beyond the last seq"));
             }
@@ -154,9 +159,21 @@ impl Image {
                 if expect.is_some_and(|e| e != f.seq) {
                     return Err(bad("outbox seqs not consecutive"));
                 }
-                expect = Some(f.seq + 1);
-                if f.frame.len() < crate::protocol::LEN_PREFIX + crate::protocol::HEADER_LEN {
+                expect = f.seq.checked_add(1);
+                let head = crate::protocol::LEN_PREFIX + crate::protocol::HEADER_LEN;
+                if f.frame.len() < head {
                     return Err(bad("outbox frame shorter than a header"));
+                }
+                // An outbox holds sequenced frames only, each with its own
+                // seq: anything else would be replayed to the client as is.
+                let kind = f.frame[crate::protocol::LEN_PREFIX];
+                let sequenced = [crate::protocol::Kind::Response, crate::protocol::Kind::Push]
+                    .iter()
+                    .any(|k| *k as u8 == kind);
+                let mut seq = [0u8; 8];
+                seq.copy_from_slice(&f.frame[head - 8..head]);
+                if !sequenced || u64::from_be_bytes(seq) != f.seq {
+                    return Err(bad("outbox frame not a RESPONSE or PUSH with its seq"));
                 }
             }
             if let Some(last) = p.outbox.last() {
@@ -168,6 +185,9 @@ impl Image {
         Ok(())
     }
 }
+
+/// Seqs at or beyond this are refused in an image (see `Image::check`).
+pub const MAX_SEQ: u64 = 1 << 62;
 
 /// Wall-clock now, ms since the Unix epoch.
 pub fn unix_ms_now() -> u64 {
@@ -181,7 +201,17 @@ pub fn unix_ms_now() -> u64 {
 mod tests {
     use super::*;
 
+    /// A sequenced frame as an outbox keeps it.
+    fn frame(kind: crate::protocol::Kind, seq: u64, body: &[u8]) -> Vec<u8> {
+        let mut h = crate::protocol::Header::new(kind);
+        h.seq = seq;
+        let mut v = crate::protocol::encode_head(&h, body.len()).to_vec();
+        v.extend_from_slice(body);
+        v
+    }
+
     fn image() -> Image {
+        use crate::protocol::Kind;
         Image {
             taken_unix_ms: 1_700_000_000_000,
             shards: 4,
@@ -192,11 +222,11 @@ mod tests {
                 outbox: vec![
                     FrameImage {
                         seq: 4,
-                        frame: vec![0; 30],
+                        frame: frame(Kind::Response, 4, b"answer"),
                     },
                     FrameImage {
                         seq: 5,
-                        frame: vec![1; 24],
+                        frame: frame(Kind::Push, 5, b""),
                     },
                 ],
                 evicted_through: 0,
@@ -254,6 +284,56 @@ mod tests {
             Image::decode(&img.encode().expect("encode")),
             Err(SnapshotError::Bounds { .. })
         ));
+    }
+
+    #[test]
+    fn fuzzed_images_are_refused_whole() {
+        use crate::protocol::Kind;
+        let refused = |img: Image| {
+            let e = Image::decode(&img.encode().expect("encode"));
+            assert!(
+                matches!(e, Err(SnapshotError::Bounds { player: 42, .. })),
+                "{e:?}"
+            );
+        };
+        // fuzz/regressions/snapshot_image/crash-96fd9095...: a frame with
+        // seq u64::MAX overflowed the consecutive check, and a seq there
+        // would wrap the next one to 0 (the unsequenced value).
+        let mut img = image();
+        let p = &mut img.players[0];
+        p.seq = u64::MAX;
+        p.outbox = vec![FrameImage {
+            seq: u64::MAX,
+            frame: frame(Kind::Push, u64::MAX, b""),
+        }];
+        refused(img);
+        let mut img = image();
+        img.players[0].seq = MAX_SEQ;
+        img.players[0].outbox.clear();
+        refused(img);
+        // fuzz/regressions/handoff_image/crash-3ae4b229...: a KICK in an
+        // outbox (it would be replayed to the client with a seq).
+        let mut img = image();
+        img.players[0].outbox[1].frame = frame(Kind::Kick, 5, b"");
+        refused(img);
+        // A frame whose header says another seq than its place.
+        let mut img = image();
+        img.players[0].outbox[1].frame = frame(Kind::Push, 9, b"");
+        refused(img);
+        // fuzz/regressions/handoff_image/crash-6b5e30e6...: an evictions
+        // counter at the end of its range may not overflow on the next one.
+        let mut img = image();
+        img.players[0].evictions = u64::MAX;
+        let bytes = img.encode().expect("encode");
+        let img = Image::decode(&bytes).expect("a counter is not refused");
+        let now = std::time::Instant::now();
+        let mut p = crate::player::Player::from_image(&img.players[0], 1, 1 << 20, now, 0);
+        p.sequence(
+            crate::protocol::Header::new(Kind::Push),
+            bytes::Bytes::new(),
+            |_| (),
+        );
+        assert_eq!(p.outbox.evictions(), u64::MAX);
     }
 
     #[test]

@@ -201,6 +201,40 @@ fn an_upgrade_is_checked_for_path_origin_and_size() {
     assert!(w.is_open());
 }
 
+#[test]
+fn an_upgrade_does_not_depend_on_how_its_bytes_come_in_reads() {
+    // fuzz/regressions/websocket/crash-a28ecf64...: the request 2 bytes a
+    // read (tungstenite alone called that an attack).
+    let req = upgrade_request("/ws", None);
+    let mut w = ws_wire(&[]);
+    let mut plain = BytesMut::new();
+    for piece in req.chunks(2) {
+        w.ingest(piece, &mut plain).expect("piece");
+    }
+    assert!(w.is_open());
+    // fuzz/regressions/websocket/crash-8e6c257c...: a frame right behind
+    // the request in the same read (tungstenite alone: junk after the
+    // request) is the first message, as it is in a later read.
+    let (_, mut c) = open_ws();
+    c.send(Message::Binary(frame(b"early").into()))
+        .expect("send");
+    let mut bytes = req.clone();
+    bytes.extend_from_slice(&sent(&mut c));
+    let mut w = ws_wire(&[]);
+    let mut plain = BytesMut::new();
+    w.ingest(&bytes, &mut plain).expect("request and a message");
+    assert!(w.is_open());
+    assert_eq!(&plain[..], &frame(b"early")[..]);
+    // Split anywhere, the same.
+    for cut in [1, 100, req.len() - 2, req.len() + 3] {
+        let mut w = ws_wire(&[]);
+        let mut plain = BytesMut::new();
+        w.ingest(&bytes[..cut], &mut plain).expect("first part");
+        w.ingest(&bytes[cut..], &mut plain).expect("second part");
+        assert_eq!(&plain[..], &frame(b"early")[..], "cut at {cut}");
+    }
+}
+
 fn tls_pair() -> (Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>) {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -103,8 +103,11 @@ enum State {
 /// One connection's WebSocket layer.
 pub(super) struct Ws {
     state: State,
-    /// Bytes of the upgrade request so far.
-    request_bytes: usize,
+    /// The upgrade request so far: tungstenite gets it whole, once its
+    /// head is complete (it decides on how the bytes came in reads, not on
+    /// the bytes: bytes behind the head in the same read were "junk", a
+    /// head in many small reads an "attack"; fuzz/regressions/websocket).
+    request: Vec<u8>,
 }
 
 /// What feeding bytes to the layer gave.
@@ -122,7 +125,7 @@ impl Ws {
         let mid = ServerHandshake::start(Mem::default(), Check(settings.clone()), Some(cfg));
         Ws {
             state: State::Upgrading(Some(Box::new(mid)), settings),
-            request_bytes: 0,
+            request: Vec::new(),
         }
     }
 
@@ -147,7 +150,7 @@ impl Ws {
         };
         Ok(Ws {
             state,
-            request_bytes: 0,
+            request: Vec::new(),
         })
     }
 
@@ -167,8 +170,15 @@ impl Ws {
     ) -> Result<Fed, WireError> {
         match &mut self.state {
             State::Upgrading(mid, settings) => {
-                self.request_bytes += bytes.len();
-                if self.request_bytes > settings.max_request {
+                self.request.extend_from_slice(bytes);
+                // Where the head ends (searched from a little before what
+                // came now, in case its `\r\n\r\n` was split).
+                let from = self.request.len().saturating_sub(bytes.len() + 3);
+                let end = self.request[from..]
+                    .windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                    .map(|i| from + i + 4);
+                if end.unwrap_or(self.request.len()) > settings.max_request {
                     self.state = State::Done;
                     out.extend_from_slice(
                         b"HTTP/1.1 431 Request Header Fields Too Large\r\n\
@@ -176,17 +186,25 @@ impl Ws {
                     );
                     return Err(WireError::Upgrade("request too large".into()));
                 }
+                let Some(end) = end else {
+                    return Ok(Fed { closed: false });
+                };
                 let Some(mut m) = mid.take() else {
                     return Err(WireError::Closed);
                 };
-                m.get_mut().get_mut().input.extend_from_slice(bytes);
+                // What follows the head is the WebSocket's already.
+                let rest = self.request.split_off(end);
+                let head = std::mem::take(&mut self.request);
+                m.get_mut().get_mut().input.extend_from_slice(&head);
                 match m.handshake() {
                     Ok(mut ws) => {
                         out.append(&mut ws.get_mut().output);
                         self.state = State::Open(Box::new(ws));
-                        // Bytes pipelined after the request were refused by
-                        // tungstenite (JunkAfterRequest): nothing more here.
-                        Ok(Fed { closed: false })
+                        if rest.is_empty() {
+                            Ok(Fed { closed: false })
+                        } else {
+                            self.feed(&rest, plain, out)
+                        }
                     }
                     Err(HandshakeError::Interrupted(m)) => {
                         *mid = Some(Box::new(m));
