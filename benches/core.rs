@@ -215,6 +215,7 @@ fn outbox(c: &mut Criterion) {
 /// `extra` more 10-wide routes from 1000 on, 16 apart (gaps between them).
 fn router_with(extra: u32) -> (Router, u32) {
     let mut cfg = Config::embedded_default();
+    cfg.snapshot_dir = None;
     let service = cfg.routes[0].service.clone();
     let balances = [Balance::RoundRobin, Balance::HashPlayer, Balance::Broadcast];
     for k in 0..extra {

@@ -19,6 +19,7 @@ impl Rig {
     fn start() -> Rig {
         let demo = DemoBackend::start("127.0.0.1:0".parse().expect("addr")).expect("demo");
         let mut cfg = Config::embedded_default();
+        cfg.snapshot_dir = None;
         cfg.listen = "127.0.0.1:0".into();
         cfg.http_listen = "127.0.0.1:0".into();
         cfg.shards = Some(2);
