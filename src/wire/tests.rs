@@ -225,6 +225,15 @@ fn an_upgrade_does_not_depend_on_how_its_bytes_come_in_reads() {
     w.ingest(&bytes, &mut plain).expect("request and a message");
     assert!(w.is_open());
     assert_eq!(&plain[..], &frame(b"early")[..]);
+    // fuzz/regressions/websocket/crash-1db40129...: empty lines before the
+    // request line are part of the head (httparse skips them).
+    let mut w = ws_wire(&[]);
+    let mut plain = BytesMut::new();
+    let mut lead = b"\r\n\r\n".to_vec();
+    lead.extend_from_slice(&bytes);
+    w.ingest(&lead, &mut plain).expect("leading empty lines");
+    assert!(w.is_open());
+    assert_eq!(&plain[..], &frame(b"early")[..]);
     // Split anywhere, the same.
     for cut in [1, 100, req.len() - 2, req.len() + 3] {
         let mut w = ws_wire(&[]);

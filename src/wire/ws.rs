@@ -171,13 +171,15 @@ impl Ws {
         match &mut self.state {
             State::Upgrading(mid, settings) => {
                 self.request.extend_from_slice(bytes);
-                // Where the head ends (searched from a little before what
-                // came now, in case its `\r\n\r\n` was split).
-                let from = self.request.len().saturating_sub(bytes.len() + 3);
-                let end = self.request[from..]
-                    .windows(4)
-                    .position(|w| w == b"\r\n\r\n")
-                    .map(|i| from + i + 4);
+                // Where the head ends, as httparse (tungstenite's parser)
+                // sees it: empty lines before the request line are part of
+                // it. Not HTTP at all: tungstenite answers the whole (400).
+                let mut headers = [httparse::EMPTY_HEADER; 64];
+                let end = match httparse::Request::new(&mut headers).parse(&self.request) {
+                    Ok(httparse::Status::Complete(n)) => Some(n),
+                    Ok(httparse::Status::Partial) => None,
+                    Err(_) => Some(self.request.len()),
+                };
                 if end.unwrap_or(self.request.len()) > settings.max_request {
                     self.state = State::Done;
                     out.extend_from_slice(
@@ -206,9 +208,16 @@ impl Ws {
                             self.feed(&rest, plain, out)
                         }
                     }
-                    Err(HandshakeError::Interrupted(m)) => {
-                        *mid = Some(Box::new(m));
-                        Ok(Fed { closed: false })
+                    // The whole head was given: tungstenite cannot want more.
+                    Err(HandshakeError::Interrupted(_)) => {
+                        self.state = State::Done;
+                        out.extend_from_slice(
+                            b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\n\
+                              content-length: 0\r\n\r\n",
+                        );
+                        Err(WireError::Upgrade(
+                            "an upgrade request tungstenite did not finish".into(),
+                        ))
                     }
                     Err(HandshakeError::Failure(e)) => {
                         self.state = State::Done;
