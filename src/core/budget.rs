@@ -12,12 +12,14 @@
 //!   kicked `SLOW_CONSUMER` until the rest fit in seven eighths of it.
 //! - **Players** (`max_players`): each shard holds at most its share; a
 //!   login of a player it does not hold is answered `OVERLOADED` beyond it.
+//! - **Takeovers** (`limits.takeovers`): the flapping guard of logins that
+//!   replace a live session.
 
-use super::{bump, Core};
+use super::{bump, Core, Event};
 use crate::config::Config;
 use crate::player::outbox::Meter;
 use crate::protocol::Code;
-use crate::session::SessionId;
+use crate::session::{Arrival, SessionId};
 use std::time::Instant;
 
 /// The budgets of one shard, resolved from the config and the machine.
@@ -202,5 +204,58 @@ impl Core {
             // KICK is out): not counted again by the next report.
             self.forget_partial(sid);
         }
+    }
+
+    /// `arrival` if its player is held here or there is room for one more
+    /// (`max_players`); else it is refused (a login `OVERLOADED`, a resume
+    /// `RESUME_REJECTED`) and None.
+    pub(super) fn room_for(&mut self, sid: SessionId, arrival: Arrival) -> Option<Arrival> {
+        if self.players.contains_key(&arrival.player()) || self.has_room_for_a_player() {
+            return Some(arrival);
+        }
+        bump(&self.stats.players_refused);
+        if let Some(c) = self.sessions.get_mut(&sid) {
+            c.session.binding_failed();
+        }
+        match arrival {
+            Arrival::Login { reply, .. } => {
+                bump(&self.stats.logins_rejected);
+                let code = Code::Overloaded.into();
+                self.respond(sid, reply.req_id, reply.msg_id, code, &[]);
+            }
+            Arrival::Resume { .. } => self.reject_resume(sid, Code::ResumeRejected),
+        }
+        None
+    }
+
+    /// The takeover flapping guard (`limits.takeovers`): whether the login
+    /// on `sid` may replace the player's live session, if it has one (a
+    /// player with no session, such as one whose connection dropped, is
+    /// never refused). Resumes are not guarded: a token is single use and
+    /// replaced by every login, so a valid one is held only by the client
+    /// of the latest session; its resume is that client coming back, often
+    /// before the gateway noticed its old connection drop. Two clients
+    /// taking an account from each other must log in each time.
+    pub(super) fn may_take_over(&mut self, sid: SessionId, player: u64) -> bool {
+        let Some(limit) = self.cfg.limits.takeovers else {
+            return true;
+        };
+        let now = self.now;
+        let Some(p) = self.players.get_mut(&player) else {
+            return true;
+        };
+        let live = p.session.is_some_and(|old| {
+            old != sid
+                && self
+                    .sessions
+                    .get(&old)
+                    .is_some_and(|c| !c.session.is_closing())
+        });
+        if !live || p.takeovers.take_over(limit, now).is_ok() {
+            return true;
+        }
+        bump(&self.stats.takeovers_refused);
+        self.event(Event::TakeoverRefused { sid, player });
+        false
     }
 }

@@ -3,7 +3,7 @@
 //! the player's home shard; backend answers delivered to the player.
 
 use super::event::{Event, PlayerEnd};
-use super::{add, bump, Answer, Asker, ClusterOut, Core, Forward};
+use super::{add, bump, Asker, ClusterOut, Core, Forward};
 use crate::error::Error;
 use crate::player::{token_player, Player, ResumeError};
 use crate::protocol::{encode, session_body, Code, Frame, Header, Kind};
@@ -68,20 +68,9 @@ impl Core {
             return self.kick(sid, Code::Shutdown);
         }
         // A player not held here needs room for one more (max_players).
-        if !self.players.contains_key(&arrival.player()) && !self.has_room_for_a_player() {
-            bump(&self.stats.players_refused);
-            if let Some(c) = self.sessions.get_mut(&sid) {
-                c.session.binding_failed();
-            }
-            return match arrival {
-                Arrival::Login { reply, .. } => {
-                    bump(&self.stats.logins_rejected);
-                    let code = Code::Overloaded.into();
-                    self.respond(sid, reply.req_id, reply.msg_id, code, &[])
-                }
-                Arrival::Resume { .. } => self.reject_resume(sid, Code::ResumeRejected),
-            };
-        }
+        let Some(arrival) = self.room_for(sid, arrival) else {
+            return;
+        };
         // In a cluster, a player this gateway does not hold is claimed (and
         // fetched from its holder) first.
         if self.clustered && !self.players.contains_key(&arrival.player()) {
@@ -183,7 +172,14 @@ impl Core {
 
     /// A RESPONSE to a request of session `sid`: sequenced when the session
     /// is bound to a player, seq 0 before login.
-    fn respond(&mut self, sid: SessionId, req_id: u32, msg_id: u32, code: u16, body: &[u8]) {
+    pub(super) fn respond(
+        &mut self,
+        sid: SessionId,
+        req_id: u32,
+        msg_id: u32,
+        code: u16,
+        body: &[u8],
+    ) {
         self.metrics.response(self.router.slot(msg_id), code);
         let h = Header {
             kind: Kind::Response,
@@ -280,7 +276,7 @@ impl Core {
         }
     }
 
-    fn reject_resume(&mut self, sid: SessionId, code: Code) {
+    pub(super) fn reject_resume(&mut self, sid: SessionId, code: Code) {
         match code {
             Code::ResumeGap => bump(&self.stats.resumes_gap),
             _ => bump(&self.stats.resumes_rejected),
@@ -413,37 +409,6 @@ impl Core {
         true
     }
 
-    /// The takeover flapping guard (`limits.takeovers`): whether the login
-    /// on `sid` may replace the player's live session, if it has one (a
-    /// player with no session, such as one whose connection dropped, is
-    /// never refused). Resumes are not guarded: a token is single use and
-    /// replaced by every login, so a valid one is held only by the client
-    /// of the latest session; its resume is that client coming back, often
-    /// before the gateway noticed its old connection drop. Two clients
-    /// taking an account from each other must log in each time.
-    fn may_take_over(&mut self, sid: SessionId, player: u64) -> bool {
-        let Some(limit) = self.cfg.limits.takeovers else {
-            return true;
-        };
-        let now = self.now;
-        let Some(p) = self.players.get_mut(&player) else {
-            return true;
-        };
-        let live = p.session.is_some_and(|old| {
-            old != sid
-                && self
-                    .sessions
-                    .get(&old)
-                    .is_some_and(|c| !c.session.is_closing())
-        });
-        if !live || p.takeovers.take_over(limit, now).is_ok() {
-            return true;
-        }
-        bump(&self.stats.takeovers_refused);
-        self.event(Event::TakeoverRefused { sid, player });
-        false
-    }
-
     fn session_frame(player: u64, token: &[u8], resume_point: u64, gap: bool, out: &mut BytesMut) {
         let mut h = Header::new(Kind::Session);
         h.seq = resume_point;
@@ -556,92 +521,6 @@ impl Core {
                     }
                 }
             }
-        }
-    }
-
-    // ----- backend answers -------------------------------------------------
-
-    /// A backend answered a request (or the gateway did for it: TIMEOUT,
-    /// BACKEND_UNAVAILABLE).
-    pub fn handle_answer(&mut self, asker: Asker, a: Answer, now: Instant) {
-        self.now = now;
-        if let Some(c) = self.sessions.get_mut(&asker.session) {
-            c.session.count_inflight_bytes(asker.bytes as usize, false);
-        }
-        if asker.login {
-            return self.on_login_answer(asker, a);
-        }
-        let wake = self
-            .sessions
-            .get_mut(&asker.session)
-            .is_some_and(|c| c.session.answered());
-        if wake {
-            self.wake(asker.session, true, false);
-        }
-        let h = Header {
-            kind: Kind::Response,
-            flags: 0,
-            code: a.code,
-            msg_id: a.msg_id,
-            req_id: asker.req_id,
-            seq: 0,
-        };
-        if asker.player != 0 {
-            // A request of a logged-in player: the answer belongs to the
-            // player, whichever session it has now (or none: outbox); but
-            // not to a later life of the same id (after BYE or linger).
-            let same_life = self
-                .players
-                .get(&asker.player)
-                .is_some_and(|pl| pl.life == asker.life);
-            if !same_life {
-                self.event(Event::StrayAnswer {
-                    player: asker.player,
-                    req_id: asker.req_id,
-                });
-                return;
-            }
-            self.metrics
-                .response(self.router.slot(asker.msg_id), a.code);
-            // Copied out of the backend's read buffer (see `deliver`).
-            self.deliver(asker.player, h, Bytes::copy_from_slice(&a.body));
-        } else {
-            self.respond(asker.session, asker.req_id, asker.msg_id, a.code, &a.body);
-        }
-    }
-
-    fn on_login_answer(&mut self, asker: Asker, a: Answer) {
-        let accepted = (a.code == 0 && a.player != 0).then_some(a.player);
-        if a.code == 0 && a.player == 0 {
-            self.event(Event::LoginWithoutPlayer { sid: asker.session });
-        }
-        let binding = {
-            let Some(c) = self.sessions.get_mut(&asker.session) else {
-                return;
-            };
-            match accepted {
-                Some(player) => c.session.login_accepted(Arrival::Login {
-                    player,
-                    reply: LoginReply {
-                        req_id: asker.req_id,
-                        msg_id: a.msg_id,
-                        code: a.code,
-                        body: a.body.clone(),
-                    },
-                }),
-                None => c.session.on_login_result(None),
-            }
-        };
-        if binding {
-            self.wake(asker.session, true, false);
-        } else {
-            bump(&self.stats.logins_rejected);
-            let code = if accepted.is_none() && a.code == 0 {
-                Code::BackendUnavailable.into()
-            } else {
-                a.code
-            };
-            self.respond(asker.session, asker.req_id, a.msg_id, code, &a.body);
         }
     }
 }

@@ -14,10 +14,13 @@
 //! | file | job |
 //! |---|---|
 //! | `mod.rs` | the tables, output queues, kicks and closes |
-//! | [`client`] | client frames: requests, acks, resume, login, answers |
+//! | [`client`] | client frames: requests, acks, resume, login |
+//! | [`answer`] | backend answers to the player or session, login answers |
+//! | [`budget`] | memory budgets, `max_players`, the takeover guard |
 //! | [`players`] | push, admin, timers, drain, snapshots, migration steps |
 //! | [`stats`] | the counters, each declared once with its help text |
 
+mod answer;
 mod budget;
 mod client;
 mod entropy;

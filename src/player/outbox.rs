@@ -153,8 +153,14 @@ impl Outbox {
     /// Evict the oldest frames until at most `level` bytes are held (the
     /// shard's outbox budget). Returns how many went.
     pub fn evict_to(&mut self, level: usize) -> usize {
+        self.evict_while(|o| o.bytes > level)
+    }
+
+    /// Evict the oldest frames while `over` says the outbox is over a
+    /// bound; the loss is remembered. Returns how many went.
+    fn evict_while(&mut self, over: impl Fn(&Outbox) -> bool) -> usize {
         let mut evicted = 0;
-        while self.bytes > level {
+        while over(self) {
             let Some((s, f)) = self.frames.pop_front() else {
                 break;
             };
@@ -177,17 +183,7 @@ impl Outbox {
         }
         self.grow(frame.len());
         self.frames.push_back((seq, frame));
-        let mut evicted = 0;
-        while self.frames.len() > self.max_frames || self.bytes > self.max_bytes {
-            let Some((s, f)) = self.frames.pop_front() else {
-                break;
-            };
-            self.shrink(f.len());
-            self.evicted_through = s;
-            evicted += 1;
-        }
-        self.evictions = self.evictions.saturating_add(evicted as u64);
-        evicted
+        self.evict_while(|o| o.frames.len() > o.max_frames || o.bytes > o.max_bytes)
     }
 
     /// Free every frame with seq <= `seq`.

@@ -7,6 +7,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::time::Duration;
 
+mod process;
+use process::process_metrics;
+
 /// A struct of shard-local counters (`Cell<u64>`, one per name) with the
 /// help text of each beside it, and `list()` giving (name, help, value)
 /// for every one: a counter is declared once, in one place.
@@ -531,55 +534,6 @@ pub fn render(snaps: &[Snapshot], ctx: &Context) -> String {
     );
     process_metrics(&mut o.0);
     o.0
-}
-
-/// The standard `process_*` series every Prometheus exporter has (the
-/// names of the Prometheus client libraries), read from /proc/self.
-fn process_metrics(out: &mut String) {
-    let p = crate::limits::process_stats();
-    let mut series = |name: &str, kind: &str, help: &str, value: Option<f64>| {
-        if let Some(v) = value {
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} {kind}");
-            let _ = writeln!(out, "{name} {v}");
-        }
-    };
-    series(
-        "process_cpu_seconds_total",
-        "counter",
-        "Total user and system CPU time spent in seconds.",
-        p.cpu_seconds,
-    );
-    series(
-        "process_resident_memory_bytes",
-        "gauge",
-        "Resident memory size in bytes.",
-        p.resident_bytes.map(|b| b as f64),
-    );
-    series(
-        "process_virtual_memory_bytes",
-        "gauge",
-        "Virtual memory size in bytes.",
-        p.virtual_bytes.map(|b| b as f64),
-    );
-    series(
-        "process_open_fds",
-        "gauge",
-        "Number of open file descriptors.",
-        p.open_fds.map(|n| n as f64),
-    );
-    series(
-        "process_max_fds",
-        "gauge",
-        "Maximum number of open file descriptors.",
-        p.max_fds.map(|n| n as f64),
-    );
-    series(
-        "process_start_time_seconds",
-        "gauge",
-        "Start time of the process since unix epoch in seconds.",
-        p.start_time_seconds,
-    );
 }
 
 #[cfg(test)]
