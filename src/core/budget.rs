@@ -155,9 +155,11 @@ impl Core {
             entry.1 = bytes;
             self.note_held();
             if let Some(budget) = self.budgets.buffers {
-                // Output is summed only when partial frames alone could
-                // be over (it is summed on every sweep too).
-                if self.partial_bytes > low_water(budget) {
+                // Partial frames alone over the budget: a pass (which sums
+                // every session) brings all to the low-water mark, so the
+                // next one needs an eighth of the budget in new bytes;
+                // output is summed on every sweep.
+                if self.partial_bytes > budget {
                     self.check_buffers();
                 }
             }
