@@ -14,16 +14,15 @@ impl Core {
     /// BACKEND_UNAVAILABLE).
     pub fn handle_answer(&mut self, asker: Asker, a: Answer, now: Instant) {
         self.now = now;
-        if let Some(c) = self.sessions.get_mut(&asker.session) {
-            c.session.count_inflight_bytes(asker.bytes as usize, false);
-        }
         if asker.login {
             return self.on_login_answer(asker, a);
         }
-        let wake = self
-            .sessions
-            .get_mut(&asker.session)
-            .is_some_and(|c| c.session.answered());
+        // One lookup: the request's bytes are back, and a login or resume
+        // may wait for its last answer.
+        let wake = self.sessions.get_mut(&asker.session).is_some_and(|c| {
+            c.session.count_inflight_bytes(asker.bytes as usize, false);
+            c.session.answered()
+        });
         if wake {
             self.wake(asker.session, true, false);
         }
@@ -68,6 +67,7 @@ impl Core {
             let Some(c) = self.sessions.get_mut(&asker.session) else {
                 return;
             };
+            c.session.count_inflight_bytes(asker.bytes as usize, false);
             match accepted {
                 Some(player) => c.session.login_accepted(Arrival::Login {
                     player,
