@@ -9,81 +9,28 @@
 //! API (PROTOCOL.md section 5 and docs/PROTOCOL.md), each short, listed in
 //! the order of the table they implement.
 
+use super::params;
 use super::{Request, Response};
 use crate::metrics::Snapshot;
 use crate::shard::{GatewayEvent, PlayerInfo, PushCounts, ShardCtx, ShardMsg};
 use bytes::Bytes;
 use std::rc::Rc;
 use std::time::Duration;
-use subtle::ConstantTimeEq;
 
 /// How long a request waits for another shard's answer.
 const SHARD_REPLY: Duration = Duration::from_secs(10);
-/// Most players one listing page returns.
-pub const MAX_PAGE: usize = 1000;
+pub use params::MAX_PAGE;
 
 /// Answer one request on shard `ctx` (the connection loop counts it).
 pub async fn handle(ctx: Rc<ShardCtx>, req: Request) -> Response {
     route(&ctx, req).await
 }
 
-/// Constant-time equality of an `Authorization` header with the expected
-/// value: the time depends on the lengths only, never on where they differ.
-fn authorized(got: &str, want: &str) -> bool {
-    let mut g = got.as_bytes().to_vec();
-    g.resize(want.len(), 0);
-    let same_len = (got.len() as u64).ct_eq(&(want.len() as u64));
-    (g.ct_eq(want.as_bytes()) & same_len).into()
-}
-
-/// Which token an endpoint takes (docs/PROTOCOL.md, "Tokens").
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Scope {
-    /// `/healthz`: any configured token.
-    Any,
-    /// Push, broadcast, one player's state: `push_token` (or `admin_token`).
-    Push,
-    /// Everything else (kick, drain, reload, migrate, evacuate, listing,
-    /// metrics): `admin_token` only.
-    Admin,
-}
-
-fn scope(path: &str) -> Scope {
-    match path {
-        "/healthz" => Scope::Any,
-        "/v1/push" | "/v1/broadcast" => Scope::Push,
-        p if p.starts_with("/v1/players/") => Scope::Push,
-        _ => Scope::Admin,
-    }
-}
-
-/// None: let the request through; Some: the refusal.
-fn check_token(cfg: &crate::config::Config, req: &Request) -> Option<Response> {
-    let got = req.authorization.as_deref().unwrap_or("");
-    let is = |t: &Option<String>| {
-        t.as_ref()
-            .is_some_and(|t| authorized(got, &format!("Bearer {t}")))
-    };
-    let (push, admin) = (&cfg.push_token, &cfg.admin_token);
-    if push.is_none() && admin.is_none() {
-        return None;
-    }
-    let ok = match scope(&req.path) {
-        Scope::Any | Scope::Push => is(push) || is(admin),
-        // Known, but not allowed here: 403 (401 is for no or a wrong token).
-        Scope::Admin if is(push) && !is(admin) => {
-            return Some(Response::error(
-                403,
-                "this endpoint needs admin_token; push_token opens push, broadcast and player lookups only",
-            ))
-        }
-        Scope::Admin => admin.is_none() || is(admin),
-    };
-    (!ok).then(|| Response::error(401, "missing or wrong Authorization: Bearer token"))
-}
-
 async fn route(ctx: &ShardCtx, req: Request) -> Response {
-    if let Some(refused) = check_token(&ctx.cfg(), &req) {
+    let cfg = ctx.cfg();
+    if let Some(refused) =
+        params::check_token(cfg.push_token.as_deref(), cfg.admin_token.as_deref(), &req)
+    {
         return refused;
     }
     let method = req.method.as_str();
@@ -138,7 +85,7 @@ async fn route(ctx: &ShardCtx, req: Request) -> Response {
             _ => Response::error(405, "use GET"),
         },
         path => match path.strip_prefix("/v1/players/") {
-            Some(id) if method == "GET" => match parse_player(id) {
+            Some(id) if method == "GET" => match params::player(id) {
                 Some(player) => match player_info(ctx, player).await {
                     Ok(Some(info)) => Response::json(200, player_json(&info)),
                     Ok(None) => Response::error(404, "no such player on this gateway"),
@@ -149,19 +96,6 @@ async fn route(ctx: &ShardCtx, req: Request) -> Response {
             Some(_) => Response::error(405, "use GET"),
             None => Response::error(404, "no such endpoint"),
         },
-    }
-}
-
-fn parse_player(s: &str) -> Option<u64> {
-    super::digits::<u64>(s).filter(|&p| p > 0)
-}
-
-fn parse_msg(req: &Request) -> Result<u32, Response> {
-    match req.param("msg") {
-        None | Some("") => Err(Response::error(400, "missing msg")),
-        Some(m) => super::digits::<u32>(m)
-            .ok_or(())
-            .map_err(|_| Response::error(400, "msg must be an integer 0..=4294967295")),
     }
 }
 
@@ -234,25 +168,17 @@ fn counts_json(c: &PushCounts) -> String {
 
 /// `POST /v1/push?players=1,2,3&msg=2001`
 async fn push(ctx: &ShardCtx, req: &Request) -> Response {
-    let msg_id = match parse_msg(req) {
+    let msg_id = match params::msg(req) {
         Ok(m) => m,
         Err(r) => return r,
     };
-    let Some(list) = req.param("players").filter(|l| !l.is_empty()) else {
-        return Response::error(400, "missing players");
+    let players = match params::players(req) {
+        Ok(p) => p,
+        Err(r) => return r,
     };
     let mut by_shard: Vec<Vec<u64>> = vec![Vec::new(); ctx.count];
-    let mut seen = std::collections::HashSet::new();
-    for item in list.split(',') {
-        let Some(player) = parse_player(item) else {
-            return Response::error(
-                400,
-                &format!("bad player id {item:?}: positive integers, comma-separated"),
-            );
-        };
-        if seen.insert(player) {
-            by_shard[shards::home_shard(player, ctx.count)].push(player);
-        }
+    for player in players {
+        by_shard[shards::home_shard(player, ctx.count)].push(player);
     }
     // Everything is validated: from here on, frames get their seqs.
     let body = req.body.clone();
@@ -469,7 +395,7 @@ async fn push_elsewhere(
 
 /// `POST /v1/broadcast?msg=2001`
 async fn broadcast(ctx: &ShardCtx, req: &Request) -> Response {
-    let msg_id = match parse_msg(req) {
+    let msg_id = match params::msg(req) {
         Ok(m) => m,
         Err(r) => return r,
     };
@@ -533,13 +459,12 @@ async fn broadcast(ctx: &ShardCtx, req: &Request) -> Response {
 /// `POST /v1/kick?player=42[&resume=true]`: the player ends (its token
 /// stops working) unless `resume=true` keeps it for a resume.
 async fn kick(ctx: &ShardCtx, req: &Request) -> Response {
-    let Some(player) = req.param("player").and_then(parse_player) else {
+    let Some(player) = req.param("player").and_then(params::player) else {
         return Response::error(400, "player must be a positive integer");
     };
-    let end = match req.param("resume") {
-        None | Some("false") => true,
-        Some("true") => false,
-        Some(_) => return Response::error(400, "resume must be true or false"),
+    let end = match params::ends(req) {
+        Ok(e) => e,
+        Err(r) => return r,
     };
     let home = shards::home_shard(player, ctx.count);
     match ask(
@@ -578,19 +503,9 @@ fn player_json(p: &PlayerInfo) -> String {
 
 /// `GET /v1/players?after=0&limit=100`: one page of the players held, by id.
 async fn list_players(ctx: &ShardCtx, req: &Request) -> Response {
-    let after = match req.param("after") {
-        None | Some("") => 0,
-        Some(a) => match super::digits::<u64>(a) {
-            Some(a) => a,
-            None => return Response::error(400, "after must be a player id"),
-        },
-    };
-    let limit = match req.param("limit") {
-        None | Some("") => 100,
-        Some(l) => match super::digits::<usize>(l) {
-            Some(l) if (1..=MAX_PAGE).contains(&l) => l,
-            _ => return Response::error(400, &format!("limit must be 1..={MAX_PAGE}")),
-        },
+    let (after, limit) = match params::page(req) {
+        Ok(p) => p,
+        Err(r) => return r,
     };
     let pages = ask_all(
         ctx,
@@ -641,7 +556,7 @@ fn migration_target<'a>(ctx: &ShardCtx, req: &'a Request) -> Result<&'a str, Res
 /// of the cluster; its client is redirected there. 200 with the target's
 /// address, or 409 with why (the player stays, unharmed).
 async fn migrate(ctx: &ShardCtx, req: &Request) -> Response {
-    let Some(player) = req.param("player").and_then(parse_player) else {
+    let Some(player) = req.param("player").and_then(params::player) else {
         return Response::error(400, "player must be a positive integer");
     };
     let to = match migration_target(ctx, req) {
@@ -781,18 +696,4 @@ async fn metrics(ctx: &ShardCtx) -> Response {
         },
     );
     Response::text(200, text)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn authorization_compare() {
-        assert!(authorized("Bearer abc", "Bearer abc"));
-        assert!(!authorized("Bearer abd", "Bearer abc"));
-        assert!(!authorized("Bearer ab", "Bearer abc"));
-        assert!(!authorized("Bearer abc\0", "Bearer abc"));
-        assert!(!authorized("", "Bearer abc"));
-    }
 }

@@ -7,6 +7,7 @@
 //! the endpoints live in [`api`].
 
 pub mod api;
+pub mod params;
 
 use crate::net::SharedStream;
 use bytes::{Bytes, BytesMut};
