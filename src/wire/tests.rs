@@ -234,6 +234,21 @@ fn an_upgrade_does_not_depend_on_how_its_bytes_come_in_reads() {
     w.ingest(&lead, &mut plain).expect("leading empty lines");
     assert!(w.is_open());
     assert_eq!(&plain[..], &frame(b"early")[..]);
+    // fuzz/regressions/websocket/crash-50621528...: more headers than an
+    // upgrade needs: 431 whole or in pieces (tungstenite alone took the
+    // whole and refused the pieces).
+    let mut many = b"GET /ws HTTP/1.1\r\n".to_vec();
+    for i in 0..70 {
+        many.extend_from_slice(format!("X-{i}: y\r\n").as_bytes());
+    }
+    many.extend_from_slice(&req[b"GET /ws HTTP/1.1\r\n".len()..]);
+    for piece in [many.len(), 64] {
+        let mut w = ws_wire(&[]);
+        let mut plain = BytesMut::new();
+        let failed = many.chunks(piece).any(|c| w.ingest(c, &mut plain).is_err());
+        assert!(failed && !w.is_open(), "pieces of {piece}");
+        assert!(String::from_utf8_lossy(w.pending()).starts_with("HTTP/1.1 431"));
+    }
     // Split anywhere, the same.
     for cut in [1, 100, req.len() - 2, req.len() + 3] {
         let mut w = ws_wire(&[]);

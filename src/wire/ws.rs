@@ -178,6 +178,10 @@ impl Ws {
                 let end = match httparse::Request::new(&mut headers).parse(&self.request) {
                     Ok(httparse::Status::Complete(n)) => Some(n),
                     Ok(httparse::Status::Partial) => None,
+                    // More headers than any upgrade needs: refused here,
+                    // wherever the reads split them (tungstenite's own
+                    // limit is higher; fuzz/regressions/websocket).
+                    Err(httparse::Error::TooManyHeaders) => Some(usize::MAX),
                     Err(_) => Some(self.request.len()),
                 };
                 if end.unwrap_or(self.request.len()) > settings.max_request {
