@@ -227,6 +227,22 @@ impl Out {
         let _ = writeln!(self.0, "# HELP slg_{name} {help}");
         let _ = writeln!(self.0, "# TYPE slg_{name} {kind}");
     }
+    /// A gauge with one series per shard (`value` None: that shard has
+    /// none, e.g. an unlimited budget).
+    fn per_shard(
+        &mut self,
+        snaps: &[Snapshot],
+        name: &str,
+        help: &str,
+        value: impl Fn(&Snapshot) -> Option<u64>,
+    ) {
+        self.head(name, "gauge", help);
+        for s in snaps {
+            if let Some(v) = value(s) {
+                self.line(name, &format!("shard=\"{}\"", s.shard), v);
+            }
+        }
+    }
     fn line(&mut self, name: &str, labels: &str, value: impl std::fmt::Display) {
         if labels.is_empty() {
             let _ = writeln!(self.0, "slg_{name} {value}");
@@ -298,62 +314,36 @@ pub fn render(snaps: &[Snapshot], ctx: &Context) -> String {
             s.outbox_bytes,
         );
     }
-    o.head(
+    o.per_shard(
+        snaps,
         "outbox_budget_bytes",
-        "gauge",
         "The shard's budget for all its outboxes (memory.outboxes); absent when unlimited.",
+        |s| s.outbox_budget,
     );
-    for s in snaps {
-        if let Some(b) = s.outbox_budget {
-            o.line("outbox_budget_bytes", &format!("shard=\"{}\"", s.shard), b);
-        }
-    }
-    o.head(
+    o.per_shard(
+        snaps,
         "buffer_bytes",
-        "gauge",
         "Bytes of client connection buffers: frames begun and not finished, output not yet written.",
+        |s| Some(s.buffer_bytes),
     );
-    for s in snaps {
-        o.line(
-            "buffer_bytes",
-            &format!("shard=\"{}\"", s.shard),
-            s.buffer_bytes,
-        );
-    }
-    o.head(
+    o.per_shard(
+        snaps,
         "buffer_budget_bytes",
-        "gauge",
         "The shard's budget for its connection buffers (memory.buffers); absent when unlimited.",
+        |s| s.buffer_budget,
     );
-    for s in snaps {
-        if let Some(b) = s.buffer_budget {
-            o.line("buffer_budget_bytes", &format!("shard=\"{}\"", s.shard), b);
-        }
-    }
-    o.head(
+    o.per_shard(
+        snaps,
         "draining",
-        "gauge",
         "1 while the shard drains (SIGTERM, POST /v1/drain): sessions fall to 0, then the gateway stops.",
+        |s| Some(u64::from(s.draining)),
     );
-    for s in snaps {
-        o.line(
-            "draining",
-            &format!("shard=\"{}\"", s.shard),
-            u8::from(s.draining),
-        );
-    }
-    o.head(
+    o.per_shard(
+        snaps,
         "players_max",
-        "gauge",
         "Players the shard may hold (its share of max_players).",
+        |s| Some(s.players_max),
     );
-    for s in snaps {
-        o.line(
-            "players_max",
-            &format!("shard=\"{}\"", s.shard),
-            s.players_max,
-        );
-    }
     o.head(
         "mesh_backlog",
         "gauge",
