@@ -238,10 +238,17 @@ impl Gateway {
         let events = flume::unbounded();
         let drain_timeout = cfg.drain_timeout;
         let kept = cfg.clone();
-        let cluster = cfg
-            .cluster
-            .as_ref()
-            .map(crate::cluster::runtime::ClusterRuntime::handle);
+        let cluster = cfg.cluster.as_ref().map(|c| {
+            let max_connections = crate::limits::client_fd_cap(cfg.http.max_connections)
+                .map_or(cfg.max_connections, |cap| cfg.max_connections.min(cap));
+            let load = crate::cluster::runtime::Load::new(
+                n,
+                connections.clone(),
+                max_connections,
+                cfg.max_players,
+            );
+            crate::cluster::runtime::ClusterRuntime::handle(c, load)
+        });
         let start = ShardStart {
             cfg: Arc::new(cfg),
             client_addr,
@@ -406,6 +413,13 @@ impl Gateway {
             }
         };
         tracing::info!(timeout = ?self.drain_timeout, "drain started");
+        if let Some(c) = &self.cluster {
+            // Peers place no player here from the next lease renewal on.
+            c.handle
+                .load
+                .draining
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
         send_all(false);
         let deadline = Instant::now() + self.drain_timeout;
         let mut reports: Vec<Option<DrainReport>> = (0..n).map(|_| None).collect();

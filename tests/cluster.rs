@@ -7,10 +7,10 @@
 
 mod common;
 
-use common::{start_redis, Redis};
+use common::ha::{Backing, Kind};
 
 use slg_gateway::client::{Client, ClientError};
-use slg_gateway::config::{ClusterConfig, RedisDown};
+use slg_gateway::config::ClusterConfig;
 use slg_gateway::demo::DemoBackend;
 use slg_gateway::gateway::Gateway;
 use slg_gateway::protocol::Code;
@@ -18,7 +18,7 @@ use std::time::Duration;
 
 const ECHO: u32 = 100;
 
-fn gateway(demo: &DemoBackend, redis: &Redis, id: &str, lease: Duration) -> Gateway {
+fn gateway(demo: &DemoBackend, redis: &Backing, id: &str, lease: Duration) -> Gateway {
     gateway_with(demo, redis, id, lease, false)
 }
 
@@ -32,7 +32,13 @@ fn port() -> u16 {
 
 /// A gateway of the cluster; with `ws`, also a WebSocket listener it
 /// advertises (`ws_advertise`).
-fn gateway_with(demo: &DemoBackend, redis: &Redis, id: &str, lease: Duration, ws: bool) -> Gateway {
+fn gateway_with(
+    demo: &DemoBackend,
+    redis: &Backing,
+    id: &str,
+    lease: Duration,
+    ws: bool,
+) -> Gateway {
     let mut cfg = common::config(demo.addr, 2);
     let ws_advertise = ws.then(|| {
         let addr = format!("127.0.0.1:{}", port());
@@ -46,21 +52,16 @@ fn gateway_with(demo: &DemoBackend, redis: &Redis, id: &str, lease: Duration, ws
         .expect("port");
     cfg.listen = format!("127.0.0.1:{port}");
     cfg.cluster = Some(ClusterConfig {
-        redis: format!("redis://127.0.0.1:{}/", redis.port),
-        gateway_id: id.into(),
-        advertise: cfg.listen.clone(),
-        http_advertise: None,
         ws_advertise,
-        lease,
-        prefix: "slg:".into(),
-        when_redis_down: RedisDown::Refuse,
+        ..redis.cluster_config(id, &cfg.listen, lease)
     });
     Gateway::start(cfg).expect("gateway")
 }
 
 /// The demo backend and gateways gw-a and gw-b on `redis`, their leases
 /// taken.
-fn two_gateways(redis: &Redis, lease: Duration) -> (DemoBackend, Gateway, Gateway) {
+fn two_gateways(redis: &Backing, lease: Duration) -> (DemoBackend, Gateway, Gateway) {
+    common::test_log();
     let demo = DemoBackend::start("127.0.0.1:0".parse().expect("addr")).expect("demo");
     let a = gateway(&demo, redis, "gw-a", lease);
     let b = gateway(&demo, redis, "gw-b", lease);
@@ -68,10 +69,8 @@ fn two_gateways(redis: &Redis, lease: Duration) -> (DemoBackend, Gateway, Gatewa
     (demo, a, b)
 }
 
-#[test]
-fn login_and_resume_on_another_gateway_take_the_player_over() {
-    let Some(redis) = start_redis() else { return };
-    let (demo, a, b) = two_gateways(&redis, Duration::from_secs(5));
+fn login_and_resume_on_another_gateway_take_the_player_over(redis: &mut Backing) {
+    let (demo, a, b) = two_gateways(redis, Duration::from_secs(5));
 
     let mut c1 = Client::connect(a.client_addr).expect("connect a");
     c1.login_demo(42).expect("login on a");
@@ -108,14 +107,12 @@ fn login_and_resume_on_another_gateway_take_the_player_over() {
     demo.stop();
 }
 
-#[test]
-fn a_dead_gateways_players_can_log_in_elsewhere_after_its_lease() {
-    let Some(redis) = start_redis() else { return };
+fn a_dead_gateways_players_can_log_in_elsewhere_after_its_lease(redis: &mut Backing) {
     // Long enough that B's login below surely comes while A's lease still
     // runs, on a loaded 2-core machine running the other cluster tests.
     // (Renewed every third of it; the stop itself takes ~0.35 s.)
     let lease = Duration::from_secs(3);
-    let (demo, a, b) = two_gateways(&redis, lease);
+    let (demo, a, b) = two_gateways(redis, lease);
     let mut c1 = Client::connect(a.client_addr).expect("connect a");
     c1.login_demo(7).expect("login on a");
     c1.request(ECHO, b"x").expect("echo");
@@ -144,18 +141,13 @@ fn a_dead_gateways_players_can_log_in_elsewhere_after_its_lease() {
     demo.stop();
 }
 
-#[test]
-fn redis_going_away_refuses_new_players_and_keeps_sessions() {
-    let Some(mut redis) = start_redis() else {
-        return;
-    };
+fn redis_going_away_refuses_new_players_and_keeps_sessions(redis: &mut Backing) {
     let demo = DemoBackend::start("127.0.0.1:0".parse().expect("addr")).expect("demo");
-    let a = gateway(&demo, &redis, "gw-a", Duration::from_secs(5));
+    let a = gateway(&demo, redis, "gw-a", Duration::from_secs(5));
     std::thread::sleep(Duration::from_millis(100));
     let mut c1 = Client::connect(a.client_addr).expect("connect");
     c1.login_demo(9).expect("login");
-    let _ = redis.child.kill();
-    let _ = redis.child.wait();
+    redis.kill_all();
     // The session here goes on.
     assert_eq!(c1.request(ECHO, b"still").expect("echo").header.code, 0);
     // A new player cannot be claimed: refused, the connection stays usable.
@@ -191,10 +183,8 @@ fn redis_going_away_refuses_new_players_and_keeps_sessions() {
     demo.stop();
 }
 
-#[test]
-fn a_push_to_any_gateway_reaches_the_player_where_it_is() {
-    let Some(redis) = start_redis() else { return };
-    let (demo, a, b) = two_gateways(&redis, Duration::from_secs(5));
+fn a_push_to_any_gateway_reaches_the_player_where_it_is(redis: &mut Backing) {
+    let (demo, a, b) = two_gateways(redis, Duration::from_secs(5));
     let mut on_a = Client::connect(a.client_addr).expect("connect a");
     on_a.login_demo(1).expect("login");
     let mut on_b = Client::connect(b.client_addr).expect("connect b");
@@ -238,10 +228,8 @@ fn a_push_to_any_gateway_reaches_the_player_where_it_is() {
     demo.stop();
 }
 
-#[test]
-fn migration_redirects_the_client_and_loses_nothing() {
-    let Some(redis) = start_redis() else { return };
-    let (demo, a, b) = two_gateways(&redis, Duration::from_secs(5));
+fn migration_redirects_the_client_and_loses_nothing(redis: &mut Backing) {
+    let (demo, a, b) = two_gateways(redis, Duration::from_secs(5));
     let mut c = Client::connect(a.client_addr).expect("connect a");
     c.login_demo(50).expect("login");
     for _ in 0..3 {
@@ -279,12 +267,10 @@ fn migration_redirects_the_client_and_loses_nothing() {
     demo.stop();
 }
 
-#[test]
-fn migration_redirects_a_websocket_client_to_the_targets_websocket_url() {
-    let Some(redis) = start_redis() else { return };
+fn migration_redirects_a_websocket_client_to_the_targets_websocket_url(redis: &mut Backing) {
     let demo = DemoBackend::start("127.0.0.1:0".parse().expect("addr")).expect("demo");
-    let a = gateway_with(&demo, &redis, "gw-a", Duration::from_secs(5), true);
-    let b = gateway_with(&demo, &redis, "gw-b", Duration::from_secs(5), true);
+    let a = gateway_with(&demo, redis, "gw-a", Duration::from_secs(5), true);
+    let b = gateway_with(&demo, redis, "gw-b", Duration::from_secs(5), true);
     std::thread::sleep(Duration::from_millis(150));
     let ws = |addr| {
         let opts = slg_gateway::client::ConnectOptions {
@@ -334,10 +320,8 @@ fn migration_redirects_a_websocket_client_to_the_targets_websocket_url() {
     demo.stop();
 }
 
-#[test]
-fn a_migration_waits_for_a_slow_request_and_its_answer_moves_with_the_player() {
-    let Some(redis) = start_redis() else { return };
-    let (demo, a, b) = two_gateways(&redis, Duration::from_secs(5));
+fn a_migration_waits_for_a_slow_request_and_its_answer_moves_with_the_player(redis: &mut Backing) {
+    let (demo, a, b) = two_gateways(redis, Duration::from_secs(5));
     let mut c = Client::connect(a.client_addr).expect("connect a");
     c.login_demo(51).expect("login");
     // The demo answers msg 200 after the delay in its body (well inside
@@ -380,11 +364,9 @@ fn a_migration_waits_for_a_slow_request_and_its_answer_moves_with_the_player() {
     demo.stop();
 }
 
-#[test]
-fn migration_to_a_dead_gateway_rolls_back() {
-    let Some(redis) = start_redis() else { return };
+fn migration_to_a_dead_gateway_rolls_back(redis: &mut Backing) {
     let demo = DemoBackend::start("127.0.0.1:0".parse().expect("addr")).expect("demo");
-    let a = gateway(&demo, &redis, "gw-a", Duration::from_secs(5));
+    let a = gateway(&demo, redis, "gw-a", Duration::from_secs(5));
     std::thread::sleep(Duration::from_millis(150));
     let mut c = Client::connect(a.client_addr).expect("connect a");
     c.login_demo(60).expect("login");
@@ -412,10 +394,8 @@ fn migration_to_a_dead_gateway_rolls_back() {
     demo.stop();
 }
 
-#[test]
-fn evacuation_moves_every_player_and_each_resumes_at_the_target() {
-    let Some(redis) = start_redis() else { return };
-    let (demo, a, b) = two_gateways(&redis, Duration::from_secs(5));
+fn evacuation_moves_every_player_and_each_resumes_at_the_target(redis: &mut Backing) {
+    let (demo, a, b) = two_gateways(redis, Duration::from_secs(5));
     let mut clients: Vec<(u64, Client)> = (200..240u64)
         .map(|p| {
             let mut c = Client::connect(a.client_addr).expect("connect");
@@ -454,14 +434,12 @@ fn evacuation_moves_every_player_and_each_resumes_at_the_target() {
     demo.stop();
 }
 
-#[test]
-fn migration_under_request_and_push_load_keeps_every_stream_whole() {
+fn migration_under_request_and_push_load_keeps_every_stream_whole(redis: &mut Backing) {
     use slg_gateway::protocol::{parse_redirect_body, Kind};
     use std::collections::{BTreeMap, HashSet};
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::{Arc, Mutex};
-    let Some(redis) = start_redis() else { return };
-    let (demo, a, b) = two_gateways(&redis, Duration::from_secs(5));
+    let (demo, a, b) = two_gateways(redis, Duration::from_secs(5));
     const PLAYERS: u64 = 6;
     let stop = Arc::new(AtomicBool::new(false));
     let ready = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -640,3 +618,31 @@ fn migration_under_request_and_push_load_keeps_every_stream_whole() {
     b.stop();
     demo.stop();
 }
+
+/// Each test above, on each kind of Redis a studio runs.
+macro_rules! on_each_store {
+    ($($name:ident),* $(,)?) => {
+        mod on_one_server {
+            $(#[test] fn $name() { if let Some(mut r) = super::Backing::start(super::Kind::Server) { super::$name(&mut r) } })*
+        }
+        mod on_a_redis_cluster {
+            $(#[test] fn $name() { if let Some(mut r) = super::Backing::start(super::Kind::Cluster) { super::$name(&mut r) } })*
+        }
+        mod under_sentinel {
+            $(#[test] fn $name() { if let Some(mut r) = super::Backing::start(super::Kind::Sentinel) { super::$name(&mut r) } })*
+        }
+    };
+}
+
+on_each_store!(
+    login_and_resume_on_another_gateway_take_the_player_over,
+    a_dead_gateways_players_can_log_in_elsewhere_after_its_lease,
+    redis_going_away_refuses_new_players_and_keeps_sessions,
+    a_push_to_any_gateway_reaches_the_player_where_it_is,
+    migration_redirects_the_client_and_loses_nothing,
+    migration_redirects_a_websocket_client_to_the_targets_websocket_url,
+    a_migration_waits_for_a_slow_request_and_its_answer_moves_with_the_player,
+    migration_to_a_dead_gateway_rolls_back,
+    evacuation_moves_every_player_and_each_resumes_at_the_target,
+    migration_under_request_and_push_load_keeps_every_stream_whole,
+);

@@ -1,22 +1,45 @@
 //! The Redis player directory against a real redis-server: claims, leases
 //! that lapse, fencing epochs, transfer and release.
 //!
+//! Each runs on one Redis server, on a Redis Cluster (three masters with a
+//! replica each) and under Sentinel (a master, a replica, three
+//! sentinels), and survives a failover of the latter two.
+//!
 //! Needs `redis-server` on the PATH. Without it each test prints
 //! `SKIPPED: <test>: redis-server not installed` and passes, unless `CI` or
 //! SLG_REQUIRE_REDIS is set (.ci/run sets both): then it fails.
 
 mod common;
 
-use common::start_redis;
-use slg_gateway::cluster::{Claim, Directory};
+use common::ha::{Backing, Kind};
+use slg_gateway::cluster::{Claim, Directory, Lease};
 use std::time::{Duration, Instant};
 
 #[test]
-fn claims_leases_fencing_transfer_release() {
-    let Some(redis) = start_redis() else { return };
+fn claims_leases_fencing_transfer_release_on_one_server() {
+    if let Some(b) = Backing::start(Kind::Server) {
+        claims_leases_fencing_transfer_release(&b);
+    }
+}
+
+#[test]
+fn claims_leases_fencing_transfer_release_on_a_redis_cluster() {
+    if let Some(b) = Backing::start(Kind::Cluster) {
+        claims_leases_fencing_transfer_release(&b);
+    }
+}
+
+#[test]
+fn claims_leases_fencing_transfer_release_under_sentinel() {
+    if let Some(b) = Backing::start(Kind::Sentinel) {
+        claims_leases_fencing_transfer_release(&b);
+    }
+}
+
+fn claims_leases_fencing_transfer_release(store: &Backing) {
     let lease = Duration::from_millis(300);
-    let mut a = Directory::connect(&redis.url(), "gw-a", lease, "slg:").expect("connect a");
-    let mut b = Directory::connect(&redis.url(), "gw-b", lease, "slg:").expect("connect b");
+    let open = |id: &str| Directory::open(&store.store(), id, lease, "slg:").expect("connect");
+    let (mut a, mut b) = (open("gw-a"), open("gw-b"));
     a.heartbeat().expect("lease a");
     b.heartbeat().expect("lease b");
     assert!(a.alive("gw-b").expect("alive"));
@@ -83,6 +106,139 @@ fn claims_leases_fencing_transfer_release() {
     b.want(43, Duration::from_millis(50)).expect("want");
     std::thread::sleep(Duration::from_millis(120));
     assert!(!a.wanted(43, "gw-b").expect("wanted"), "the asker gave up");
+
+    // A lease carries the gateway's address and load; the room it has is
+    // what its peers place players by, and a draining one has none.
+    let lease_b = Lease {
+        http: "127.0.0.1:9".into(),
+        sessions: 10,
+        players: 30,
+        max_connections: 100,
+        max_players: 50,
+        draining: false,
+    };
+    b.renew(&lease_b).expect("renew");
+    let peers = a.peer_leases().expect("peers");
+    let seen = peers
+        .iter()
+        .find(|p| p.id == "gw-b")
+        .expect("gw-b is a peer");
+    assert_eq!(seen.lease, lease_b);
+    assert_eq!(
+        seen.lease.room(),
+        20,
+        "the fewer of free connections and players"
+    );
+    b.renew(&Lease {
+        draining: true,
+        ..lease_b.clone()
+    })
+    .expect("renew");
+    let peers = a.peer_leases().expect("peers");
+    assert_eq!(
+        peers
+            .iter()
+            .find(|p| p.id == "gw-b")
+            .map(|p| p.lease.room()),
+        Some(0)
+    );
+    assert!(
+        a.peer_leases()
+            .expect("peers")
+            .iter()
+            .all(|p| p.id != "gw-a"),
+        "not its own peer"
+    );
+
+    // Many players at once, on whichever nodes their slots live.
+    let players: Vec<u64> = (1000..1064).collect();
+    for p in &players {
+        assert!(matches!(a.claim(*p).expect("claim"), Claim::Granted { .. }));
+    }
+    let holders = b.holders(&players).expect("holders");
+    assert!(
+        holders.iter().all(|h| h.as_deref() == Some("gw-a")),
+        "{holders:?}"
+    );
+}
+
+#[test]
+fn a_redis_cluster_master_killed_fails_over_and_the_directory_goes_on() {
+    let Some(Backing::Cluster(mut cluster)) = Backing::start(Kind::Cluster) else {
+        return;
+    };
+    let store = slg_gateway::cluster::Store::Cluster(cluster.urls());
+    let lease = Duration::from_secs(30);
+    let mut a = Directory::open(&store, "gw-a", lease, "slg:").expect("connect");
+    a.heartbeat().expect("lease");
+    let players: Vec<u64> = (1..=40).collect();
+    for p in &players {
+        assert!(matches!(
+            a.claim(*p).expect("claim"),
+            Claim::Granted { epoch: 1 }
+        ));
+    }
+    // The master of player 1's slot crashes; its replica takes over after
+    // the node timeout. Calls made meanwhile wait for it (up to their
+    // retry time) rather than fail.
+    let victim = cluster
+        .master_of("slg:p:{1}")
+        .expect("a master owns the slot");
+    cluster.nodes[victim].kill();
+    let t = Instant::now();
+    a.set_durability(1, Duration::from_secs(15));
+    assert!(a.release(1, 1).expect("release rides out the failover"));
+    eprintln!("release during failover took {:?}", t.elapsed());
+    // Every change acknowledged before the crash is still there.
+    let holders = a.holders(&players[1..]).expect("holders");
+    assert!(
+        holders.iter().all(|h| h.as_deref() == Some("gw-a")),
+        "{holders:?}"
+    );
+    assert_eq!(a.claim(1).expect("claim"), Claim::Granted { epoch: 2 });
+}
+
+#[test]
+fn a_sentinel_failover_is_followed_and_the_directory_goes_on() {
+    let Some(Backing::Sentinel(mut setup)) = Backing::start(Kind::Sentinel) else {
+        return;
+    };
+    let store = slg_gateway::cluster::Store::Sentinel {
+        master: common::ha::MASTER_NAME.into(),
+        sentinels: setup.sentinel_urls(),
+        password: None,
+        db: 0,
+    };
+    let lease = Duration::from_secs(30);
+    let mut a = Directory::open(&store, "gw-a", lease, "slg:").expect("connect");
+    a.heartbeat().expect("lease");
+    for p in 1..=20u64 {
+        assert!(matches!(
+            a.claim(p).expect("claim"),
+            Claim::Granted { epoch: 1 }
+        ));
+    }
+    let old = setup.master.port;
+    setup.master.kill();
+    a.set_durability(1, Duration::from_secs(20));
+    let t = Instant::now();
+    // WAIT finds no replica until the old replica is promoted and the
+    // claim lands on it; then the claim of a new player goes through.
+    assert_eq!(
+        a.claim(21).expect("claim rides out the failover"),
+        Claim::Granted { epoch: 1 }
+    );
+    eprintln!("claim during failover took {:?}", t.elapsed());
+    assert_ne!(
+        setup.master_port(),
+        Some(old),
+        "the sentinels promoted the replica"
+    );
+    let holders = a.holders(&(1..=20).collect::<Vec<_>>()).expect("holders");
+    assert!(
+        holders.iter().all(|h| h.as_deref() == Some("gw-a")),
+        "{holders:?}"
+    );
 }
 
 #[test]

@@ -8,7 +8,7 @@
 //! they serve are one protocol with Redis; the directory's own rules are in
 //! `cluster/mod.rs`.
 
-use super::{Claim, Directory};
+use super::{Claim, Directory, Lease, Store};
 use crate::config::ClusterConfig;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -84,6 +84,57 @@ pub struct ClusterHandle {
     pub cmds: flume::Sender<Cmd>,
     pub gateway_id: String,
     pub when_redis_down: crate::config::RedisDown,
+    /// What this gateway's lease tells its peers.
+    pub load: Arc<Load>,
+}
+
+/// This gateway's load as its lease reports it: each shard stores its
+/// player count on its tick, the coordinator sets `draining`; the lease
+/// thread reads them at each renewal.
+pub struct Load {
+    /// Open client connections of the gateway.
+    pub sessions: Arc<AtomicUsize>,
+    /// Players held, per shard.
+    pub players: Vec<AtomicUsize>,
+    /// `max_connections`, after the open-files limit.
+    pub max_connections: usize,
+    /// `max_players`.
+    pub max_players: usize,
+    /// The gateway drains: it takes no player.
+    pub draining: AtomicBool,
+}
+
+impl Load {
+    pub fn new(
+        shards: usize,
+        sessions: Arc<AtomicUsize>,
+        max_connections: usize,
+        max_players: usize,
+    ) -> Load {
+        Load {
+            sessions,
+            players: (0..shards).map(|_| AtomicUsize::new(0)).collect(),
+            max_connections,
+            max_players,
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// The lease as of now, with `http` as the address.
+    pub fn lease(&self, http: &str) -> Lease {
+        Lease {
+            http: http.to_string(),
+            sessions: self.sessions.load(Ordering::Acquire) as u64,
+            players: self
+                .players
+                .iter()
+                .map(|p| p.load(Ordering::Acquire) as u64)
+                .sum(),
+            max_connections: self.max_connections as u64,
+            max_players: self.max_players as u64,
+            draining: self.draining.load(Ordering::Acquire),
+        }
+    }
 }
 
 /// What the cluster's threads ask of a shard (the gateway puts it in the
@@ -116,12 +167,13 @@ pub struct ClusterRuntime {
 impl ClusterRuntime {
     /// The handle for the shards, made before the shards start; pass the
     /// receiver to [`start`](Self::start) once they run.
-    pub fn handle(cfg: &ClusterConfig) -> (ClusterHandle, flume::Receiver<Cmd>) {
+    pub fn handle(cfg: &ClusterConfig, load: Load) -> (ClusterHandle, flume::Receiver<Cmd>) {
         let (tx, rx) = flume::unbounded();
         let handle = ClusterHandle {
             cmds: tx,
             gateway_id: cfg.gateway_id.clone(),
             when_redis_down: cfg.when_redis_down,
+            load: Arc::new(load),
         };
         (handle, rx)
     }
@@ -139,8 +191,9 @@ impl ClusterRuntime {
         let mut threads = Vec::new();
         {
             let (cfg, stop, tx) = (cfg.clone(), stop.clone(), handle.cmds.clone());
+            let load = handle.load.clone();
             threads.push(std::thread::spawn(move || {
-                command_loop(&cfg, &http, &rx, &tx, &stop)
+                command_loop(&cfg, &http, &load, &rx, &tx, &stop)
             }));
         }
         {
@@ -166,8 +219,13 @@ impl ClusterRuntime {
 }
 
 fn connect(cfg: &ClusterConfig) -> Option<Directory> {
-    match Directory::connect(&cfg.redis, &cfg.gateway_id, cfg.lease, &cfg.prefix) {
-        Ok(d) => Some(d),
+    match Directory::open(&Store::of(cfg), &cfg.gateway_id, cfg.lease, &cfg.prefix) {
+        Ok(mut d) => {
+            if let Some(n) = cfg.wait_replicas {
+                d.set_durability(n, super::RETRY_FOR);
+            }
+            Some(d)
+        }
         Err(e) => {
             tracing::warn!(error = %e, "cluster: cannot reach redis");
             None
@@ -178,6 +236,7 @@ fn connect(cfg: &ClusterConfig) -> Option<Directory> {
 fn command_loop(
     cfg: &ClusterConfig,
     http: &str,
+    load: &Load,
     rx: &flume::Receiver<Cmd>,
     tx: &flume::Sender<Cmd>,
     stop: &AtomicBool,
@@ -195,7 +254,7 @@ fn command_loop(
                 dir = connect(cfg);
             }
             if let Some(d) = dir.as_mut() {
-                if let Err(e) = d.heartbeat().and_then(|()| d.register(http)) {
+                if let Err(e) = d.renew(&load.lease(http)) {
                     tracing::warn!(error = %e, "cluster: lease not renewed");
                     dir = None;
                 }
@@ -584,7 +643,7 @@ fn migrate(
     let me = cfg.gateway_id.clone();
     // One ack key per transfer (the epoch): a late ack of an earlier
     // migration of the player can never confirm this one.
-    let ack_key = format!("ack:{player}:{me}:{epoch}");
+    let ack_key = format!("ack:{{{player}}}:{me}:{epoch}");
     let sent = d
         .put_handover(player, to, image)
         .and_then(|()| d.push_inbox(to, &format!("adopt {player} {me} {epoch}")));
@@ -668,7 +727,7 @@ fn adopt(
         Some(ws) => format!("{}\n{ws}", cfg.advertise),
         None => cfg.advertise.clone(),
     };
-    if let Err(e) = d.post(&format!("ack:{player}:{from}:{epoch}"), &addrs) {
+    if let Err(e) = d.post(&format!("ack:{{{player}}}:{from}:{epoch}"), &addrs) {
         tracing::warn!(player, from, error = %e, "migration: cannot confirm");
     }
 }

@@ -277,8 +277,23 @@ impl Default for OutboxLimits {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterConfig {
-    /// Redis URL, `redis://host:port/db`.
+    /// One Redis server, `redis://host:port/db`; "" (the default) when
+    /// `redis_sentinel` or `redis_cluster` names the directory instead.
+    #[serde(default)]
     pub redis: String,
+    /// Redis under Sentinel: the master's name and the sentinels asking
+    /// whom to follow; a failover is followed on the next reconnection.
+    #[serde(default)]
+    pub redis_sentinel: Option<SentinelConfig>,
+    /// A Redis Cluster: seed nodes (`redis://host:port`), any of them.
+    #[serde(default)]
+    pub redis_cluster: Vec<String>,
+    /// Replicas each change of the directory waits for (Redis `WAIT`, at
+    /// most 250 ms), so a failover loses no change the gateway acted on.
+    /// None: 1 under Sentinel or Cluster, 0 for one server. Some(0) for a
+    /// Redis Cluster without replicas.
+    #[serde(default)]
+    pub wait_replicas: Option<u32>,
     /// This gateway's name in the cluster (unique).
     pub gateway_id: String,
     /// The client address other gateways send players to (`host:port`).
@@ -302,6 +317,23 @@ pub struct ClusterConfig {
     /// What a login or resume does while Redis cannot be reached.
     #[serde(default)]
     pub when_redis_down: RedisDown,
+}
+
+/// Redis under Sentinel.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SentinelConfig {
+    /// The master's name in the sentinels' config (`sentinel monitor NAME`).
+    pub master: String,
+    /// The sentinels, `redis://host:port` each (at least one; every one is
+    /// tried in turn).
+    pub sentinels: Vec<String>,
+    /// The master's password (AUTH), if it has one.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// The master's database number.
+    #[serde(default)]
+    pub db: i64,
 }
 
 /// Behaviour while Redis is unreachable.
@@ -707,11 +739,46 @@ impl Config {
         positive("token_lifetime", self.token_lifetime)?;
         positive("drain_timeout", self.drain_timeout)?;
         if let Some(c) = &self.cluster {
-            if !c.redis.starts_with("redis://") {
+            let named = [
+                !c.redis.is_empty(),
+                c.redis_sentinel.is_some(),
+                !c.redis_cluster.is_empty(),
+            ];
+            if named.iter().filter(|n| **n).count() != 1 {
                 return Err(invalid(
                     "cluster.redis",
-                    format!("must be a redis:// URL, got {:?}", c.redis),
+                    "name the directory once: redis (one server), redis_sentinel or redis_cluster",
                 ));
+            }
+            let url = |key: &str, u: &str| {
+                if u.starts_with("redis://") || u.starts_with("rediss://") {
+                    Ok(())
+                } else {
+                    Err(invalid(key, format!("must be a redis:// URL, got {u:?}")))
+                }
+            };
+            if !c.redis.is_empty() {
+                url("cluster.redis", &c.redis)?;
+            }
+            if let Some(s) = &c.redis_sentinel {
+                if s.master.is_empty() {
+                    return Err(invalid(
+                        "cluster.redis_sentinel.master",
+                        "must not be empty",
+                    ));
+                }
+                if s.sentinels.is_empty() {
+                    return Err(invalid(
+                        "cluster.redis_sentinel.sentinels",
+                        "needs at least one sentinel",
+                    ));
+                }
+                for u in &s.sentinels {
+                    url("cluster.redis_sentinel.sentinels", u)?;
+                }
+            }
+            for u in &c.redis_cluster {
+                url("cluster.redis_cluster", u)?;
             }
             if c.gateway_id.is_empty() || c.gateway_id.contains(char::is_whitespace) {
                 return Err(invalid(

@@ -493,6 +493,11 @@ impl ShardCtx {
     pub fn tick(&self) {
         let (held, peak) = self.with(|c, now| {
             c.handle_tick(now);
+            if let Some(cl) = &self.cluster {
+                if let Some(slot) = cl.load.players.get(self.id) {
+                    slot.store(c.player_count(), std::sync::atomic::Ordering::Release);
+                }
+            }
             c.take_held()
         });
         let peak = self.heap_peak.get().max(peak);

@@ -2,6 +2,8 @@
 //! their own threads, stopped (threads joined, ports closed) on drop.
 #![allow(dead_code)]
 
+pub mod ha;
+
 use slg_gateway::client::Client;
 use slg_gateway::config::{Balance, Config, RouteConfig, ServiceConfig};
 use slg_gateway::demo::{DemoBackend, WHOAMI};
@@ -425,4 +427,15 @@ pub fn start_logged(
         std::thread::sleep(Duration::from_millis(25));
     }
     panic!("a demo instance cannot start on {addr}: {last:?}");
+}
+
+/// Logs of the gateways a test starts, on stderr, when SLG_TEST_LOG is set
+/// (an env-filter, e.g. `SLG_TEST_LOG=slg_gateway=debug`).
+pub fn test_log() {
+    if let Ok(filter) = std::env::var("SLG_TEST_LOG") {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .with_test_writer()
+            .try_init();
+    }
 }
