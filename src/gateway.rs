@@ -313,6 +313,100 @@ impl Gateway {
         })
     }
 
+    /// The evacuation phase of a drain; true when a signal forced it.
+    fn evacuate_for_drain(&self, force: &flume::Receiver<GatewayEvent>) -> bool {
+        use crate::cluster::placement::Evacuation;
+        use crate::cluster::runtime::Cmd;
+        let Some(c) = &self.cluster else {
+            return false;
+        };
+        let handle = &c.handle;
+        handle
+            .load
+            .draining
+            .store(true, std::sync::atomic::Ordering::Release);
+        let ask =
+            |make: &dyn Fn(flume::Sender<Result<Vec<crate::cluster::Peer>, String>>) -> Cmd| {
+                let (tx, rx) = flume::bounded(1);
+                handle
+                    .cmds
+                    .send(make(tx))
+                    .map_err(|_| "the cluster is stopped".to_string())?;
+                rx.recv_timeout(Duration::from_secs(10))
+                    .map_err(|_| "the cluster did not answer".to_string())?
+            };
+        let peers = match ask(&|reply| Cmd::PeerLeases { reply }) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "drain: cannot evacuate (no peers known); draining in place");
+                return false;
+            }
+        };
+        let n = self.shards.count();
+        let evac = Arc::new(Evacuation::over(&peers, n));
+        if evac.targets.is_empty() {
+            tracing::error!("drain: no live peer has room; draining in place");
+            return false;
+        }
+        let (stx, srx) = flume::bounded(1);
+        let _ = handle.cmds.send(Cmd::StartEvacuation {
+            evac: evac.clone(),
+            reply: stx,
+        });
+        if let Ok(Err(e)) | Err(e) = srx
+            .recv_timeout(Duration::from_secs(10))
+            .map_err(|e| e.to_string())
+        {
+            tracing::error!(error = %e, "drain: cannot evacuate; draining in place");
+            return false;
+        }
+        tracing::info!(
+            targets = evac.targets.len(),
+            timeout = ?self.drain_timeout,
+            "drain: evacuating the players to the peers"
+        );
+        let (tx, rx) = flume::unbounded();
+        for i in 0..n {
+            let msg = ShardMsg::Evacuate {
+                evac: evac.clone(),
+                reply: tx.clone(),
+            };
+            if self.shards.send_blocking(i, msg).is_err() {
+                evac.shard_done();
+            }
+        }
+        let deadline = Instant::now() + self.drain_timeout;
+        let mut got = 0;
+        let mut forced = false;
+        while got < n {
+            let event = flume::Selector::new()
+                .recv(&rx, |r| r.is_ok().then_some(None))
+                .recv(force, |e| e.ok().map(Some))
+                .wait_timeout(deadline.saturating_duration_since(Instant::now()));
+            match event {
+                Ok(Some(None)) => got += 1,
+                Ok(Some(Some(GatewayEvent::Signal(_)))) => {
+                    tracing::warn!("drain: evacuation cancelled by a signal");
+                    forced = true;
+                    break;
+                }
+                Ok(Some(Some(GatewayEvent::Reload(Some(reply))))) => {
+                    let _ = reply.send(Err("the gateway is draining".into()));
+                }
+                Ok(Some(Some(_))) => {}
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::warn!("drain: evacuation did not finish in drain_timeout");
+                    break;
+                }
+            }
+        }
+        evac.cancelled
+            .store(true, std::sync::atomic::Ordering::Release);
+        tracing::info!(report = %evac.json(), "drain: evacuation over");
+        forced
+    }
+
     /// Events for the process: drain requests from the HTTP API, and
     /// whatever is sent with [`event_sender`](Self::event_sender).
     pub fn events(&self) -> &flume::Receiver<GatewayEvent> {
@@ -399,6 +493,26 @@ impl Gateway {
     /// players, the snapshot is written, the shards stop. Waits at most
     /// `drain_timeout`, then forces; any event on `force` forces at once.
     pub fn drain(self, force: &flume::Receiver<GatewayEvent>) -> DrainOutcome {
+        let evacuate = self
+            .cfg
+            .cluster
+            .as_ref()
+            .is_some_and(|c| c.evacuate_on_drain);
+        self.drain_evacuating(force, evacuate)
+    }
+
+    /// [`drain`](Self::drain), first evacuating every player to the peers
+    /// when `evacuate` (and in a cluster): the lease says draining (peers
+    /// place no player here, `/healthz` answers 503), the players migrate
+    /// (REDIRECT) to the live peers by their room for up to
+    /// `drain_timeout`, then the drain proper runs (for up to
+    /// `drain_timeout` more) for whatever is left.
+    pub fn drain_evacuating(
+        self,
+        force: &flume::Receiver<GatewayEvent>,
+        evacuate: bool,
+    ) -> DrainOutcome {
+        let forced_early = evacuate && self.evacuate_for_drain(force);
         let n = self.shards.count();
         let (tx, rx) = flume::unbounded::<DrainReport>();
         let send_all = |force: bool| {
@@ -421,7 +535,12 @@ impl Gateway {
                 .store(true, std::sync::atomic::Ordering::Release);
         }
         send_all(false);
-        let deadline = Instant::now() + self.drain_timeout;
+        // A signal during the evacuation forces the drain at once.
+        let deadline = if forced_early {
+            Instant::now()
+        } else {
+            Instant::now() + self.drain_timeout
+        };
         let mut reports: Vec<Option<DrainReport>> = (0..n).map(|_| None).collect();
         let mut forced = false;
         let mut got = 0;
@@ -728,11 +847,11 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
                         );
                         let _ = reply.send(());
                     }
-                    Some(ShardMsg::Evacuate { to, reply }) => {
+                    Some(ShardMsg::Evacuate { evac, reply }) => {
                         let ctx = ctx.clone();
                         glommio::spawn_local(async move {
                             let _ =
-                                reply.send(crate::shard::cluster::evacuate_shard(ctx, to).await);
+                                reply.send(crate::shard::cluster::evacuate_shard(ctx, evac).await);
                         })
                         .detach();
                     }

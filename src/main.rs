@@ -263,6 +263,7 @@ fn main() -> ExitCode {
     // Serve reloads until a signal or POST /v1/drain; then drain, and any
     // further event forces the drain.
     let events = gw.events().clone();
+    let mut evacuate = false;
     loop {
         match events.recv() {
             Ok(GatewayEvent::Reload(reply)) => {
@@ -276,6 +277,7 @@ fn main() -> ExitCode {
             }
             Ok(e) => {
                 tracing::info!(event = ?e, "stopping");
+                evacuate = matches!(e, GatewayEvent::DrainRequested { evacuate: true });
                 break;
             }
             Err(_) => {
@@ -284,7 +286,11 @@ fn main() -> ExitCode {
             }
         }
     }
-    let outcome = gw.drain(&events);
+    let outcome = if evacuate {
+        gw.drain_evacuating(&events, true)
+    } else {
+        gw.drain(&events)
+    };
     if let Some(d) = demo {
         d.stop();
     }

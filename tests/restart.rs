@@ -443,7 +443,7 @@ fn a_drain_request_or_reload_during_a_drain_does_not_force_it() {
     let (tx, rx) = flume::unbounded();
     let drain = std::thread::spawn(move || gw.drain(&rx));
     std::thread::sleep(Duration::from_millis(50));
-    tx.send(slg_gateway::shard::GatewayEvent::DrainRequested)
+    tx.send(slg_gateway::shard::GatewayEvent::DrainRequested { evacuate: false })
         .expect("send");
     let (rtx, rrx) = flume::bounded(1);
     tx.send(slg_gateway::shard::GatewayEvent::Reload(Some(rtx)))

@@ -27,6 +27,7 @@
 //!   `{prefix}ack:{player}:{gw}:{epoch}`: one hand-over or migration.
 //! - `{prefix}inbox:{gw}`: requests of other gateways to this one.
 
+pub mod placement;
 pub mod runtime;
 
 use std::time::Duration;

@@ -8,7 +8,8 @@
 //! they serve are one protocol with Redis; the directory's own rules are in
 //! `cluster/mod.rs`.
 
-use super::{Claim, Directory, Lease, Store};
+use super::placement::{Evacuation, MigrationStats, Step};
+use super::{Claim, Directory, Lease, Peer, Store};
 use crate::config::ClusterConfig;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -67,6 +68,19 @@ pub enum Cmd {
     Peers {
         reply: flume::Sender<Result<Vec<String>, String>>,
     },
+    /// Every other live gateway with its lease (load, room).
+    PeerLeases {
+        reply: flume::Sender<Result<Vec<Peer>, String>>,
+    },
+    /// Make `evac` this gateway's evacuation; refused while another runs.
+    StartEvacuation {
+        evac: Arc<Evacuation>,
+        reply: flume::Sender<Result<(), String>>,
+    },
+    /// This gateway's evacuation (running or the last one), if any.
+    Evacuation {
+        reply: flume::Sender<Result<Option<Arc<Evacuation>>, String>>,
+    },
     /// POST `path` with `body` to another gateway's HTTP API; the answer's
     /// push counts.
     Forward {
@@ -86,6 +100,12 @@ pub struct ClusterHandle {
     pub when_redis_down: crate::config::RedisDown,
     /// What this gateway's lease tells its peers.
     pub load: Arc<Load>,
+    /// Durations and failures of the migration steps.
+    pub migrations: Arc<MigrationStats>,
+    /// Migrations in flight per shard during an evacuation, and started per
+    /// second by the whole gateway (0: no bound).
+    pub migrate_parallel: usize,
+    pub migrate_rate: u32,
 }
 
 /// This gateway's load as its lease reports it: each shard stores its
@@ -174,6 +194,9 @@ impl ClusterRuntime {
             gateway_id: cfg.gateway_id.clone(),
             when_redis_down: cfg.when_redis_down,
             load: Arc::new(load),
+            migrations: Arc::new(MigrationStats::default()),
+            migrate_parallel: cfg.migrate_parallel.max(1),
+            migrate_rate: cfg.migrate_rate.unwrap_or(0),
         };
         (handle, rx)
     }
@@ -191,15 +214,16 @@ impl ClusterRuntime {
         let mut threads = Vec::new();
         {
             let (cfg, stop, tx) = (cfg.clone(), stop.clone(), handle.cmds.clone());
-            let load = handle.load.clone();
+            let (load, stats) = (handle.load.clone(), handle.migrations.clone());
             threads.push(std::thread::spawn(move || {
-                command_loop(&cfg, &http, &load, &rx, &tx, &stop)
+                command_loop(&cfg, &http, &load, &stats, &rx, &tx, &stop)
             }));
         }
         {
             let (cfg, stop, cmds) = (cfg.clone(), stop.clone(), handle.cmds.clone());
+            let stats = handle.migrations.clone();
             threads.push(std::thread::spawn(move || {
-                inbox_loop(&cfg, &shards, &cmds, &stop)
+                inbox_loop(&cfg, &shards, &cmds, &stats, &stop)
             }));
         }
         ClusterRuntime {
@@ -237,11 +261,14 @@ fn command_loop(
     cfg: &ClusterConfig,
     http: &str,
     load: &Load,
+    stats: &Arc<MigrationStats>,
     rx: &flume::Receiver<Cmd>,
     tx: &flume::Sender<Cmd>,
     stop: &AtomicBool,
 ) {
     let mut dir = connect(cfg);
+    // This gateway's evacuation, running or the last one.
+    let mut evacuation: Option<Arc<Evacuation>> = None;
     // Players this gateway holds, with the epoch it holds them at.
     let mut held: HashMap<u64, u64> = HashMap::new();
     // Worker threads (forwards, hand-overs, migrations) alive now.
@@ -270,6 +297,24 @@ fn command_loop(
             Err(flume::RecvTimeoutError::Timeout) => continue,
             Err(flume::RecvTimeoutError::Disconnected) => break,
         };
+        let cmd = match cmd {
+            Cmd::StartEvacuation { evac, reply } => {
+                let r = match &evacuation {
+                    Some(e) if e.running() => Err("an evacuation is running".to_string()),
+                    _ => {
+                        evacuation = Some(evac);
+                        Ok(())
+                    }
+                };
+                let _ = reply.send(r);
+                continue;
+            }
+            Cmd::Evacuation { reply } => {
+                let _ = reply.send(Ok(evacuation.clone()));
+                continue;
+            }
+            other => other,
+        };
         if dir.is_none() {
             dir = connect(cfg);
         }
@@ -280,6 +325,7 @@ fn command_loop(
                 Cmd::Fetch { reply, .. } => drop(reply.send(Err(down()))),
                 Cmd::Route { reply, .. } => drop(reply.send(Err(down()))),
                 Cmd::Peers { reply } => drop(reply.send(Err(down()))),
+                Cmd::PeerLeases { reply } => drop(reply.send(Err(down()))),
                 Cmd::Forward { reply, .. } => drop(reply.send(Err(down()))),
                 Cmd::Migrate { reply, .. } => drop(reply.send(Err(down()))),
                 _ => {}
@@ -321,22 +367,32 @@ fn command_loop(
                         // The directory moves at once (the target's adoption
                         // then moves the epoch on); the wait for the target's
                         // confirmation happens on a thread of its own.
+                        let t0 = Instant::now();
                         match d.transfer(player, epoch, &to) {
                             Ok(Some(new_epoch)) => {
                                 held.remove(&player);
-                                let (cfg, tx) = (cfg.clone(), tx.clone());
+                                let (cfg, tx, stats) = (cfg.clone(), tx.clone(), stats.clone());
                                 let slot = Worker::take(&workers);
                                 std::thread::spawn(move || {
                                     let _slot = slot;
-                                    migrate(&cfg, player, &to, new_epoch, &image, &tx, &reply)
+                                    let m = Migration {
+                                        player,
+                                        to: &to,
+                                        epoch: new_epoch,
+                                        image: &image,
+                                        started: t0,
+                                    };
+                                    migrate(&cfg, &m, &stats, &tx, &reply)
                                 });
                             }
                             Ok(None) => {
+                                stats.fail(Step::Transfer, "not_held");
                                 let _ = reply.send(Err(format!(
                                     "player {player}: fenced off (not ours any more)"
                                 )));
                             }
                             Err(e) => {
+                                stats.fail(Step::Transfer, "redis");
                                 let _ = reply.send(Err(e.to_string()));
                             }
                         }
@@ -372,6 +428,14 @@ fn command_loop(
                 let _ = reply.send(r.map_err(|e| e.to_string()));
                 failed
             }
+            Cmd::PeerLeases { reply } => {
+                let r = d.peer_leases();
+                let failed = r.is_err();
+                let _ = reply.send(r.map_err(|e| e.to_string()));
+                failed
+            }
+            // Served above, whatever Redis does.
+            Cmd::StartEvacuation { .. } | Cmd::Evacuation { .. } => false,
             Cmd::Forward { reply, .. } if workers.load(Ordering::Acquire) >= MAX_WORKERS => {
                 let _ = reply.send(Err(busy()));
                 false
@@ -449,7 +513,13 @@ fn fetch(
     let _ = reply.send(outcome);
 }
 
-fn inbox_loop(cfg: &ClusterConfig, shards: &Shards, cmds: &flume::Sender<Cmd>, stop: &AtomicBool) {
+fn inbox_loop(
+    cfg: &ClusterConfig,
+    shards: &Shards,
+    cmds: &flume::Sender<Cmd>,
+    stats: &MigrationStats,
+    stop: &AtomicBool,
+) {
     let mut dir = None;
     while !stop.load(Ordering::Acquire) {
         if dir.is_none() {
@@ -471,7 +541,13 @@ fn inbox_loop(cfg: &ClusterConfig, shards: &Shards, cmds: &flume::Sender<Cmd>, s
                 ) {
                     (Some("adopt"), Some(player), Some(from)) if shards.count > 0 => {
                         match words.next().and_then(|e| e.parse::<u64>().ok()) {
-                            Some(epoch) => adopt(cfg, d, player, from, epoch, shards, cmds),
+                            Some(epoch) => {
+                                let t = Instant::now();
+                                match adopt(cfg, d, player, from, epoch, shards, cmds) {
+                                    Ok(()) => stats.record(Step::Adopt, t.elapsed()),
+                                    Err(reason) => stats.fail(Step::Adopt, reason),
+                                }
+                            }
                             None => tracing::warn!(message = %msg, "cluster: adopt without epoch"),
                         }
                     }
@@ -625,18 +701,29 @@ pub const MIGRATE_WAIT: Duration = Duration::from_secs(3);
 /// player late) waits more for the target's confirmation.
 pub const ADOPT_LATE_WAIT: Duration = Duration::from_millis(1500);
 
+/// One migration under way, its directory step done.
+struct Migration<'a> {
+    player: u64,
+    to: &'a str,
+    /// The epoch the directory gave the target.
+    epoch: u64,
+    image: &'a [u8],
+    /// When its transfer step began.
+    started: Instant,
+}
+
 /// Hand `player` to `to` and wait for its confirmation; without one, take
 /// the player back in the directory (the rollback).
 fn migrate(
     cfg: &ClusterConfig,
-    player: u64,
-    to: &str,
-    epoch: u64,
-    image: &[u8],
+    m: &Migration,
+    stats: &MigrationStats,
     tx: &flume::Sender<Cmd>,
     reply: &flume::Sender<Result<String, String>>,
 ) {
+    let (player, to, epoch, image) = (m.player, m.to, m.epoch, m.image);
     let Some(mut d) = connect(cfg) else {
+        stats.fail(Step::Transfer, "redis");
         let _ = reply.send(Err("redis unreachable".into()));
         return;
     };
@@ -648,8 +735,20 @@ fn migrate(
         .put_handover(player, to, image)
         .and_then(|()| d.push_inbox(to, &format!("adopt {player} {me} {epoch}")));
     let confirmed = match sent {
-        Ok(()) => d.wait_post(&ack_key, MIGRATE_WAIT).ok().flatten(),
-        Err(_) => None,
+        Ok(()) => {
+            stats.record(Step::Transfer, m.started.elapsed());
+            let t = Instant::now();
+            let got = d.wait_post(&ack_key, MIGRATE_WAIT).ok().flatten();
+            match got {
+                Some(_) => stats.record(Step::Confirm, t.elapsed()),
+                None => stats.fail(Step::Confirm, "target_timeout"),
+            }
+            got
+        }
+        Err(_) => {
+            stats.fail(Step::Transfer, "redis");
+            None
+        }
     };
     match confirmed {
         Some(addr) => {
@@ -685,14 +784,14 @@ fn adopt(
     epoch: u64,
     shards: &Shards,
     cmds: &flume::Sender<Cmd>,
-) {
+) -> Result<(), &'static str> {
     let Ok(Some(bytes)) = d.take_handover(player, Duration::from_secs(1)) else {
         tracing::warn!(player, from, "migration: no state came with the request");
-        return;
+        return Err("redis");
     };
     let Ok(image) = crate::snapshot::Image::decode(&bytes) else {
         tracing::warn!(player, from, "migration: the state does not decode");
-        return;
+        return Err("other");
     };
     // The source handed the player here at `epoch`; moving the epoch on
     // fences the source's rollback off (only one of the two succeeds).
@@ -707,7 +806,7 @@ fn adopt(
                 ?other,
                 "migration: the directory does not give the player here (rolled back?)"
             );
-            return;
+            return Err("not_held");
         }
     }
     let (tx, rx) = flume::bounded(1);
@@ -720,7 +819,7 @@ fn adopt(
             from,
             "migration: the home shard did not load the player"
         );
-        return;
+        return Err("other");
     }
     // The client addresses: TCP, then (on a line of its own) WebSocket.
     let addrs = match &cfg.ws_advertise {
@@ -729,7 +828,9 @@ fn adopt(
     };
     if let Err(e) = d.post(&format!("ack:{{{player}}}:{from}:{epoch}"), &addrs) {
         tracing::warn!(player, from, error = %e, "migration: cannot confirm");
+        return Err("redis");
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -317,6 +317,22 @@ pub struct ClusterConfig {
     /// What a login or resume does while Redis cannot be reached.
     #[serde(default)]
     pub when_redis_down: RedisDown,
+    /// Migrations in flight at once per shard during an evacuation.
+    #[serde(default = "default_migrate_parallel")]
+    pub migrate_parallel: usize,
+    /// Migrations the whole gateway starts per second during an evacuation
+    /// (None: as fast as `migrate_parallel` allows).
+    #[serde(default)]
+    pub migrate_rate: Option<u32>,
+    /// A drain (SIGTERM, `POST /v1/drain`) first evacuates every player to
+    /// the peers with room, so none sees a restart (`POST
+    /// /v1/drain?evacuate=true` does it for one drain).
+    #[serde(default)]
+    pub evacuate_on_drain: bool,
+}
+
+fn default_migrate_parallel() -> usize {
+    16
 }
 
 /// Redis under Sentinel.
@@ -800,6 +816,18 @@ impl Config {
                 }
             }
             positive("cluster.lease", c.lease)?;
+            if c.migrate_parallel == 0 {
+                return Err(invalid(
+                    "cluster.migrate_parallel",
+                    "must be greater than 0",
+                ));
+            }
+            if c.migrate_rate == Some(0) {
+                return Err(invalid(
+                    "cluster.migrate_rate",
+                    "must be greater than 0 (None: no bound)",
+                ));
+            }
         }
         if self.snapshot_dir.as_deref() == Some("") {
             return Err(invalid(

@@ -36,13 +36,25 @@ async fn route(ctx: &ShardCtx, req: Request) -> Response {
     let method = req.method.as_str();
     match req.path.as_str() {
         "/healthz" => match method {
-            "GET" if ctx.is_draining() => Response::json(503, "{\"status\":\"draining\"}".into()),
+            "GET"
+                if ctx.is_draining()
+                    || ctx.cluster.as_ref().is_some_and(|c| {
+                        c.load.draining.load(std::sync::atomic::Ordering::Acquire)
+                    }) =>
+            {
+                Response::json(503, "{\"status\":\"draining\"}".into())
+            }
             "GET" => Response::json(200, "{\"status\":\"ok\"}".into()),
             _ => Response::error(405, "use GET"),
         },
         "/v1/evacuate" => match method {
             "POST" => evacuate(ctx, &req).await,
             _ => Response::error(405, "use POST"),
+        },
+        "/v1/evacuation" => match method {
+            "GET" => evacuation(ctx, false).await,
+            "DELETE" => evacuation(ctx, true).await,
+            _ => Response::error(405, "use GET, or DELETE to cancel"),
         },
         "/v1/migrate" => match method {
             "POST" => migrate(ctx, &req).await,
@@ -53,12 +65,29 @@ async fn route(ctx: &ShardCtx, req: Request) -> Response {
             _ => Response::error(405, "use POST"),
         },
         "/v1/drain" => match method {
-            "POST" => match &ctx.events {
-                Some(events) if events.send(GatewayEvent::DrainRequested).is_ok() => {
-                    Response::json(202, "{\"draining\":true}".into())
+            "POST" => {
+                let evacuate = match req.param("evacuate") {
+                    None | Some("false") | Some("0") => false,
+                    Some("true") | Some("1") => true,
+                    Some(_) => return Response::error(400, "evacuate must be true or false"),
+                };
+                if evacuate && ctx.cluster.is_none() {
+                    return Response::error(409, "this gateway is not in a cluster");
                 }
-                _ => Response::error(503, "no coordinator to drain this gateway"),
-            },
+                match &ctx.events {
+                    Some(events)
+                        if events
+                            .send(GatewayEvent::DrainRequested { evacuate })
+                            .is_ok() =>
+                    {
+                        Response::json(
+                            202,
+                            format!("{{\"draining\":true,\"evacuate\":{evacuate}}}"),
+                        )
+                    }
+                    _ => Response::error(503, "no coordinator to drain this gateway"),
+                }
+            }
             _ => Response::error(405, "use POST"),
         },
         "/metrics" => match method {
@@ -535,13 +564,16 @@ async fn list_players(ctx: &ShardCtx, req: &Request) -> Response {
     )
 }
 
-/// The `to` of a migration or evacuation: another gateway of the cluster.
-fn migration_target<'a>(ctx: &ShardCtx, req: &'a Request) -> Result<&'a str, Response> {
-    let Some(to) = req.param("to").filter(|t| !t.is_empty()) else {
-        return Err(Response::error(400, "missing to (a gateway id)"));
-    };
+/// The `to` of a migration or evacuation: another gateway of the cluster,
+/// or None (not given): the gateway picks.
+fn migration_target<'a>(ctx: &ShardCtx, req: &'a Request) -> Result<Option<&'a str>, Response> {
     let Some(cluster) = &ctx.cluster else {
         return Err(Response::error(409, "this gateway is not in a cluster"));
+    };
+    let to = match req.param("to") {
+        None => return Ok(None),
+        Some("") => return Err(Response::error(400, "to must name a gateway id")),
+        Some(t) => t,
     };
     if to == cluster.gateway_id {
         return Err(Response::error(
@@ -549,25 +581,49 @@ fn migration_target<'a>(ctx: &ShardCtx, req: &'a Request) -> Result<&'a str, Res
             "to names this gateway: its players are here already",
         ));
     }
-    Ok(to)
+    Ok(Some(to))
 }
 
-/// `POST /v1/migrate?player=42&to=gw-b`: move a player to another gateway
-/// of the cluster; its client is redirected there. 200 with the target's
-/// address, or 409 with why (the player stays, unharmed).
+/// The live peers with their leases.
+async fn peer_leases(
+    cluster: &crate::cluster::runtime::ClusterHandle,
+) -> Result<Vec<crate::cluster::Peer>, Response> {
+    ask_cluster(cluster, |reply| crate::cluster::runtime::Cmd::PeerLeases {
+        reply,
+    })
+    .await
+}
+
+/// `POST /v1/migrate?player=42[&to=gw-b]`: move a player to another
+/// gateway of the cluster (without `to`: the live peer with most room);
+/// its client is redirected there. 200 with the target's address, or 409
+/// with why (the player stays, unharmed).
 async fn migrate(ctx: &ShardCtx, req: &Request) -> Response {
     let Some(player) = req.param("player").and_then(params::player) else {
         return Response::error(400, "player must be a positive integer");
     };
     let to = match migration_target(ctx, req) {
-        Ok(t) => t,
+        Ok(Some(t)) => t.to_string(),
+        Ok(None) => {
+            let Some(cluster) = &ctx.cluster else {
+                return Response::error(409, "this gateway is not in a cluster");
+            };
+            let peers = match peer_leases(cluster).await {
+                Ok(p) => p,
+                Err(r) => return r,
+            };
+            match crate::cluster::placement::pick(&peers) {
+                Some(p) => p.id.clone(),
+                None => return Response::error(409, "no live peer has room for the player"),
+            }
+        }
         Err(r) => return r,
     };
     let home = shards::home_shard(player, ctx.count);
     let (tx, rx) = flume::bounded(1);
     if home == ctx.id {
         if let Some(me) = ctx.this.borrow().upgrade() {
-            let to = to.to_string();
+            let to = to.clone();
             glommio::spawn_local(async move {
                 let r = crate::shard::cluster::migrate_player(me, player, to).await;
                 let _ = tx.send(r);
@@ -577,7 +633,7 @@ async fn migrate(ctx: &ShardCtx, req: &Request) -> Response {
     } else {
         let msg = ShardMsg::Migrate {
             player,
-            to: to.to_string(),
+            to: to.clone(),
             reply: tx,
         };
         if ctx.mesh.send(home, msg).is_err() {
@@ -594,7 +650,7 @@ async fn migrate(ctx: &ShardCtx, req: &Request) -> Response {
             200,
             format!(
                 "{{\"migrated\":true,\"to\":{},\"address\":{}}}",
-                super::json_string(to),
+                super::json_string(&to),
                 super::json_string(&addr)
             ),
         ),
@@ -603,26 +659,53 @@ async fn migrate(ctx: &ShardCtx, req: &Request) -> Response {
     }
 }
 
-/// `POST /v1/evacuate?to=gw-b`: migrate every player of this gateway to
-/// another, a bounded number at a time per shard; the counts when done.
+/// `POST /v1/evacuate[?to=gw-b][&wait=false]`: migrate every player of
+/// this gateway to `to`, or (without it) spread over the live,
+/// non-draining peers in proportion to their room; paced by
+/// `migrate_parallel` and `migrate_rate`. Waits for the end and answers
+/// the counts, or with `wait=false` answers 202 at once
+/// (`GET /v1/evacuation` follows it, `DELETE` cancels it).
 async fn evacuate(ctx: &ShardCtx, req: &Request) -> Response {
-    let to = match migration_target(ctx, req) {
-        Ok(t) => t,
+    use crate::cluster::placement::Evacuation;
+    let wait = match req.param("wait") {
+        None | Some("true") | Some("1") => true,
+        Some("false") | Some("0") => false,
+        Some(_) => return Response::error(400, "wait must be true or false"),
+    };
+    let Some(cluster) = &ctx.cluster else {
+        return Response::error(409, "this gateway is not in a cluster");
+    };
+    let evac = match migration_target(ctx, req) {
+        Ok(Some(to)) => Evacuation::new(vec![(to.to_string(), 0)], ctx.count),
+        Ok(None) => match peer_leases(cluster).await {
+            Ok(peers) => Evacuation::over(&peers, ctx.count),
+            Err(r) => return r,
+        },
         Err(r) => return r,
     };
-    let t0 = std::time::Instant::now();
+    if evac.targets.is_empty() {
+        return Response::error(409, "no live peer has room for this gateway's players");
+    }
+    let evac = std::sync::Arc::new(evac);
+    let started = ask_cluster(cluster, |reply| {
+        crate::cluster::runtime::Cmd::StartEvacuation {
+            evac: evac.clone(),
+            reply,
+        }
+    })
+    .await;
+    if let Err(mut r) = started {
+        r.status = 409;
+        return r;
+    }
     let (tx, rx) = flume::unbounded();
     for shard in 0..ctx.count {
-        let msg = ShardMsg::Evacuate {
-            to: to.to_string(),
-            reply: tx.clone(),
-        };
         let sent = if shard == ctx.id {
             match ctx.this.borrow().upgrade() {
                 Some(me) => {
-                    let (to, tx) = (to.to_string(), tx.clone());
+                    let (evac, tx) = (evac.clone(), tx.clone());
                     glommio::spawn_local(async move {
-                        let _ = tx.send(crate::shard::cluster::evacuate_shard(me, to).await);
+                        let _ = tx.send(crate::shard::cluster::evacuate_shard(me, evac).await);
                     })
                     .detach();
                     true
@@ -630,11 +713,22 @@ async fn evacuate(ctx: &ShardCtx, req: &Request) -> Response {
                 None => false,
             }
         } else {
+            let msg = ShardMsg::Evacuate {
+                evac: evac.clone(),
+                reply: tx.clone(),
+            };
             ctx.mesh.send(shard, msg).is_ok()
         };
         if !sent {
-            return Response::error(503, "a shard is stopping");
+            // What no shard carries out never ends: end it here.
+            evac.cancelled
+                .store(true, std::sync::atomic::Ordering::Release);
+            evac.shard_done();
+            tracing::error!(shard, "evacuation: a shard is stopping");
         }
+    }
+    if !wait {
+        return Response::json(202, evac.json());
     }
     let (mut ok, mut failed) = (0, 0);
     for _ in 0..ctx.count {
@@ -643,16 +737,40 @@ async fn evacuate(ctx: &ShardCtx, req: &Request) -> Response {
                 ok += o;
                 failed += f;
             }
-            Err(_) => return Response::error(503, "a shard did not answer"),
+            Err(_) => break,
         }
     }
     Response::json(
         200,
         format!(
-            "{{\"migrated\":{ok},\"failed\":{failed},\"seconds\":{:.3}}}",
-            t0.elapsed().as_secs_f64()
+            "{{\"migrated\":{ok},\"failed\":{failed},\"seconds\":{:.3},\"evacuation\":{}}}",
+            evac.elapsed().as_secs_f64(),
+            evac.json()
         ),
     )
+}
+
+/// `GET /v1/evacuation`: the running (or last) evacuation's progress;
+/// `DELETE`: cancel it (migrations under way finish, no new one starts).
+async fn evacuation(ctx: &ShardCtx, cancel: bool) -> Response {
+    let Some(cluster) = &ctx.cluster else {
+        return Response::error(409, "this gateway is not in a cluster");
+    };
+    match ask_cluster(cluster, |reply| crate::cluster::runtime::Cmd::Evacuation {
+        reply,
+    })
+    .await
+    {
+        Ok(Some(evac)) => {
+            if cancel {
+                evac.cancelled
+                    .store(true, std::sync::atomic::Ordering::Release);
+            }
+            Response::json(200, evac.json())
+        }
+        Ok(None) => Response::error(404, "no evacuation has run on this gateway"),
+        Err(r) => r,
+    }
 }
 
 /// `POST /v1/reload`: re-read the config file (the process's coordinator
@@ -685,7 +803,7 @@ async fn metrics(ctx: &ShardCtx) -> Response {
             Err(r) => return r,
         };
     let routes = ctx.router().slot_labels();
-    let text = crate::metrics::render(
+    let mut text = crate::metrics::render(
         &snaps,
         &crate::metrics::Context {
             routes: &routes,
@@ -695,5 +813,8 @@ async fn metrics(ctx: &ShardCtx) -> Response {
                 .load(std::sync::atomic::Ordering::Acquire) as u64,
         },
     );
+    if let Some(cluster) = &ctx.cluster {
+        cluster.migrations.render(&mut text);
+    }
     Response::text(200, text)
 }

@@ -92,34 +92,74 @@ pub(super) async fn arrive_clustered(
 /// those in flight finish, hand its state over through the cluster, then
 /// `REDIRECT` the client there. Any failure rolls back: the player stays.
 pub async fn migrate_player(ctx: Rc<ShardCtx>, player: u64, to: String) -> Result<String, Error> {
+    migrate_to(ctx, player, to).await.map_err(|f| f.error)
+}
+
+/// Why a migration failed, and whether its target is to blame (it refused
+/// or did not confirm): an evacuation then skips that target.
+pub struct Failed {
+    pub error: Error,
+    pub target_failed: bool,
+}
+
+/// [`migrate_player`], with each step timed and each failure counted.
+pub async fn migrate_to(ctx: Rc<ShardCtx>, player: u64, to: String) -> Result<String, Failed> {
+    use crate::cluster::placement::Step;
     let Some(cluster) = ctx.cluster.clone() else {
-        return Err(Error::cluster("this gateway is not in a cluster"));
+        return Err(Failed {
+            error: Error::cluster("this gateway is not in a cluster"),
+            target_failed: false,
+        });
     };
-    ctx.core_step(|c, _| c.begin_migration(player))?;
-    let rollback = |ctx: &ShardCtx, why: Error| -> Result<String, Error> {
+    let stats = cluster.migrations.clone();
+    let t = Instant::now();
+    if let Err(error) = ctx.core_step(|c, _| c.begin_migration(player)) {
+        stats.fail(Step::Hold, "not_held");
+        return Err(Failed {
+            error,
+            target_failed: false,
+        });
+    }
+    stats.record(Step::Hold, t.elapsed());
+    let rollback = |ctx: &ShardCtx, why: Error, target_failed: bool| -> Result<String, Failed> {
+        let t = Instant::now();
         ctx.core_step(|c, now| c.rollback_migration(player, &why, now));
-        Err(why)
+        stats.record(Step::Rollback, t.elapsed());
+        Err(Failed {
+            error: why,
+            target_failed,
+        })
     };
     // Requests in flight finish first: each gets its answer (or TIMEOUT)
     // within the backend's request timeout, so after this wait no backend
     // answer can reach this gateway for the player, and the client's
     // contract stays simple: what the source read is answered in the
     // replay at the target; what it never read, the client sends again.
+    let t = Instant::now();
     let deadline =
         Instant::now() + ctx.cfg().backend.request_timeout + std::time::Duration::from_secs(1);
     while ctx.core_step(|c, _| c.player_inflight(player)) > 0 {
         if Instant::now() >= deadline {
+            stats.fail(Step::Drain, "inflight_timeout");
             return rollback(
                 &ctx,
                 Error::cluster("requests in flight did not finish in time"),
+                false,
             );
         }
         glommio::timer::sleep(std::time::Duration::from_millis(5)).await;
     }
+    stats.record(Step::Drain, t.elapsed());
     let unix = crate::snapshot::unix_ms_now();
     let image = match ctx.core_step(|c, now| c.migration_image(player, now, unix)) {
-        None => return rollback(&ctx, Error::cluster("the player ended meanwhile")),
-        Some(Err(e)) => return rollback(&ctx, e),
+        None => {
+            stats.fail(Step::Transfer, "ended");
+            return rollback(&ctx, Error::cluster("the player ended meanwhile"), false);
+        }
+        Some(Err(e)) => {
+            stats.fail(Step::Transfer, "other");
+            return rollback(&ctx, e, false);
+        }
         Some(Ok(b)) => b,
     };
     let (tx, rx) = flume::bounded(1);
@@ -130,7 +170,7 @@ pub async fn migrate_player(ctx: Rc<ShardCtx>, player: u64, to: String) -> Resul
         reply: tx,
     };
     if cluster.cmds.send(cmd).is_err() {
-        return rollback(&ctx, Error::cluster("the cluster is stopped"));
+        return rollback(&ctx, Error::cluster("the cluster is stopped"), false);
     }
     // No timeout of our own: the control thread always answers (its waits
     // are bounded), and only its answer says whether the target took the
@@ -138,6 +178,7 @@ pub async fn migrate_player(ctx: Rc<ShardCtx>, player: u64, to: String) -> Resul
     let answer = rx.recv_async().await.ok();
     match answer {
         Some(Ok(addrs)) => {
+            let t = Instant::now();
             // The target's TCP address, and its WebSocket URL if it has one:
             // a WebSocket client is sent there.
             let mut lines = addrs.lines();
@@ -188,33 +229,112 @@ pub async fn migrate_player(ctx: Rc<ShardCtx>, player: u64, to: String) -> Resul
                     );
                 }
             }
+            stats.record(Step::Redirect, t.elapsed());
             Ok(addr)
         }
-        Some(Err(e)) => rollback(&ctx, Error::cluster(e)),
-        None => rollback(&ctx, Error::cluster("the cluster is stopped")),
+        // The directory step or the target failed (it never confirmed).
+        Some(Err(e)) => rollback(&ctx, Error::cluster(e), true),
+        None => rollback(&ctx, Error::cluster("the cluster is stopped"), false),
     }
 }
 
-/// Players migrated at once per shard during an evacuation.
-pub const EVACUATE_PARALLEL: usize = 16;
-
-/// Migrate every player of this shard to `to`, `EVACUATE_PARALLEL` at a
-/// time; returns (migrated, failed).
-pub async fn evacuate_shard(ctx: Rc<ShardCtx>, to: String) -> (u64, u64) {
+/// Migrate every player of this shard to the targets of `evac`, spread by
+/// their weights, at most `migrate_parallel` at a time and this shard's
+/// share of `migrate_rate` per second; a target that fails a migration is
+/// skipped from then on (the player tries the next one). Stops starting
+/// new ones once the evacuation is cancelled. Returns (migrated, failed).
+pub async fn evacuate_shard(
+    ctx: Rc<ShardCtx>,
+    evac: std::sync::Arc<crate::cluster::placement::Evacuation>,
+) -> (u64, u64) {
+    use std::sync::atomic::Ordering;
     let ids: Vec<u64> = ctx.core_step(|c, _| c.player_ids());
-    let (mut ok, mut failed) = (0, 0);
-    for chunk in ids.chunks(EVACUATE_PARALLEL) {
-        let tasks: Vec<_> = chunk
-            .iter()
-            .map(|&p| glommio::spawn_local(migrate_player(ctx.clone(), p, to.clone())))
-            .collect();
-        for t in tasks {
-            if t.await.is_ok() {
-                ok += 1;
-            } else {
-                failed += 1;
+    evac.total.fetch_add(ids.len() as u64, Ordering::AcqRel);
+    let (parallel, rate) = match &ctx.cluster {
+        Some(c) => (c.migrate_parallel, c.migrate_rate),
+        None => (1, 0),
+    };
+    // This shard's share of the gateway's rate: one start per `gap`.
+    let gap =
+        (rate > 0).then(|| std::time::Duration::from_secs_f64(ctx.count as f64 / f64::from(rate)));
+    let spread = Rc::new(std::cell::RefCell::new(
+        crate::cluster::placement::Spread::default(),
+    ));
+    let mut running: std::collections::VecDeque<glommio::task::JoinHandle<bool>> =
+        std::collections::VecDeque::new();
+    let (mut ok, mut failed) = (0u64, 0u64);
+    let mut next_start = Instant::now();
+    let mut settle = |moved: bool| {
+        if moved {
+            ok += 1;
+        } else {
+            failed += 1;
+        }
+    };
+    for p in ids {
+        if evac.cancelled.load(Ordering::Acquire) {
+            break;
+        }
+        while running.len() >= parallel {
+            if let Some(t) = running.pop_front() {
+                settle(t.await.unwrap_or(false));
             }
         }
+        if let Some(gap) = gap {
+            let now = Instant::now();
+            if next_start > now {
+                glommio::timer::sleep(next_start - now).await;
+            }
+            next_start = next_start.max(now) + gap;
+        }
+        let (ctx, evac, spread) = (ctx.clone(), evac.clone(), spread.clone());
+        let task = glommio::spawn_local(async move {
+            let moved = migrate_spread(ctx, p, &evac, &spread).await;
+            let count = if moved { &evac.moved } else { &evac.failed };
+            count.fetch_add(1, Ordering::AcqRel);
+            moved
+        })
+        .detach();
+        running.push_back(task);
     }
+    while let Some(t) = running.pop_front() {
+        settle(t.await.unwrap_or(false));
+    }
+    evac.shard_done();
     (ok, failed)
+}
+
+/// Migrate `p` to the next target of `spread`, then (if that target was
+/// to blame) to another one; whether it moved.
+async fn migrate_spread(
+    ctx: Rc<ShardCtx>,
+    p: u64,
+    evac: &crate::cluster::placement::Evacuation,
+    spread: &std::cell::RefCell<crate::cluster::placement::Spread>,
+) -> bool {
+    use std::sync::atomic::Ordering;
+    // A target, then (if it was to blame) another one.
+    for _ in 0..2 {
+        let Some(i) = spread.borrow_mut().next(evac) else {
+            return false;
+        };
+        let to = evac.targets[i].id.clone();
+        match migrate_to(ctx.clone(), p, to.clone()).await {
+            Ok(_) => {
+                evac.targets[i].moved.fetch_add(1, Ordering::AcqRel);
+                return true;
+            }
+            Err(f) if f.target_failed => {
+                if !evac.targets[i].failed.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(
+                        target = to,
+                        error = %f.error,
+                        "evacuation: a target failed; skipped from now on"
+                    );
+                }
+            }
+            Err(_) => return false,
+        }
+    }
+    false
 }

@@ -65,10 +65,10 @@ pub enum ShardMsg {
         image: crate::snapshot::Image,
         reply: flume::Sender<()>,
     },
-    /// Move every player of the receiving shard to gateway `to`; the
-    /// answer is (migrated, failed).
+    /// Move every player of the receiving shard to the targets of `evac`;
+    /// the answer is (migrated, failed).
     Evacuate {
-        to: String,
+        evac: std::sync::Arc<crate::cluster::placement::Evacuation>,
         reply: flume::Sender<(u64, u64)>,
     },
     /// Move `player` to gateway `to` (an operator's migration); the answer
@@ -98,8 +98,9 @@ pub struct DrainReport {
 /// Events a shard raises for the process (the coordinator).
 #[derive(Debug, Clone)]
 pub enum GatewayEvent {
-    /// `POST /v1/drain`.
-    DrainRequested,
+    /// `POST /v1/drain` (`evacuate`: `?evacuate=true`, the players go to
+    /// the peers first).
+    DrainRequested { evacuate: bool },
     /// A stop signal (SIGTERM, SIGINT).
     Signal(i32),
     /// Re-read the config file (SIGHUP, `POST /v1/reload`); the outcome

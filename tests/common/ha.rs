@@ -408,6 +408,9 @@ impl Backing {
             lease,
             prefix: "slg:".into(),
             when_redis_down: RedisDown::Refuse,
+            migrate_parallel: 16,
+            migrate_rate: None,
+            evacuate_on_drain: false,
         };
         match self.store() {
             Store::Server(url) => c.redis = url,
