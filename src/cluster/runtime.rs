@@ -24,6 +24,28 @@ pub const HANDOVER_WAIT: Duration = Duration::from_secs(3);
 /// an empty address is this gateway itself.
 pub type Routes = Vec<(String, Vec<u64>)>;
 
+/// Where players are, as the directory says, or (`guessed`) while Redis
+/// cannot say: every peer last known, each with all the players, so a
+/// push still reaches a player wherever it is during a failover (each
+/// peer delivers to those it holds and forwards no further).
+#[derive(Debug, Clone, Default)]
+pub struct Routed {
+    pub routes: Routes,
+    pub guessed: bool,
+}
+
+impl Routed {
+    fn guess(peers: &[String], players: &[u64]) -> Routed {
+        Routed {
+            routes: peers
+                .iter()
+                .map(|h| (h.clone(), players.to_vec()))
+                .collect(),
+            guessed: true,
+        }
+    }
+}
+
 /// Requests of the shards to the command thread.
 pub enum Cmd {
     /// Claim `player` for this gateway.
@@ -62,7 +84,7 @@ pub enum Cmd {
     /// Which other gateways hold some of `players`: (HTTP address, players).
     Route {
         players: Vec<u64>,
-        reply: flume::Sender<Result<Routes, String>>,
+        reply: flume::Sender<Result<Routed, String>>,
     },
     /// The HTTP addresses of every other live gateway.
     Peers {
@@ -269,6 +291,9 @@ fn command_loop(
     let mut dir = connect(cfg);
     // This gateway's evacuation, running or the last one.
     let mut evacuation: Option<Arc<Evacuation>> = None;
+    // The peers' HTTP addresses as last read (for pushes while Redis
+    // fails over).
+    let mut known_peers: Vec<String> = Vec::new();
     // Players this gateway holds, with the epoch it holds them at.
     let mut held: HashMap<u64, u64> = HashMap::new();
     // Worker threads (forwards, hand-overs, migrations) alive now.
@@ -281,9 +306,12 @@ fn command_loop(
                 dir = connect(cfg);
             }
             if let Some(d) = dir.as_mut() {
-                if let Err(e) = d.renew(&load.lease(http)) {
-                    tracing::warn!(error = %e, "cluster: lease not renewed");
-                    dir = None;
+                match d.renew(&load.lease(http)).and_then(|()| d.peers()) {
+                    Ok(peers) => known_peers = peers.into_iter().map(|(_, h)| h).collect(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cluster: lease not renewed");
+                        dir = None;
+                    }
                 }
             }
             next_beat = Instant::now() + beat;
@@ -323,7 +351,11 @@ fn command_loop(
             match cmd {
                 Cmd::Claim { reply, .. } => drop(reply.send(Err(down()))),
                 Cmd::Fetch { reply, .. } => drop(reply.send(Err(down()))),
-                Cmd::Route { reply, .. } => drop(reply.send(Err(down()))),
+                Cmd::Route { players, reply } => drop(reply.send(if known_peers.is_empty() {
+                    Err(down())
+                } else {
+                    Ok(Routed::guess(&known_peers, &players))
+                })),
                 Cmd::Peers { reply } => drop(reply.send(Err(down()))),
                 Cmd::PeerLeases { reply } => drop(reply.send(Err(down()))),
                 Cmd::Forward { reply, .. } => drop(reply.send(Err(down()))),
@@ -417,9 +449,17 @@ fn command_loop(
                 failed
             }
             Cmd::Route { players, reply } => {
-                let r = route(d, &players);
+                let r = route(d, &players, &mut known_peers);
                 let failed = r.is_err();
-                let _ = reply.send(r.map_err(|e| e.to_string()));
+                let r = match r {
+                    Ok(routes) => Ok(Routed {
+                        routes,
+                        guessed: false,
+                    }),
+                    Err(_) if !known_peers.is_empty() => Ok(Routed::guess(&known_peers, &players)),
+                    Err(e) => Err(e.to_string()),
+                };
+                let _ = reply.send(r);
                 failed
             }
             Cmd::Peers { reply } => {
@@ -590,8 +630,13 @@ fn inbox_loop(
 }
 
 /// Group `players` by the other live gateway holding them: (HTTP address, players).
-fn route(d: &mut Directory, players: &[u64]) -> Result<Routes, super::DirError> {
+fn route(
+    d: &mut Directory,
+    players: &[u64],
+    known: &mut Vec<String>,
+) -> Result<Routes, super::DirError> {
     let mut peers: HashMap<String, String> = d.peers()?.into_iter().collect();
+    *known = peers.values().cloned().collect();
     // This gateway itself, as "": a player on its way here.
     peers.insert(d.gateway().to_string(), String::new());
     let holders = d.holders(players)?;

@@ -376,11 +376,15 @@ async fn push_elsewhere(
     body: &Bytes,
     hops: u32,
 ) -> Result<PushCounts, Response> {
-    let routes = ask_cluster(cluster, |reply| crate::cluster::runtime::Cmd::Route {
+    let routed = ask_cluster(cluster, |reply| crate::cluster::runtime::Cmd::Route {
         players,
         reply,
     })
     .await?;
+    // Guessed (Redis failing over): every peer gets every player, and
+    // forwards no further.
+    let next_hops = if routed.guessed { MAX_HOPS } else { hops + 1 };
+    let routes = routed.routes;
     // The directory may already name this gateway for a player whose
     // state is still on its way here (a migration): wait for it a moment.
     let (mine, others): (Vec<_>, Vec<_>) =
@@ -411,9 +415,8 @@ async fn push_elsewhere(
             (
                 http,
                 format!(
-                    "/v1/push?players={}&msg={msg_id}&hops={}",
+                    "/v1/push?players={}&msg={msg_id}&hops={next_hops}",
                     list.join(","),
-                    hops + 1
                 ),
             )
         })

@@ -197,13 +197,16 @@ pub async fn migrate_to(ctx: Rc<ShardCtx>, player: u64, to: String) -> Result<St
                     players: vec![player],
                     reply: rtx,
                 });
-                if let Ok(Ok(routes)) = rrx.recv_async().await {
-                    for (http, _) in routes.into_iter().filter(|(h, _)| !h.is_empty()) {
+                if let Ok(Ok(routed)) = rrx.recv_async().await {
+                    // A guess (Redis failing over) reaches every peer: none
+                    // may forward it again.
+                    let hops = if routed.guessed { 3 } else { 1 };
+                    for (http, _) in routed.routes.into_iter().filter(|(h, _)| !h.is_empty()) {
                         for (msg_id, body) in &held {
                             let (ftx, frx) = flume::bounded(1);
                             let _ = cluster.cmds.send(crate::cluster::runtime::Cmd::Forward {
                                 http: http.clone(),
-                                path: format!("/v1/push?players={player}&msg={msg_id}&hops=1"),
+                                path: format!("/v1/push?players={player}&msg={msg_id}&hops={hops}"),
                                 body: body.clone(),
                                 token: ctx.cfg().push_token.clone(),
                                 reply: ftx,
