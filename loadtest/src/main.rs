@@ -92,6 +92,10 @@ struct Cli {
     /// expected, not violations.
     #[arg(long)]
     expect_eviction: bool,
+    /// login-storm: close each connection without BYE, so the players
+    /// linger on the gateway (player_linger) instead of ending.
+    #[arg(long)]
+    linger: bool,
     /// How sessions reach the gateway: tcp, tls, ws (WebSocket) or wss.
     /// --addr is then the matching port (ws_listen for ws and wss).
     #[arg(long, value_enum, default_value = "tcp")]
@@ -184,6 +188,7 @@ fn main() -> ExitCode {
     o.allow_errors = cli.allow_errors;
     o.request_timeout = Duration::from_millis(cli.request_timeout_ms);
     o.expect_eviction = cli.expect_eviction;
+    o.linger = cli.linger;
     o.transport = cli.transport;
     o.tls_ca = cli.tls_ca;
     o.tls_name = cli.tls_name;

@@ -99,6 +99,8 @@ pub struct Options {
     /// The gateway is configured to evict frames (a small outbox): `GAP`
     /// and `RESUME_GAP` are expected, not violations.
     pub expect_eviction: bool,
+    /// login-storm: close without BYE (the players linger).
+    pub linger: bool,
     /// TCP, TLS, WebSocket or WebSocket over TLS.
     pub transport: Transport,
     /// TLS: the PEM file of the certificates to trust, and the name the
@@ -159,6 +161,7 @@ impl Options {
             allow_errors: 0,
             request_timeout: Duration::from_secs(5),
             expect_eviction: false,
+            linger: false,
             transport: Transport::Tcp,
             tls_ca: None,
             tls_name: "localhost".into(),

@@ -253,7 +253,12 @@ async fn login_storm(sh: &Shared, i: usize, st: &mut Stats) {
     };
     st.latency_us(t0.elapsed().as_micros() as u64);
     sh.live.answered();
-    s.bye().await;
+    if sh.opts.linger {
+        // No BYE: the player stays on the gateway, lingering.
+        s.c.close().await;
+    } else {
+        s.bye().await;
+    }
 }
 
 /// Push fan-out: log in, then receive every broadcast, each once, with its
