@@ -514,10 +514,25 @@ fn a_rolling_restart_under_load_moves_every_player_and_loses_nothing() {
                 loop {
                     assert!(Instant::now() < deadline, "push {k}: no gateway took it");
                     via = (via + 1) % https.len();
-                    match try_http(https[via], "POST", &path, body.as_bytes()) {
+                    let t = Instant::now();
+                    let got = try_http(https[via], "POST", &path, body.as_bytes());
+                    if t.elapsed() > Duration::from_secs(1) {
+                        eprintln!(
+                            "push {k} via {}: {:?} after {:?}",
+                            https[via],
+                            got,
+                            t.elapsed()
+                        );
+                    }
+                    match got {
                         Some((200, text)) => {
                             let v = json(&text);
-                            assert_eq!(v["offline"].as_u64(), Some(0), "push {k}: {text}");
+                            assert_eq!(
+                                v["offline"].as_u64(),
+                                Some(0),
+                                "push {k} via {}: {text}",
+                                https[via]
+                            );
                             assert_eq!(
                                 v["delivered"].as_u64().unwrap_or(0)
                                     + v["cached"].as_u64().unwrap_or(0),
@@ -545,7 +560,12 @@ fn a_rolling_restart_under_load_moves_every_player_and_loses_nothing() {
         let t = Instant::now();
         let outcome = gw.drain(&rx);
         assert!(outcome.clean, "{} drained: {outcome:?}", spot.id);
-        eprintln!("{} drained with evacuation in {:?}", spot.id, t.elapsed());
+        eprintln!(
+            "{} ({}) drained with evacuation in {:?}",
+            spot.id,
+            spot.http,
+            t.elapsed()
+        );
         gws[i] = Some(start(&demo, &redis, spot, tune));
         // Its lease, with room, before the next one evacuates.
         std::thread::sleep(LEASE);

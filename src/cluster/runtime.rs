@@ -110,7 +110,7 @@ pub enum Cmd {
         path: String,
         body: bytes::Bytes,
         token: Option<String>,
-        reply: flume::Sender<Result<crate::core::PushCounts, String>>,
+        reply: flume::Sender<Result<crate::core::PushCounts, ForwardError>>,
     },
 }
 
@@ -341,6 +341,29 @@ fn command_loop(
                 let _ = reply.send(Ok(evacuation.clone()));
                 continue;
             }
+            // A forward needs no Redis (it is how pushes go on while Redis
+            // fails over).
+            Cmd::Forward { reply, .. } if workers.load(Ordering::Acquire) >= MAX_WORKERS => {
+                let _ = reply.send(Err(ForwardError {
+                    delivered_nothing: true,
+                    reason: busy(),
+                }));
+                continue;
+            }
+            Cmd::Forward {
+                http,
+                path,
+                body,
+                token,
+                reply,
+            } => {
+                let slot = Worker::take(&workers);
+                std::thread::spawn(move || {
+                    let _slot = slot;
+                    let _ = reply.send(forward(&http, &path, &body, token.as_deref()));
+                });
+                continue;
+            }
             other => other,
         };
         if dir.is_none() {
@@ -358,7 +381,6 @@ fn command_loop(
                 })),
                 Cmd::Peers { reply } => drop(reply.send(Err(down()))),
                 Cmd::PeerLeases { reply } => drop(reply.send(Err(down()))),
-                Cmd::Forward { reply, .. } => drop(reply.send(Err(down()))),
                 Cmd::Migrate { reply, .. } => drop(reply.send(Err(down()))),
                 _ => {}
             }
@@ -476,24 +498,8 @@ fn command_loop(
             }
             // Served above, whatever Redis does.
             Cmd::StartEvacuation { .. } | Cmd::Evacuation { .. } => false,
-            Cmd::Forward { reply, .. } if workers.load(Ordering::Acquire) >= MAX_WORKERS => {
-                let _ = reply.send(Err(busy()));
-                false
-            }
-            Cmd::Forward {
-                http,
-                path,
-                body,
-                token,
-                reply,
-            } => {
-                let slot = Worker::take(&workers);
-                std::thread::spawn(move || {
-                    let _slot = slot;
-                    let _ = reply.send(forward(&http, &path, &body, token.as_deref()));
-                });
-                false
-            }
+            // Served above, without Redis.
+            Cmd::Forward { .. } => false,
             Cmd::Fetch {
                 player,
                 from,
@@ -674,6 +680,21 @@ impl Drop for Worker {
     }
 }
 
+/// Why a forwarded push failed; `delivered_nothing` when the peer surely
+/// sent no frame (it could not be reached, or answered 503), so the push
+/// may go again to wherever its players are now.
+#[derive(Debug, Clone)]
+pub struct ForwardError {
+    pub delivered_nothing: bool,
+    pub reason: String,
+}
+
+impl std::fmt::Display for ForwardError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
 /// Longest answer a peer's push API may give to a forwarded push.
 const FORWARD_ANSWER_MAX: usize = 64 * 1024;
 /// Longest a forwarded push may take in all.
@@ -684,13 +705,34 @@ fn forward(
     path: &str,
     body: &[u8],
     token: Option<&str>,
-) -> Result<crate::core::PushCounts, String> {
-    use std::io::{Read, Write};
+) -> Result<crate::core::PushCounts, ForwardError> {
+    let nothing = |reason: String| ForwardError {
+        delivered_nothing: true,
+        reason,
+    };
     let addr: std::net::SocketAddr = http
         .parse()
-        .map_err(|_| format!("bad peer address {http:?}"))?;
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| nothing(format!("bad peer address {http:?}")))?;
+    let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .map_err(|e| nothing(e.to_string()))?;
+    match forward_on(s, http, path, body, token) {
+        Err(reason) if reason.starts_with("peer answered HTTP/1.1 503") => Err(nothing(reason)),
+        other => other.map_err(|reason| ForwardError {
+            delivered_nothing: false,
+            reason,
+        }),
+    }
+}
+
+/// The request of [`forward`] on a connection made.
+fn forward_on(
+    mut s: std::net::TcpStream,
+    http: &str,
+    path: &str,
+    body: &[u8],
+    token: Option<&str>,
+) -> Result<crate::core::PushCounts, String> {
+    use std::io::{Read, Write};
     let deadline = Instant::now() + FORWARD_DEADLINE;
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
@@ -917,10 +959,21 @@ mod tests {
         let mut long = b"HTTP/1.1 200 OK\r\n\r\n".to_vec();
         long.resize(FORWARD_ANSWER_MAX * 2, b' ');
         let e = forward(&peer(long), "/v1/push?players=1&msg=1", b"", None).expect_err("long");
-        assert!(e.contains("too long"), "{e}");
+        assert!(e.reason.contains("too long") && !e.delivered_nothing, "{e}");
         let no = b"HTTP/1.1 401 Unauthorized\r\n\r\n{}".to_vec();
         let e = forward(&peer(no), "/v1/push?players=1&msg=1", b"", None).expect_err("401");
-        assert!(e.contains("401"), "{e}");
+        assert!(e.reason.contains("401") && !e.delivered_nothing, "{e}");
+        // A 503 (the peer drains) or no peer at all: nothing was sent, so
+        // the push may go again wherever its players are now.
+        let busy = b"HTTP/1.1 503 Service Unavailable\r\n\r\n{}".to_vec();
+        let e = forward(&peer(busy), "/v1/push?players=1&msg=1", b"", None).expect_err("503");
+        assert!(e.delivered_nothing, "{e}");
+        let closed = format!("127.0.0.1:{}", {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr").port()
+        });
+        let e = forward(&closed, "/v1/push?players=1&msg=1", b"", None).expect_err("refused");
+        assert!(e.delivered_nothing, "{e}");
     }
 
     #[test]

@@ -94,7 +94,10 @@ async fn route(ctx: &ShardCtx, req: Request) -> Response {
             "GET" => metrics(ctx).await,
             _ => Response::error(405, "use GET"),
         },
-        "/v1/push" | "/v1/broadcast" if ctx.is_draining() => {
+        // A backend's push goes to another gateway; one forwarded by a
+        // peer (which chose this gateway from the directory a moment ago)
+        // is still served: its players are delivered here or routed on.
+        "/v1/push" | "/v1/broadcast" if ctx.is_draining() && req.param("hops").is_none() => {
             Response::error(503, "the gateway is draining")
         }
         "/v1/push" => match method {
@@ -324,21 +327,24 @@ async fn ask_cluster<T: Send + 'static>(
     .map_err(|e| Response::error(503, &format!("cluster: {e}")))
 }
 
-/// Forward `path` to every gateway in `targets` (HTTP addresses); the sum
-/// of the counts of those that answered.
+/// Forward `path` to every gateway in `targets` (HTTP address, path, the
+/// players it names); the sum of the counts of those that answered, and
+/// the players of the forwards that surely delivered nothing (the peer
+/// could not be reached, or answered 503: it stopped or drains), which may
+/// be routed again.
 async fn forward_all(
     ctx: &ShardCtx,
     cluster: &crate::cluster::runtime::ClusterHandle,
-    targets: Vec<(String, String)>,
+    targets: Vec<(String, String, Vec<u64>)>,
     body: &Bytes,
-) -> Result<PushCounts, Response> {
+) -> Result<(PushCounts, Vec<u64>), Response> {
     use crate::cluster::runtime::Cmd;
     let token = ctx.cfg().push_token.clone();
     let mut waiting = Vec::new();
-    for (http, path) in targets {
+    for (http, path, players) in targets {
         let (tx, rx) = flume::bounded(1);
         let cmd = Cmd::Forward {
-            http,
+            http: http.clone(),
             path,
             body: body.clone(),
             token: token.clone(),
@@ -347,10 +353,11 @@ async fn forward_all(
         if cluster.cmds.send(cmd).is_err() {
             return Err(Response::error(503, "the cluster is stopped"));
         }
-        waiting.push(rx);
+        waiting.push((http, players, rx));
     }
     let mut total = PushCounts::default();
-    for rx in waiting {
+    let mut again = Vec::new();
+    for (http, players, rx) in waiting {
         let got = futures_lite::future::or(async { rx.recv_async().await.ok() }, async {
             glommio::timer::sleep(SHARD_REPLY).await;
             None
@@ -361,67 +368,86 @@ async fn forward_all(
         // error now would invite a retry that doubles their frames).
         match got {
             Some(Ok(c)) => total.add(c),
-            Some(Err(e)) => tracing::warn!(error = %e, "push: another gateway failed"),
-            None => tracing::warn!("push: another gateway did not answer in time"),
+            Some(Err(e)) if e.delivered_nothing => {
+                tracing::debug!(peer = http, error = %e, "push: another gateway took nothing; routing again");
+                again.extend(players);
+            }
+            Some(Err(e)) => tracing::warn!(peer = http, error = %e, "push: another gateway failed"),
+            None => tracing::warn!(peer = http, "push: another gateway did not answer in time"),
         }
     }
-    Ok(total)
+    Ok((total, again))
 }
+
+/// How many times a push routes again the players whose gateway took
+/// nothing (it stopped or drains while they moved on), and the pause
+/// before each.
+const REROUTES: usize = 5;
+const REROUTE_PAUSE: Duration = Duration::from_millis(100);
 
 async fn push_elsewhere(
     ctx: &ShardCtx,
     cluster: &crate::cluster::runtime::ClusterHandle,
-    players: Vec<u64>,
+    mut players: Vec<u64>,
     msg_id: u32,
     body: &Bytes,
     hops: u32,
 ) -> Result<PushCounts, Response> {
-    let routed = ask_cluster(cluster, |reply| crate::cluster::runtime::Cmd::Route {
-        players,
-        reply,
-    })
-    .await?;
-    // Guessed (Redis failing over): every peer gets every player, and
-    // forwards no further.
-    let next_hops = if routed.guessed { MAX_HOPS } else { hops + 1 };
-    let routes = routed.routes;
-    // The directory may already name this gateway for a player whose
-    // state is still on its way here (a migration): wait for it a moment.
-    let (mine, others): (Vec<_>, Vec<_>) =
-        routes.into_iter().partition(|(http, _)| http.is_empty());
     let mut total = PushCounts::default();
-    let mut arriving: Vec<u64> = mine.into_iter().flat_map(|(_, ps)| ps).collect();
-    for _ in 0..40 {
-        if arriving.is_empty() {
+    for round in 0..=REROUTES {
+        if round > 0 {
+            glommio::timer::sleep(REROUTE_PAUSE).await;
+        }
+        let routed = ask_cluster(cluster, |reply| crate::cluster::runtime::Cmd::Route {
+            players: std::mem::take(&mut players),
+            reply,
+        })
+        .await?;
+        // Guessed (Redis failing over): every peer gets every player, and
+        // forwards no further.
+        let next_hops = if routed.guessed { MAX_HOPS } else { hops + 1 };
+        // The directory may already name this gateway for a player whose
+        // state is still on its way here (a migration): wait for it a moment.
+        let (mine, others): (Vec<_>, Vec<_>) = routed
+            .routes
+            .into_iter()
+            .partition(|(http, _)| http.is_empty());
+        let mut arriving: Vec<u64> = mine.into_iter().flat_map(|(_, ps)| ps).collect();
+        for _ in 0..40 {
+            if arriving.is_empty() {
+                break;
+            }
+            glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
+            let mut by_shard: Vec<Vec<u64>> = vec![Vec::new(); ctx.count];
+            for p in arriving.drain(..) {
+                by_shard[shards::home_shard(p, ctx.count)].push(p);
+            }
+            let got = push_here(ctx, by_shard, msg_id, body).await?;
+            total.delivered += got.delivered;
+            total.cached += got.cached;
+            arriving = got.offline_players;
+        }
+        if hops >= MAX_HOPS {
             break;
         }
-        glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
-        let mut by_shard: Vec<Vec<u64>> = vec![Vec::new(); ctx.count];
-        for p in arriving.drain(..) {
-            by_shard[shards::home_shard(p, ctx.count)].push(p);
-        }
-        let got = push_here(ctx, by_shard, msg_id, body).await?;
-        total.delivered += got.delivered;
-        total.cached += got.cached;
-        arriving = got.offline_players;
-    }
-    if hops >= MAX_HOPS {
-        return Ok(total);
-    }
-    let targets = others
-        .into_iter()
-        .map(|(http, ps)| {
-            let list: Vec<String> = ps.iter().map(u64::to_string).collect();
-            (
-                http,
-                format!(
+        let targets = others
+            .into_iter()
+            .map(|(http, ps)| {
+                let list: Vec<String> = ps.iter().map(u64::to_string).collect();
+                let path = format!(
                     "/v1/push?players={}&msg={msg_id}&hops={next_hops}",
                     list.join(","),
-                ),
-            )
-        })
-        .collect();
-    total.add(forward_all(ctx, cluster, targets, body).await?);
+                );
+                (http, path, ps)
+            })
+            .collect();
+        let (got, again) = forward_all(ctx, cluster, targets, body).await?;
+        total.add(got);
+        if again.is_empty() || routed.guessed {
+            break;
+        }
+        players = again;
+    }
     Ok(total)
 }
 
@@ -468,8 +494,13 @@ async fn broadcast(ctx: &ShardCtx, req: &Request) -> Response {
                     .await
                     {
                         Ok(peers) => {
-                            let targets = peers.into_iter().map(|h| (h, path.clone())).collect();
-                            forward_all(ctx, cluster, targets, &body).await
+                            let targets = peers
+                                .into_iter()
+                                .map(|h| (h, path.clone(), Vec::new()))
+                                .collect();
+                            forward_all(ctx, cluster, targets, &body)
+                                .await
+                                .map(|(counts, _)| counts)
                         }
                         Err(r) => Err(r),
                     };

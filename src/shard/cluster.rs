@@ -212,8 +212,11 @@ pub async fn migrate_to(ctx: Rc<ShardCtx>, player: u64, to: String) -> Result<St
                                 reply: ftx,
                             });
                             // One at a time, so they keep their order there.
-                            if let Ok(Err(e)) | Err(e) =
-                                frx.recv_async().await.map_err(|e| e.to_string())
+                            if let Ok(Err(e)) | Err(e) = frx
+                                .recv_async()
+                                .await
+                                .map_err(|e| e.to_string())
+                                .map(|r| r.map_err(|e| e.reason))
                             {
                                 tracing::error!(
                                     player,
