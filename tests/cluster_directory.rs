@@ -257,3 +257,69 @@ fn a_dead_redis_is_an_error_not_a_hang() {
     assert!(r.is_err());
     assert!(t.elapsed() < Duration::from_secs(3));
 }
+
+#[test]
+fn a_redis_cluster_slot_move_is_followed_while_the_directory_works() {
+    let Some(Backing::Cluster(cluster)) = Backing::start(Kind::Cluster) else {
+        return;
+    };
+    let store = slg_gateway::cluster::Store::Cluster(cluster.urls());
+    let mut a = Directory::open(&store, "gw-a", Duration::from_secs(30), "slg:").expect("connect");
+    a.heartbeat().expect("lease");
+    let players: Vec<u64> = (1..=200).collect();
+    for p in &players {
+        assert!(matches!(
+            a.claim(*p).expect("claim"),
+            Claim::Granted { epoch: 1 }
+        ));
+    }
+    // Every slot of player 1's master goes to another master while a
+    // second connection keeps changing the directory.
+    let from = cluster.master_of("slg:p:{1}").expect("owner");
+    let to = (0..cluster.nodes.len())
+        .find(|&i| i != from && cluster.is_master(i))
+        .expect("another master");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (store, stop) = (store.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut b =
+                Directory::open(&store, "gw-b", Duration::from_secs(30), "slg:").expect("connect");
+            let mut epoch = 1;
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                // Player 1 back and forth between gw-a and gw-b: epochs
+                // must rise by one each time, whatever node answers.
+                let next = a_to_b(&mut b, epoch);
+                assert_eq!(next, epoch + 1, "a transfer during the slot move");
+                epoch = next;
+                n += 1;
+            }
+            (n, epoch)
+        })
+    };
+    cluster.reshard(from, to, cluster.slots_of(from));
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let (moves, epoch) = writer.join().expect("writer");
+    assert!(moves > 0);
+    assert_eq!(cluster.master_of("slg:p:{1}"), Some(to), "the slot moved");
+    let holders = a.holders(&players[1..]).expect("holders");
+    assert!(
+        holders.iter().all(|h| h.as_deref() == Some("gw-a")),
+        "keys moved with their slots"
+    );
+    assert_eq!(a.holder(1).expect("holder").map(|(_, e)| e), Some(epoch));
+    eprintln!("{moves} transfers of player 1 during the slot move");
+}
+
+/// Move player 1 between gw-a and gw-b (`b` is gw-b's directory): take
+/// it from gw-a, or give it back; the new epoch.
+fn a_to_b(b: &mut Directory, epoch: u64) -> u64 {
+    let (holder, _) = b.holder(1).expect("holder").expect("held");
+    let moved = if holder == "gw-a" {
+        b.take_back(1, "gw-a", epoch)
+    } else {
+        b.transfer(1, epoch, "gw-a")
+    };
+    moved.expect("transfer").expect("not fenced")
+}

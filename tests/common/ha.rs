@@ -177,6 +177,75 @@ impl RedisCluster {
         None
     }
 
+    /// Whether node `i` is a master now.
+    pub fn is_master(&self, i: usize) -> bool {
+        self.nodes[i].child.is_some()
+            && self.nodes[i]
+                .query::<String>(&["INFO", "replication"])
+                .is_some_and(|t| t.contains("role:master"))
+    }
+
+    /// How many slots node `i` owns.
+    pub fn slots_of(&self, i: usize) -> u32 {
+        let Some(id) = self.id_of(i) else { return 0 };
+        let text: String = self.nodes[i]
+            .query(&["CLUSTER", "NODES"])
+            .unwrap_or_default();
+        text.lines()
+            .filter(|l| l.starts_with(&id))
+            .flat_map(|l| {
+                l.split_whitespace()
+                    .skip(8)
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .map(|r| {
+                let mut ends = r.split('-').filter_map(|x| x.parse::<u32>().ok());
+                match (ends.next(), ends.next()) {
+                    (Some(a), Some(b)) => b - a + 1,
+                    (Some(_), None) => 1,
+                    _ => 0,
+                }
+            })
+            .sum()
+    }
+
+    /// The node id (CLUSTER MYID) of node `i`.
+    pub fn id_of(&self, i: usize) -> Option<String> {
+        self.nodes[i].query(&["CLUSTER", "MYID"])
+    }
+
+    /// Move `slots` slots (the lowest first) from node `from` to node `to`
+    /// with `redis-cli --cluster reshard`: the keys move with them, and
+    /// clients meanwhile get ASK and MOVED.
+    pub fn reshard(&self, from: usize, to: usize, slots: u32) {
+        let (Some(f), Some(t)) = (self.id_of(from), self.id_of(to)) else {
+            panic!("node ids of {from} and {to}");
+        };
+        let out = Command::new("redis-cli")
+            .args([
+                "--cluster",
+                "reshard",
+                &format!("127.0.0.1:{}", self.nodes[from].port),
+                "--cluster-from",
+                &f,
+                "--cluster-to",
+                &t,
+                "--cluster-slots",
+                &slots.to_string(),
+                "--cluster-yes",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli");
+        assert!(
+            out.status.success(),
+            "reshard: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Whether every live node says the cluster is whole.
     pub fn healthy(&self) -> bool {
         self.nodes.iter().filter(|n| n.child.is_some()).all(|n| {
