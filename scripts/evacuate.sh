@@ -15,6 +15,7 @@
 # files cap of 20,000 per process bounds connected players, and a lingering
 # player's state moves the same way; REDIRECT of connected clients is
 # covered by tests/cluster_placement.rs). Output: docs/perf/evacuate-N.txt
+# (evacuate-N-rateR.txt with RATE)
 # (a header, the evacuation's report, both steady runs' summaries).
 # Needs redis-server.
 set -euo pipefail
@@ -73,7 +74,7 @@ for n in $sizes; do
         left=$((left - batch))
     done
     held=$(curl -s 127.0.0.1:7201/metrics | awk '/^slg_players\{/ {s += $2} END {print s}')
-    f="$out/evacuate-$n.txt"
+    f="$out/evacuate-$n${RATE:+-rate$RATE}.txt"
     {
         echo "# date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
         echo "# machine: $(nproc) x $(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')"
