@@ -71,11 +71,13 @@ fn start(
     }
 }
 
-/// One HTTP request; None when the gateway cannot be reached.
+/// One HTTP request; None when the gateway cannot be reached or does not
+/// answer within 15 s (a request caught by a gateway stopping is never
+/// answered: in a process of its own the exit would close it).
 fn try_http(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Option<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(15))).ok()?;
     let head = format!(
         "{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
         body.len()
@@ -510,7 +512,7 @@ fn a_rolling_restart_under_load_moves_every_player_and_loses_nothing() {
             while !stop.load(Ordering::Acquire) {
                 let body = format!("push-{k}");
                 let path = format!("/v1/push?players={}&msg=5", list.join(","));
-                let deadline = Instant::now() + Duration::from_secs(20);
+                let deadline = Instant::now() + Duration::from_secs(40);
                 loop {
                     assert!(Instant::now() < deadline, "push {k}: no gateway took it");
                     via = (via + 1) % https.len();
