@@ -1,7 +1,9 @@
 //! The cluster with real gateway processes on one Redis: takeover across
 //! three processes, a gateway killed with SIGKILL (its players come back
-//! elsewhere after its lease, with GAP), and Redis stopped and restarted
-//! while clients play.
+//! elsewhere after its lease, with GAP), Redis stopped and restarted
+//! while clients play, and a drain with evacuation (SIGTERM with
+//! `evacuate_on_drain`, and `POST /v1/drain?evacuate=true`) that moves
+//! every player to a peer before the process exits.
 //!
 //! Needs `redis-server`; skips (`SKIPPED: ...` on stderr) without it, and
 //! fails instead when `CI` or SLG_REQUIRE_REDIS is set (.ci/run sets both).
@@ -20,14 +22,27 @@ const ECHO: u32 = 100;
 struct Gw {
     proc: Proc,
     addr: SocketAddr,
+    http: SocketAddr,
 }
 
 fn gateway(dir: &std::path::Path, demo: SocketAddr, redis_port: u16, id: &str, lease: &str) -> Gw {
+    gateway_with(dir, demo, redis_port, id, lease, "")
+}
+
+/// A gateway process; `extra` adds keys to its `cluster` section.
+fn gateway_with(
+    dir: &std::path::Path,
+    demo: SocketAddr,
+    redis_port: u16,
+    id: &str,
+    lease: &str,
+    extra: &str,
+) -> Gw {
     let port = free_port();
     let text = config_text(demo).replace(
         "    cluster: None,",
         &format!(
-            "    cluster: Some((redis: \"redis://127.0.0.1:{redis_port}/\", gateway_id: \"{id}\", advertise: \"127.0.0.1:{port}\", lease: \"{lease}\")),"
+            "    cluster: Some((redis: \"redis://127.0.0.1:{redis_port}/\", gateway_id: \"{id}\", advertise: \"127.0.0.1:{port}\", lease: \"{lease}\"{extra})),"
         ),
     );
     let text = text.replacen(
@@ -37,9 +52,9 @@ fn gateway(dir: &std::path::Path, demo: SocketAddr, redis_port: u16, id: &str, l
     );
     let path = dir.join(format!("{id}.ron"));
     std::fs::write(&path, text).expect("config");
-    let (proc, addr, _http) = spawn_gateway(&path, 2);
+    let (proc, addr, http) = spawn_gateway(&path, 2);
     assert_eq!(addr.port(), port);
-    Gw { proc, addr }
+    Gw { proc, addr, http }
 }
 
 fn temp_dir(name: &str) -> std::path::PathBuf {
@@ -146,6 +161,76 @@ fn redis_stopped_and_restarted_while_clients_play() {
     }
     assert_eq!(c.request(ECHO, b"still").expect("echo").header.code, 0);
     drop(a);
+    demo.stop();
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Each client's REDIRECT, its resume at the target (which must be `to`),
+/// and an echo there whose seq follows the last one seen.
+fn follow_to(clients: Vec<(u64, Client)>, to: SocketAddr) -> Vec<(u64, Client)> {
+    clients
+        .into_iter()
+        .map(|(p, mut c)| {
+            let f = c
+                .wait_for(|f| f.header.kind == slg_gateway::protocol::Kind::Redirect)
+                .unwrap_or_else(|e| panic!("player {p}: no redirect: {e}"));
+            let (addr, token) =
+                slg_gateway::protocol::parse_redirect_body(&f.body).expect("redirect");
+            assert_eq!(addr, to.to_string(), "player {p} sent to the peer");
+            let last = c.last_seq;
+            let mut n = Client::connect(to).expect("connect target");
+            n.set_next_req_id(c.next_req_id());
+            let s = n
+                .resume(token, last)
+                .unwrap_or_else(|e| panic!("player {p}: {e}"));
+            assert!(!s.gap);
+            let r = n.request(ECHO, b"there").expect("echo");
+            assert_eq!((r.header.code, r.header.seq), (0, last + 1), "player {p}");
+            (p, n)
+        })
+        .collect()
+}
+
+#[test]
+fn a_drain_with_evacuation_moves_every_player_before_the_process_exits() {
+    let Some(redis) = start_redis() else { return };
+    let demo = DemoBackend::start("127.0.0.1:0".parse().expect("addr")).expect("demo");
+    let dir = temp_dir("evacuate");
+    let extra = ", evacuate_on_drain: true";
+    let mut a = gateway_with(&dir, demo.addr, redis.port, "gw-a", "1s", extra);
+    let mut b = gateway(&dir, demo.addr, redis.port, "gw-b", "1s");
+    std::thread::sleep(Duration::from_millis(1200));
+    let clients: Vec<(u64, Client)> = (30..36)
+        .map(|p| {
+            let mut c = Client::connect(a.addr).expect("connect");
+            c.login_demo(p).expect("login");
+            assert_eq!(c.request(ECHO, b"here").expect("echo").header.code, 0);
+            (p, c)
+        })
+        .collect();
+    // SIGTERM: with evacuate_on_drain every player goes to gw-b first, and
+    // the process exits cleanly.
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(a.proc.0.id() as i32, libc::SIGTERM) };
+    let clients = follow_to(clients, b.addr);
+    assert_eq!(
+        common::wait_exit(&mut a.proc.0, Duration::from_secs(15)),
+        Some(0)
+    );
+    // A new gw-a; then gw-b drains with ?evacuate=true (its own config
+    // does not ask for it) and its players come back to gw-a.
+    let a2 = gateway(&dir, demo.addr, redis.port, "gw-a", "1s");
+    std::thread::sleep(Duration::from_millis(1200));
+    let (status, text) = common::http(b.http, "POST", "/v1/drain?evacuate=true", b"");
+    assert_eq!(status, 202, "{text}");
+    assert!(text.contains("\"evacuate\":true"), "{text}");
+    let clients = follow_to(clients, a2.addr);
+    assert_eq!(
+        common::wait_exit(&mut b.proc.0, Duration::from_secs(15)),
+        Some(0)
+    );
+    assert_eq!(clients.len(), 6);
+    drop(a2);
     demo.stop();
     let _ = std::fs::remove_dir_all(dir);
 }
