@@ -45,7 +45,7 @@ fn cluster_sink(senders: Vec<flume::Sender<ShardMsg>>) -> crate::cluster::runtim
         count: senders.len(),
         send: Arc::new(move |i, m| {
             let msg = match m {
-                ToShard::GiveAway { player, to } => ShardMsg::GiveAway { player, to },
+                ToShard::GiveAway { player, to, login } => ShardMsg::GiveAway { player, to, login },
                 ToShard::Adopt { image, reply } => ShardMsg::Adopt { image, reply },
             };
             senders.get(i).is_some_and(|s| s.send(msg).is_ok())
@@ -837,7 +837,9 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
                         }
                         let _ = reply.send(n);
                     }
-                    Some(ShardMsg::GiveAway { player, to }) => ctx.give_away(player, &to),
+                    Some(ShardMsg::GiveAway { player, to, login }) => {
+                        ctx.give_away(player, &to, login)
+                    }
                     Some(ShardMsg::Adopt { image, reply }) => {
                         let (loaded, _) = ctx.restore(&image.players);
                         tracing::info!(

@@ -251,6 +251,14 @@ fn transient(e: &redis::RedisError) -> bool {
         )
 }
 
+/// What a holder hands over instead of a player's state when it refuses a
+/// login's takeover (`on_second_login: RejectNew`, the player online
+/// there). No snapshot image starts like this.
+pub const HANDOVER_REFUSED: &[u8] = b"\xffslg:refused:already-online";
+/// The error a fetch answers then.
+pub const ALREADY_ONLINE: &str =
+    "the player is online on another gateway (on_second_login: RejectNew)";
+
 /// Lifetime of a gateway's inbox list after its last message.
 const INBOX_TTL_MS: u64 = 60_000;
 

@@ -58,8 +58,14 @@ pub enum Cmd {
     Fetch {
         player: u64,
         from: String,
+        /// For a login (not a resume): under `on_second_login: RejectNew`
+        /// the holder refuses while the player has a live session.
+        login: bool,
         reply: flume::Sender<Result<Option<Vec<u8>>, String>>,
     },
+    /// Refuse gateway `to` the player it asked for (it is online here and
+    /// `on_second_login` is `RejectNew`).
+    Refuse { player: u64, to: String },
     /// This gateway let `player` go to `to`, with its state.
     Give {
         player: u64,
@@ -182,8 +188,13 @@ impl Load {
 /// What the cluster's threads ask of a shard (the gateway puts it in the
 /// shard's inbox; this module knows nothing of the shard's messages).
 pub enum ToShard {
-    /// Another gateway takes the player over: send it its state.
-    GiveAway { player: u64, to: String },
+    /// Another gateway takes the player over: send it its state (`login`:
+    /// for a login, which `on_second_login: RejectNew` may refuse).
+    GiveAway {
+        player: u64,
+        to: String,
+        login: bool,
+    },
     /// A player migrated here: load it, then answer on `reply`.
     Adopt {
         image: crate::snapshot::Image,
@@ -374,6 +385,13 @@ fn command_loop(
             match cmd {
                 Cmd::Claim { reply, .. } => drop(reply.send(Err(down()))),
                 Cmd::Fetch { reply, .. } => drop(reply.send(Err(down()))),
+                Cmd::Refuse { player, to } => {
+                    tracing::warn!(
+                        player,
+                        to,
+                        "cluster: cannot refuse a takeover without redis"
+                    );
+                }
                 Cmd::Route { players, reply } => drop(reply.send(if known_peers.is_empty() {
                     Err(down())
                 } else {
@@ -500,9 +518,13 @@ fn command_loop(
             Cmd::StartEvacuation { .. } | Cmd::Evacuation { .. } => false,
             // Served above, without Redis.
             Cmd::Forward { .. } => false,
+            Cmd::Refuse { player, to } => d
+                .put_handover(player, &to, super::HANDOVER_REFUSED)
+                .is_err(),
             Cmd::Fetch {
                 player,
                 from,
+                login,
                 reply,
             } => {
                 // Wait for the other gateway on a thread of its own, so
@@ -515,7 +537,7 @@ fn command_loop(
                     let slot = Worker::take(&workers);
                     std::thread::spawn(move || {
                         let _slot = slot;
-                        fetch(&cfg, player, &from, &tx, &reply)
+                        fetch(&cfg, player, &from, login, &tx, &reply)
                     });
                     false
                 }
@@ -532,18 +554,25 @@ fn fetch(
     cfg: &ClusterConfig,
     player: u64,
     from: &str,
+    login: bool,
     tx: &flume::Sender<Cmd>,
     reply: &flume::Sender<Result<Option<Vec<u8>>, String>>,
 ) {
     let outcome = (|| -> Result<Option<Vec<u8>>, String> {
         let mut d = connect(cfg).ok_or("redis unreachable")?;
         d.want(player, HANDOVER_WAIT)
-            .and_then(|()| d.push_inbox(from, &format!("take {player} {}", cfg.gateway_id)))
+            .and_then(|()| {
+                let what = if login { "login" } else { "resume" };
+                d.push_inbox(from, &format!("take {player} {} {what}", cfg.gateway_id))
+            })
             .map_err(|e| e.to_string())?;
         let bytes = d
             .take_handover(player, HANDOVER_WAIT)
             .map_err(|e| e.to_string())?
             .ok_or_else(|| format!("gateway {from} did not hand player {player} over in time"))?;
+        if bytes == super::HANDOVER_REFUSED {
+            return Err(super::ALREADY_ONLINE.to_string());
+        }
         match d.claim(player).map_err(|e| e.to_string())? {
             Claim::Granted { epoch } | Claim::TakenOver { epoch, .. } => {
                 let _ = tx.send(Cmd::Claimed { player, epoch });
@@ -603,11 +632,15 @@ fn inbox_loop(
                         match d.wanted(player, to) {
                             Ok(true) => {
                                 let home = shards::home_shard(player, shards.count);
+                                // A request without the word (an older
+                                // gateway's) is a takeover as before.
+                                let login = words.next() == Some("login");
                                 (shards.send)(
                                     home,
                                     ToShard::GiveAway {
                                         player,
                                         to: to.to_string(),
+                                        login,
                                     },
                                 );
                             }

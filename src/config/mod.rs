@@ -69,6 +69,11 @@ pub struct Config {
     /// How long a player without a connection is kept for resume.
     #[serde(with = "humantime_serde", default = "default_player_linger")]
     pub player_linger: Duration,
+    /// A login of a player who already has a live session: `ReplaceOld`
+    /// kicks that session (`REPLACED`), `RejectNew` refuses the login
+    /// (`ALREADY_ONLINE`). A resume with a valid token replaces either way.
+    #[serde(default)]
+    pub on_second_login: SecondLogin,
     /// How long a reconnect token stays valid after it is issued.
     #[serde(with = "humantime_serde", default = "default_token_lifetime")]
     pub token_lifetime: Duration,
@@ -333,6 +338,16 @@ pub struct ClusterConfig {
 
 fn default_migrate_parallel() -> usize {
     16
+}
+
+/// What a login does to a live session of the same player.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+pub enum SecondLogin {
+    /// The new login wins: the live session gets `KICK REPLACED`.
+    #[default]
+    ReplaceOld,
+    /// The live session wins: the login is answered `ALREADY_ONLINE`.
+    RejectNew,
 }
 
 /// Redis under Sentinel.

@@ -230,6 +230,21 @@ impl Core {
         None
     }
 
+    /// Whether `player` has a session (other than `sid`) that is not
+    /// closing.
+    pub(super) fn has_live_session(&self, player: u64, sid: Option<SessionId>) -> bool {
+        self.players
+            .get(&player)
+            .and_then(|p| p.session)
+            .is_some_and(|old| {
+                Some(old) != sid
+                    && self
+                        .sessions
+                        .get(&old)
+                        .is_some_and(|c| !c.session.is_closing())
+            })
+    }
+
     /// The takeover flapping guard (`limits.takeovers`): whether the login
     /// on `sid` may replace the player's live session, if it has one (a
     /// player with no session, such as one whose connection dropped, is

@@ -95,13 +95,20 @@ impl Core {
         match claim {
             Ok(()) => self.arrive_here(sid, arrival),
             Err(error) => {
+                let code = match error.code {
+                    Code::AlreadyOnline => {
+                        bump(&self.stats.second_logins_refused);
+                        Code::AlreadyOnline
+                    }
+                    _ => Code::BackendUnavailable,
+                };
                 self.metrics.error(error.origin, error.code.into());
                 self.event(Event::ArrivalRefused {
                     sid,
                     player: arrival.player(),
                     error,
                 });
-                self.refuse_arrival(sid, arrival);
+                self.refuse_arrival(sid, arrival, code);
             }
         }
     }
@@ -120,21 +127,16 @@ impl Core {
     }
 
     /// A login or resume that cannot be served (the cluster could not give
-    /// this gateway the player): the session stays open, logged out.
-    fn refuse_arrival(&mut self, sid: SessionId, arrival: Arrival) {
+    /// this gateway the player): the session stays open, logged out; a
+    /// login is answered `code`.
+    fn refuse_arrival(&mut self, sid: SessionId, arrival: Arrival, code: Code) {
         if let Some(c) = self.sessions.get_mut(&sid) {
             c.session.binding_failed();
         }
         match arrival {
             Arrival::Login { reply, .. } => {
                 bump(&self.stats.logins_rejected);
-                self.respond(
-                    sid,
-                    reply.req_id,
-                    reply.msg_id,
-                    Code::BackendUnavailable.into(),
-                    &[],
-                );
+                self.respond(sid, reply.req_id, reply.msg_id, code.into(), &[]);
             }
             Arrival::Resume { .. } => self.reject_resume(sid, Code::ResumeRejected),
         }
@@ -424,6 +426,18 @@ impl Core {
     /// `SESSION` (R = last ack, or `GAP`), every retained unacknowledged
     /// frame, then the login `RESPONSE` with the next seq.
     fn login(&mut self, sid: SessionId, player: u64, reply: LoginReply) {
+        if self.cfg.on_second_login == crate::config::SecondLogin::RejectNew
+            && self.has_live_session(player, Some(sid))
+        {
+            if let Some(c) = self.sessions.get_mut(&sid) {
+                c.session.binding_failed();
+            }
+            bump(&self.stats.logins_rejected);
+            bump(&self.stats.second_logins_refused);
+            self.event(Event::SecondLoginRefused { sid, player });
+            let code = Code::AlreadyOnline.into();
+            return self.respond(sid, reply.req_id, reply.msg_id, code, &[]);
+        }
         if !self.may_take_over(sid, player) {
             if let Some(c) = self.sessions.get_mut(&sid) {
                 c.session.binding_failed();

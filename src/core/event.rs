@@ -38,6 +38,8 @@ pub enum Event {
     /// A login of `player` on `sid` was refused `RATE_LIMITED`
     /// by the takeover flapping guard (its live session stays).
     TakeoverRefused { sid: SessionId, player: u64 },
+    /// A login refused: the player has a live session (`RejectNew`).
+    SecondLoginRefused { sid: SessionId, player: u64 },
     /// The gateway sent `KICK code` to `sid`.
     Kicked {
         sid: SessionId,

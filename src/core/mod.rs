@@ -114,6 +114,8 @@ pub enum ClusterOut {
         to: String,
         image: Option<Vec<u8>>,
     },
+    /// Gateway `to` may not have the player (`on_second_login: RejectNew`).
+    Refuse { player: u64, to: String },
 }
 
 /// Which of a session's tasks to wake.

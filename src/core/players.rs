@@ -343,10 +343,30 @@ impl Core {
     }
 
     /// Another gateway takes `player` over: its session here is kicked
-    /// (`REPLACED`) and its state goes to gateway `to`.
-    pub fn handle_give_away(&mut self, player: u64, to: &str, now: Instant, unix_ms: u64) {
+    /// (`REPLACED`) and its state goes to gateway `to`. For a `login` under
+    /// `on_second_login: RejectNew`, a player with a live session here
+    /// stays, and `to` is refused.
+    pub fn handle_give_away(
+        &mut self,
+        player: u64,
+        to: &str,
+        login: bool,
+        now: Instant,
+        unix_ms: u64,
+    ) {
         self.now = now;
         if !self.clustered {
+            return;
+        }
+        if login
+            && self.cfg.on_second_login == crate::config::SecondLogin::RejectNew
+            && self.has_live_session(player, None)
+        {
+            crate::core::stats::bump(&self.stats.second_logins_refused);
+            self.cluster_out.push_back(ClusterOut::Refuse {
+                player,
+                to: to.to_string(),
+            });
             return;
         }
         if let Some(sid) = self.player_session(player) {

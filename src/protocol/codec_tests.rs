@@ -73,7 +73,7 @@ fn link_kind_tables() {
 
 #[test]
 fn code_values_match_protocol() {
-    let table: [(u16, Code, &str); 20] = [
+    let table: [(u16, Code, &str); 21] = [
         (0x0000, Code::Ok, "OK"),
         (0x8001, Code::NoRoute, "NO_ROUTE"),
         (0x8002, Code::NotAuthenticated, "NOT_AUTHENTICATED"),
@@ -87,6 +87,7 @@ fn code_values_match_protocol() {
         (0x8010, Code::ResumeRejected, "RESUME_REJECTED"),
         (0x8011, Code::ResumeGap, "RESUME_GAP"),
         (0x8012, Code::RateLimited, "RATE_LIMITED"),
+        (0x8013, Code::AlreadyOnline, "ALREADY_ONLINE"),
         (0x8101, Code::Replaced, "REPLACED"),
         (0x8102, Code::Idle, "IDLE"),
         (0x8103, Code::Shutdown, "SHUTDOWN"),
@@ -113,7 +114,7 @@ fn code_values_match_protocol() {
     let known = (0..=u16::MAX)
         .filter(|v| Code::from_u16(*v).is_some())
         .count();
-    assert_eq!(known, 20);
+    assert_eq!(known, 21);
 }
 
 #[test]

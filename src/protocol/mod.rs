@@ -156,6 +156,9 @@ pub enum Code {
     ResumeRejected = 0x8010,
     ResumeGap = 0x8011,
     RateLimited = 0x8012,
+    /// An addition (docs/PROTOCOL.md): a login refused because the player
+    /// already has a live session and `on_second_login` is `RejectNew`.
+    AlreadyOnline = 0x8013,
     Replaced = 0x8101,
     Idle = 0x8102,
     Shutdown = 0x8103,
@@ -171,7 +174,7 @@ impl Code {
     pub const GAP: Code = Code::ResumeGap;
 
     /// Every code, in wire-value order.
-    pub const ALL: [Code; 20] = [
+    pub const ALL: [Code; 21] = [
         Code::Ok,
         Code::NoRoute,
         Code::NotAuthenticated,
@@ -185,6 +188,7 @@ impl Code {
         Code::ResumeRejected,
         Code::ResumeGap,
         Code::RateLimited,
+        Code::AlreadyOnline,
         Code::Replaced,
         Code::Idle,
         Code::Shutdown,
@@ -210,6 +214,7 @@ impl Code {
             0x8010 => Code::ResumeRejected,
             0x8011 => Code::ResumeGap,
             0x8012 => Code::RateLimited,
+            0x8013 => Code::AlreadyOnline,
             0x8101 => Code::Replaced,
             0x8102 => Code::Idle,
             0x8103 => Code::Shutdown,
@@ -237,6 +242,7 @@ impl Code {
             Code::ResumeRejected => "RESUME_REJECTED",
             Code::ResumeGap => "RESUME_GAP",
             Code::RateLimited => "RATE_LIMITED",
+            Code::AlreadyOnline => "ALREADY_ONLINE",
             Code::Replaced => "REPLACED",
             Code::Idle => "IDLE",
             Code::Shutdown => "SHUTDOWN",

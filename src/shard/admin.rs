@@ -46,9 +46,9 @@ impl ShardCtx {
     // ----- cluster, drain and snapshots ------------------------------------
 
     /// Another gateway takes `player` over.
-    pub fn give_away(&self, player: u64, to: &str) {
+    pub fn give_away(&self, player: u64, to: &str, login: bool) {
         let unix = crate::snapshot::unix_ms_now();
-        self.with(|c, now| c.handle_give_away(player, to, now, unix));
+        self.with(|c, now| c.handle_give_away(player, to, login, now, unix));
     }
 
     /// A player whose gateway died holding it starts here with nothing.

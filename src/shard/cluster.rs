@@ -52,6 +52,7 @@ pub(super) async fn arrive_clustered(
                 .send(Cmd::Fetch {
                     player,
                     from: by.clone(),
+                    login: matches!(arrival, Arrival::Login { .. }),
                     reply: tx,
                 })
                 .is_ok()
@@ -62,7 +63,20 @@ pub(super) async fn arrive_clustered(
                 rx.recv_async()
                     .await
                     .unwrap_or_else(|_| Err("the cluster is stopped".into()))
-                    .map_err(Error::cluster)
+                    .map_err(|e| {
+                        if e == crate::cluster::ALREADY_ONLINE {
+                            // The holder keeps its live session: the
+                            // login is answered ALREADY_ONLINE.
+                            Error::new(
+                                crate::error::Origin::Cluster,
+                                crate::protocol::Code::AlreadyOnline,
+                                true,
+                                e,
+                            )
+                        } else {
+                            Error::cluster(e)
+                        }
+                    })
             } else {
                 Err(Error::cluster("the cluster is stopped"))
             };

@@ -28,6 +28,11 @@ pub fn log(shard: usize, e: &Event) {
             player,
             "takeover refused: limits.takeovers (flapping)"
         ),
+        Event::SecondLoginRefused { sid, player } => tracing::debug!(
+            session = sid,
+            player,
+            "login refused ALREADY_ONLINE: on_second_login RejectNew"
+        ),
         Event::Kicked { sid, player, code } => {
             tracing::info!(session = sid, player = ?player, reason = code.name(), "kick")
         }

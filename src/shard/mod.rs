@@ -293,6 +293,14 @@ impl ShardCtx {
             ClusterOut::Give { player, to, image } => {
                 let _ = cluster.cmds.send(Cmd::Give { player, to, image });
             }
+            ClusterOut::Refuse { player, to } => {
+                tracing::info!(
+                    player,
+                    to,
+                    "takeover refused: the player is online here (on_second_login RejectNew)"
+                );
+                let _ = cluster.cmds.send(Cmd::Refuse { player, to });
+            }
         }
     }
 

@@ -59,7 +59,11 @@ pub enum ShardMsg {
         reply: flume::Sender<usize>,
     },
     /// Another gateway takes `player` over: let it go to gateway `to`.
-    GiveAway { player: u64, to: String },
+    GiveAway {
+        player: u64,
+        to: String,
+        login: bool,
+    },
     /// A player migrated here: load it.
     Adopt {
         image: crate::snapshot::Image,

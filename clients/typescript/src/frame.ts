@@ -40,6 +40,8 @@ export const Code = {
   RESUME_REJECTED: 0x8010,
   RESUME_GAP: 0x8011,
   RATE_LIMITED: 0x8012,
+  /** An addition of this gateway: a login refused, the player already has a live session (`on_second_login: RejectNew`). */
+  ALREADY_ONLINE: 0x8013,
   REPLACED: 0x8101,
   IDLE: 0x8102,
   SHUTDOWN: 0x8103,
