@@ -227,6 +227,8 @@ fn router_with(extra: u32) -> (Router, u32) {
             login: false,
             balance: balances[(k % 3) as usize],
             idempotent: false,
+            order: Default::default(),
+            group: None,
         });
     }
     cfg.validate().expect("bench config is valid");

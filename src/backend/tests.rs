@@ -14,6 +14,7 @@ fn asker(player: u64, req_id: u32) -> Asker {
         login: false,
         bytes: 0,
         light: false,
+        lane: None,
     }
 }
 use crate::config::Balance;
@@ -28,6 +29,7 @@ fn route(balance: Balance) -> Route {
         login: false,
         balance,
         idempotent: false,
+        lane: None,
     }
 }
 

@@ -396,6 +396,9 @@ pub struct Limits {
     /// Bytes of request bodies of one session at backends; beyond it
     /// OVERLOADED (one request always goes, however large).
     pub session_inflight_bytes: usize,
+    /// Requests of one player waiting behind one at a backend in an order
+    /// group (`order: PerPlayer` routes); beyond it OVERLOADED.
+    pub ordered_queue: usize,
     /// Requests waiting on one backend connection; beyond it the instance
     /// is skipped, and OVERLOADED when every instance is that full.
     pub backend_inflight: usize,
@@ -457,6 +460,7 @@ impl Default for Limits {
         Limits {
             session_inflight: 256,
             session_inflight_bytes: 1024 * 1024,
+            ordered_queue: 32,
             backend_inflight: 65536,
             backend_queue_bytes: 8 * 1024 * 1024,
             rate: None,
@@ -564,6 +568,25 @@ pub struct RouteConfig {
     pub idempotent: bool,
     #[serde(default)]
     pub balance: Balance,
+    /// `PerPlayer`: a player's requests on the routes of one order group
+    /// go to the backend one at a time, in the order sent, and are
+    /// answered in that order. `Concurrent` (the default): as they come.
+    #[serde(default)]
+    pub order: Order,
+    /// The order group of a `PerPlayer` route (None: the service's one
+    /// group, shared by its `PerPlayer` routes without a group).
+    #[serde(default)]
+    pub group: Option<String>,
+}
+
+/// Whether a route's requests of one player wait for each other.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+pub enum Order {
+    /// Sent as they come, several in flight; answers as backends finish.
+    #[default]
+    Concurrent,
+    /// One at a time per player and order group, answers in request order.
+    PerPlayer,
 }
 
 /// How a route picks an instance of its service.
@@ -849,6 +872,9 @@ impl Config {
                 "snapshot_dir",
                 "must not be empty (use None for no snapshots)",
             ));
+        }
+        if self.limits.ordered_queue == 0 {
+            return Err(invalid("limits.ordered_queue", "must be greater than 0"));
         }
         if self.outbox.max_frames == 0 {
             return Err(invalid("outbox.max_frames", "must be greater than 0"));

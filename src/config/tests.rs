@@ -76,8 +76,13 @@ fn embedded_default_parses_and_validates() {
             ((2, 2), "demo", false, false, Balance::RoundRobin),
             ((100, 199), "demo", true, false, Balance::RoundRobin),
             ((200, 200), "demo", true, false, Balance::RoundRobin),
+            ((201, 201), "demo", true, false, Balance::RoundRobin),
         ]
     );
+    assert_eq!(c.routes[4].order, crate::config::Order::PerPlayer);
+    assert!(c.routes[..4]
+        .iter()
+        .all(|r| r.order == crate::config::Order::Concurrent));
     assert_eq!(c.push_token, None);
     assert_eq!(c.demo_backend.as_deref(), Some("127.0.0.1:7100"));
     assert_eq!(c.log, "info");
@@ -482,6 +487,8 @@ fn route_ranges_must_not_overlap() {
                 login: false,
                 balance: Balance::RoundRobin,
                 idempotent: false,
+                order: Default::default(),
+                group: None,
             },
         );
         c.routes.swap(2, 3);
@@ -497,7 +504,7 @@ fn route_ranges_must_not_overlap() {
         "config key `routes[3].msgs`: range 199..=200 overlaps routes[2] (100..=199)"
     );
     let mut c = Config::embedded_default();
-    c.routes[3].msgs = (200, 300);
+    c.routes[4].msgs = (201, 300);
     c.validate().unwrap();
 }
 

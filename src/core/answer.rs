@@ -17,6 +17,12 @@ impl Core {
         if asker.login {
             return self.on_login_answer(asker, a);
         }
+        self.answer(asker, a);
+        // An ordered route's answer lets the next request of its group go.
+        self.next_ordered(&asker);
+    }
+
+    fn answer(&mut self, asker: Asker, a: Answer) {
         // One lookup: the request's bytes are back, and a login or resume
         // may wait for its last answer.
         let wake = self.sessions.get_mut(&asker.session).is_some_and(|c| {

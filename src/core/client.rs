@@ -344,7 +344,8 @@ impl Core {
                     c.session.forwarded(login);
                     c.session.count_inflight_bytes(body.len(), true);
                 }
-                self.forwards.push_back(Forward {
+                let lane = route.lane.filter(|_| player != 0 && !login);
+                let fwd = Forward {
                     route: route.clone(),
                     header: *h,
                     body,
@@ -357,8 +358,14 @@ impl Core {
                         login,
                         bytes: bytes as u32,
                         light,
+                        lane,
                     },
-                });
+                };
+                match lane {
+                    // A route with `order: PerPlayer`: one at a time.
+                    Some(g) => self.send_ordered(g, fwd),
+                    None => self.forwards.push_back(fwd),
+                }
             }
         }
     }
@@ -376,6 +383,7 @@ impl Core {
             bump(&self.stats.overloaded);
         }
         self.respond(asker.session, asker.req_id, asker.msg_id, code.into(), &[]);
+        self.next_ordered(&asker);
     }
 
     // ----- login and resume on the home shard ---------------------------

@@ -26,6 +26,7 @@ mod client;
 mod entropy;
 mod event;
 mod lifecycle;
+mod order;
 mod output;
 mod players;
 mod stats;
@@ -88,6 +89,9 @@ pub struct Asker {
     pub bytes: u32,
     /// Its session had nothing else in flight (see the backends' reserve).
     pub light: bool,
+    /// The order group of a `PerPlayer` route (see `order`): its answer
+    /// lets the player's next request of the group go.
+    pub lane: Option<u16>,
 }
 
 /// A request for a backend. If it cannot be sent, the shell says so with
@@ -162,6 +166,9 @@ pub struct Core {
     /// Players being migrated away, with the pushes that arrived meanwhile
     /// (they follow the player once it has moved).
     migrating: HashMap<u64, Vec<(u32, Bytes)>>,
+    /// The order groups with a request at a backend, by (player, group):
+    /// the requests waiting behind it (`order: PerPlayer`).
+    lanes: HashMap<(u64, u16), order::Lane>,
     next_session: u64,
     /// Source of player lives (see `Player::life`).
     next_life: u64,
@@ -204,6 +211,7 @@ impl Core {
             outbox_meter: Default::default(),
             players: HashMap::new(),
             migrating: HashMap::new(),
+            lanes: HashMap::new(),
             next_session: 1,
             next_life: 1,
             lifecycle: Lifecycle::Running,

@@ -26,6 +26,7 @@ crate::counters! {
         write_backlogs: "Times a client socket took less than was queued (a writer task waited for it to drain).",
         login_timeouts: "Connections closed for not logging in within login_timeout (KICK LOGIN_TIMEOUT).",
         takeovers_refused: "Logins refused RATE_LIMITED by the takeover flapping guard (limits.takeovers).",
+        ordered_timeouts: "Requests of PerPlayer routes answered TIMEOUT after waiting their deadline behind earlier ones.",
         second_logins_refused: "Logins refused ALREADY_ONLINE: the player had a live session (on_second_login: RejectNew).",
         budget_evictions: "Outbox frames evicted because the shard's outboxes passed memory.outboxes (also counted in evictions).",
         budget_kicks: "Sessions kicked SLOW_CONSUMER because the shard's connection buffers passed memory.buffers.",

@@ -11,6 +11,11 @@
 //!   digits (none: 0; at most [`MAX_DELAY`]), then echo the body. So `400`
 //!   waits 400 ms, and `60:c3r17` waits 60 ms and answers `60:c3r17`: a
 //!   test can tag a delayed request and recognise its answer.
+//! - msg 201 ([`ARRIVALS`]): as msg 200, but the answer's body is `N:` and
+//!   then the request's body, N being the number of msg 201 requests of
+//!   this player that reached this connection so far, this one included:
+//!   the order in which the backend received a player's requests, for
+//!   tests of `order: PerPlayer` routes.
 //! - any other msg: application code 2 ([`UNKNOWN_MSG`]), empty body.
 //! - PING: PONG.
 //!
@@ -41,6 +46,8 @@ pub const LOGIN_REJECTED: u16 = 1;
 pub const UNKNOWN_MSG: u16 = 2;
 /// msg_id answered with the instance's own address (for balancing tests).
 pub const WHOAMI: u32 = 3;
+/// msg_id whose answer numbers the player's arrivals (see the module doc).
+pub const ARRIVALS: u32 = 201;
 /// Longest delay msg 200 honours.
 pub const MAX_DELAY: Duration = Duration::from_secs(60);
 
@@ -176,7 +183,7 @@ pub fn answer(msg_id: u32, body: &[u8]) -> (u16, u64, Vec<u8>, Option<Duration>)
         },
         2 | 100..=199 => (0, 0, body.to_vec(), None),
         WHOAMI => (0, 0, Vec::new(), None),
-        200 => (0, 0, body.to_vec(), Some(leading_ms(body).min(MAX_DELAY))),
+        200 | ARRIVALS => (0, 0, body.to_vec(), Some(leading_ms(body).min(MAX_DELAY))),
         _ => (UNKNOWN_MSG, 0, Vec::new(), None),
     }
 }
@@ -251,6 +258,8 @@ struct Conn {
     out: Rc<Outbound>,
     me: SocketAddr,
     log: Option<Rc<AnswerLog>>,
+    /// msg 201 requests received, by player.
+    arrivals: RefCell<std::collections::HashMap<u64, u64>>,
 }
 
 impl Conn {
@@ -283,6 +292,7 @@ async fn serve_conn(
     let _ = stream.set_nodelay(true);
     let stream = SharedStream::new(stream);
     let conn = Rc::new(Conn {
+        arrivals: RefCell::new(std::collections::HashMap::new()),
         out: Rc::new(Outbound::new()),
         me,
         log: log.map(|tx| {
@@ -336,6 +346,17 @@ fn handle(conn: &Rc<Conn>, frame: Frame) {
             let (code, player, mut body, delay) = answer(h.msg_id, &frame.body);
             if h.msg_id == WHOAMI {
                 body = conn.me.to_string().into_bytes();
+            }
+            if h.msg_id == ARRIVALS {
+                let n = {
+                    let mut arrivals = conn.arrivals.borrow_mut();
+                    let n = arrivals.entry(h.seq).or_insert(0);
+                    *n += 1;
+                    *n
+                };
+                let mut tagged = format!("{n}:").into_bytes();
+                tagged.extend_from_slice(&body);
+                body = tagged;
             }
             let reply = Header {
                 kind: Kind::Response,

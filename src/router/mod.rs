@@ -21,6 +21,9 @@ pub struct Route {
     pub balance: Balance,
     /// Safe to send again to another instance when its connection dies.
     pub idempotent: bool,
+    /// `order: PerPlayer`: the index of its order group (one queue per
+    /// player and group); None: concurrent.
+    pub lane: Option<u16>,
 }
 
 /// The route table of one shard.
@@ -34,11 +37,21 @@ impl Router {
     /// Build from a validated config (services in name order).
     pub fn new(cfg: &Config) -> Router {
         let services: Vec<String> = cfg.services.keys().cloned().collect();
+        // Order groups: (service, group name), numbered as first met.
+        let mut groups: Vec<(String, Option<String>)> = Vec::new();
         let mut routes: Vec<Route> = cfg
             .routes
             .iter()
             .filter_map(|r| {
                 let service = services.iter().position(|s| s == &r.service)?;
+                let lane = (r.order == crate::config::Order::PerPlayer).then(|| {
+                    let key = (r.service.clone(), r.group.clone());
+                    let i = groups.iter().position(|g| *g == key).unwrap_or_else(|| {
+                        groups.push(key);
+                        groups.len() - 1
+                    });
+                    i as u16
+                });
                 Some(Route {
                     first: r.msgs.0,
                     last: r.msgs.1,
@@ -47,6 +60,7 @@ impl Router {
                     login: r.login,
                     balance: r.balance,
                     idempotent: r.idempotent,
+                    lane,
                 })
             })
             .collect();
@@ -138,6 +152,7 @@ mod tests {
                     login,
                     balance: Balance::RoundRobin,
                     idempotent: false,
+                    lane: None,
                 })
                 .collect(),
             services: vec!["s".into()],

@@ -15,6 +15,7 @@ fn route(auth: bool, login: bool) -> Route {
         login,
         balance: Balance::RoundRobin,
         idempotent: false,
+        lane: None,
     }
 }
 

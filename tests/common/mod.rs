@@ -399,6 +399,8 @@ pub fn balanced_gateway(
         login: false,
         balance,
         idempotent: false,
+        order: Default::default(),
+        group: None,
     });
     cfg.backend.reconnect_min = Duration::from_millis(50);
     cfg.backend.reconnect_max = Duration::from_millis(200);
