@@ -165,3 +165,81 @@ fn a_queue_of_five_survives_a_drop_and_a_resume_each_answered_once_in_order() {
         "none answered twice"
     );
 }
+
+/// Four requests on the ordered route: one slow at the backend, three
+/// waiting behind it; their req_ids.
+fn slow_and_three_waiting(c: &mut Client) -> Vec<u32> {
+    let mut sent = vec![c.send_request(ORDERED, b"300:slow").expect("send")];
+    for i in 0..3 {
+        sent.push(
+            c.send_request(ORDERED, format!("0:w{i}").as_bytes())
+                .expect("send"),
+        );
+    }
+    // Read by the gateway before what follows.
+    std::thread::sleep(Duration::from_millis(80));
+    sent
+}
+
+#[test]
+fn a_drain_answers_the_waiting_requests_shutting_down_in_order() {
+    let demo =
+        slg_gateway::demo::DemoBackend::start("127.0.0.1:0".parse().expect("addr")).expect("demo");
+    let gw = slg_gateway::gateway::Gateway::start(common::config(demo.addr, 2)).expect("gw");
+    let mut c = Client::connect(gw.client_addr).expect("connect");
+    c.login_demo(11).expect("login");
+    let sent = slow_and_three_waiting(&mut c);
+    let (_tx, rx) = flume::unbounded();
+    let drain = std::thread::spawn(move || gw.drain(&rx));
+    let got = responses(&mut c, 4);
+    let ids: Vec<u32> = got.iter().map(|f| f.header.req_id).collect();
+    assert_eq!(ids, sent);
+    let codes: Vec<u16> = got.iter().map(|f| f.header.code).collect();
+    let sd = u16::from(Code::ShuttingDown);
+    assert_eq!(
+        codes,
+        vec![0, sd, sd, sd],
+        "the one at the backend answered, the rest refused"
+    );
+    assert_eq!(c.expect_kick().expect("kick"), u16::from(Code::Shutdown));
+    assert!(drain.join().expect("drain").clean);
+    demo.stop();
+}
+
+#[test]
+fn a_migration_answers_the_waiting_requests_migrating_in_order() {
+    use common::ha::{Backing, Kind as Store};
+    let Some(redis) = Backing::start(Store::Server) else {
+        return;
+    };
+    let demo =
+        slg_gateway::demo::DemoBackend::start("127.0.0.1:0".parse().expect("addr")).expect("demo");
+    let start = |id: &str| {
+        let mut cfg = common::config(demo.addr, 2);
+        cfg.listen = format!("127.0.0.1:{}", common::free_port());
+        cfg.cluster = Some(redis.cluster_config(id, &cfg.listen, Duration::from_secs(5)));
+        slg_gateway::gateway::Gateway::start(cfg).expect("gateway")
+    };
+    let (a, b) = (start("gw-a"), start("gw-b"));
+    std::thread::sleep(Duration::from_millis(200));
+    let mut c = Client::connect(a.client_addr).expect("connect");
+    c.login_demo(12).expect("login");
+    let sent = slow_and_three_waiting(&mut c);
+    let http = a.http_addr;
+    let migrate = std::thread::spawn(move || {
+        common::http(http, "POST", "/v1/migrate?player=12&to=gw-b", b"")
+    });
+    let got = responses(&mut c, 4);
+    let ids: Vec<u32> = got.iter().map(|f| f.header.req_id).collect();
+    assert_eq!(ids, sent);
+    let codes: Vec<u16> = got.iter().map(|f| f.header.code).collect();
+    let m = u16::from(Code::Migrating);
+    assert_eq!(codes, vec![0, m, m, m]);
+    let (status, text) = migrate.join().expect("migrate");
+    assert_eq!(status, 200, "{text}");
+    c.wait_for(|f| f.header.kind == Kind::Redirect)
+        .expect("redirect");
+    a.stop();
+    b.stop();
+    demo.stop();
+}

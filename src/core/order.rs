@@ -8,7 +8,10 @@
 //!
 //! The queue belongs to the player, not the session: what a client sent
 //! before a drop is sent and answered (into the outbox) while it is away,
-//! and replayed in order after its resume.
+//! and replayed in order after its resume. When the gateway drains or the
+//! player migrates, the requests still waiting are answered
+//! `SHUTTING_DOWN` or `MIGRATING`, in order, once the one at the backend
+//! is answered.
 
 use super::{Answer, Asker, Core, Forward};
 use crate::error::Error;
@@ -73,18 +76,29 @@ impl Core {
                 self.lanes.remove(&key);
                 return;
             };
-            if self.now.saturating_duration_since(read_at) >= timeout {
-                // It waited its whole deadline: TIMEOUT, in its turn.
+            // Answered here, in its turn, without reaching the backend:
+            // the gateway drains, the player moves, or it waited its whole
+            // deadline.
+            let instead = if self.is_draining() {
+                Some(Code::ShuttingDown)
+            } else if self.migrating.contains_key(&asker.player) {
+                Some(Code::Migrating)
+            } else if self.now.saturating_duration_since(read_at) >= timeout {
+                bump_timeout(self);
+                Some(Code::Timeout)
+            } else {
+                None
+            };
+            if let Some(code) = instead {
                 let a = Answer {
                     from_backend: false,
-                    code: Code::Timeout.into(),
+                    code: code.into(),
                     msg_id: fwd.header.msg_id,
                     player: 0,
                     body: Bytes::new(),
                 };
                 let mut asker = fwd.asker;
                 asker.lane = None;
-                bump_timeout(self);
                 self.handle_answer(asker, a, self.now);
                 continue;
             }
