@@ -13,6 +13,10 @@
 //! but only past frames the gateway really evicted, and every frame a
 //! client never got must lie in a range a GAP declared lost.
 //!
+//! A third of the requests go to a route with `order: PerPlayer`: at most
+//! one of a player's (life's) is ever at the backend, and they reach it in
+//! the order the client sent them.
+//!
 //! The run's seed is printed; `SLG_SIM_SEED=<seed>` repeats a run and
 //! `SLG_SIM_CASES=<n>` changes how many sequences it has (10,000 by default).
 //!
@@ -29,6 +33,8 @@ use std::time::{Duration, Instant};
 
 const LOGIN: u32 = 1;
 const ASK: u32 = 150;
+/// A route with `order: PerPlayer` (the shipped config's msg 201).
+const ORDERED: u32 = 201;
 const PUSH: u32 = 2001;
 
 struct Rng(u64);
@@ -183,6 +189,11 @@ struct Case {
     /// SESSION GAPs and RESUME_GAPs the clients got (the run shows them).
     gaps: u64,
     log: Vec<String>,
+    /// Ordered requests seen at the backend, (player, life, req_id), and
+    /// the last req_id that reached it per (player, life).
+    ordered_seen: std::collections::HashSet<(u64, u64, u32)>,
+    ordered_last: HashMap<(u64, u64), u32>,
+    ordered_arrivals: u64,
 }
 
 impl Case {
@@ -222,6 +233,44 @@ impl Case {
             evicting,
             gaps: 0,
             log: Vec::new(),
+            ordered_seen: std::collections::HashSet::new(),
+            ordered_last: HashMap::new(),
+            ordered_arrivals: 0,
+        }
+    }
+
+    /// `order: PerPlayer`: one at a time per player's life at the backend,
+    /// in the order sent.
+    fn check_ordered(&mut self) {
+        let mut at_backend: HashMap<(u64, u64), u32> = HashMap::new();
+        let mut arrived = Vec::new();
+        for sent in &self.sim.backend {
+            let f = &sent.forward;
+            if f.header.msg_id != ORDERED {
+                continue;
+            }
+            let key = (f.asker.player, f.asker.life);
+            *at_backend.entry(key).or_insert(0) += 1;
+            if self.ordered_seen.insert((key.0, key.1, f.asker.req_id)) {
+                arrived.push((key, f.asker.req_id));
+            }
+        }
+        if let Some((key, n)) = at_backend.iter().find(|(_, n)| **n > 1) {
+            self.fail(format!(
+                "player {} (life {}): {n} ordered requests at the backend",
+                key.0, key.1
+            ));
+        }
+        for (key, req) in arrived {
+            self.ordered_arrivals += 1;
+            if let Some(last) = self.ordered_last.insert(key, req) {
+                if req <= last {
+                    self.fail(format!(
+                        "player {}: ordered request {req} reached the backend after {last}",
+                        key.0
+                    ));
+                }
+            }
         }
     }
 
@@ -598,9 +647,11 @@ impl Case {
                 if let Some(id) = self.clients[p].ready() {
                     let body = Bytes::from(format!("{player}/{}", self.clients[p].next_req));
                     let r = self.clients[p].req(false, body.clone());
-                    self.sim.send(id, &header(Kind::Request, ASK, r, 0), &body);
-                    self.log
-                        .push(format!("player {player}: request {r} on conn {id}"));
+                    let msg = if self.rng.chance(33) { ORDERED } else { ASK };
+                    self.sim.send(id, &header(Kind::Request, msg, r, 0), &body);
+                    self.log.push(format!(
+                        "player {player}: request {r} (msg {msg}) on conn {id}"
+                    ));
                 }
             }
             40..=51 => {
@@ -676,6 +727,7 @@ impl Case {
                 }
             }
         }
+        self.check_ordered();
         self.receive();
     }
 
@@ -878,7 +930,7 @@ fn random_event_sequences_keep_every_stream_whole() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(10_000);
     println!("seed = {seed} (SLG_SIM_SEED={seed} repeats this run), {cases} sequences");
-    let (mut events, mut gaps) = (0u64, 0u64);
+    let (mut events, mut gaps, mut ordered) = (0u64, 0u64, 0u64);
     let only: Option<u64> = std::env::var("SLG_SIM_CASE")
         .ok()
         .and_then(|s| s.parse().ok());
@@ -891,16 +943,17 @@ fn random_event_sequences_keep_every_stream_whole() {
                 case.event();
             }
             case.settle();
-            (n, case.gaps)
+            (n, case.gaps, case.ordered_arrivals)
         });
         match result {
-            Ok((n, g)) if only.is_some() => {
+            Ok((n, g, _)) if only.is_some() => {
                 println!("case {case_seed}: {n} events, {g} gaps, whole");
                 return;
             }
-            Ok((n, g)) => {
+            Ok((n, g, o)) => {
                 events += n;
                 gaps += g;
+                ordered += o;
             }
             Err(e) => {
                 let msg = e
@@ -913,9 +966,11 @@ fn random_event_sequences_keep_every_stream_whole() {
         }
     }
     println!("{cases} sequences, {events} events, {gaps} GAP or RESUME_GAP: every stream whole");
+    println!("{ordered} ordered requests reached the backend, one at a time per player, in order");
     // A quarter of the sequences evict: a run of any size meets gaps.
     if cases >= 1000 {
         assert!(gaps > 0, "no sequence met an eviction's gap");
+        assert!(ordered > 0, "no ordered request reached the backend");
     }
 }
 

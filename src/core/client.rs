@@ -382,7 +382,34 @@ impl Core {
         if code == Code::Overloaded {
             bump(&self.stats.overloaded);
         }
-        self.respond(asker.session, asker.req_id, asker.msg_id, code.into(), &[]);
+        let same_life = self
+            .players
+            .get(&asker.player)
+            .is_some_and(|p| p.life == asker.life);
+        if asker.player != 0 && !asker.login && same_life {
+            // A logged-in player's request: the answer is the player's,
+            // whichever session it has now. (A request waiting in an order
+            // group is sent, or not, long after it was read: its session
+            // may be gone.)
+            let h = Header {
+                kind: Kind::Response,
+                flags: 0,
+                code: code.into(),
+                msg_id: asker.msg_id,
+                req_id: asker.req_id,
+                seq: 0,
+            };
+            self.metrics
+                .response(self.router.slot(asker.msg_id), code.into());
+            self.deliver(asker.player, h, Bytes::new());
+        } else if asker.player != 0 && !asker.login {
+            self.event(Event::StrayAnswer {
+                player: asker.player,
+                req_id: asker.req_id,
+            });
+        } else {
+            self.respond(asker.session, asker.req_id, asker.msg_id, code.into(), &[]);
+        }
         self.next_ordered(&asker);
     }
 
