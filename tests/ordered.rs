@@ -126,6 +126,20 @@ fn the_ordered_queue_is_bounded_and_a_waiting_request_keeps_its_deadline() {
         "the second was answered at its own deadline: {:?}",
         t.elapsed()
     );
+    // Time in the queue counts: one sent after waiting 300 ms has 200 ms
+    // of its 500 left, so a 400 ms backend answer comes too late for it.
+    let t = Instant::now();
+    let first = c.send_request(ORDERED, b"300:first").expect("send");
+    let late = c.send_request(ORDERED, b"400:late").expect("send");
+    let got = responses(&mut c, 2);
+    assert_eq!((got[0].header.req_id, got[1].header.req_id), (first, late));
+    assert_eq!(got[0].header.code, 0);
+    assert_eq!(got[1].header.code, u16::from(Code::Timeout));
+    assert!(
+        t.elapsed() < Duration::from_millis(680),
+        "TIMEOUT at its own deadline (500 ms from when it was read): {:?}",
+        t.elapsed()
+    );
     // And the group goes on.
     let after = c.request(ORDERED, b"0:after").expect("after");
     assert_eq!(after.header.code, 0);

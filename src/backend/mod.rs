@@ -364,8 +364,23 @@ impl BackendPool {
         route: &crate::router::Route,
         header: &Header,
         body: &Bytes,
+        pending: Pending,
+        now: Instant,
+    ) -> Result<(), crate::error::Error> {
+        self.send_from(route, header, body, pending, now, now)
+    }
+
+    /// [`send`](Self::send), its deadline counting from `since` (a request
+    /// that waited in an order group before it could go keeps the
+    /// deadline it had from when it was read).
+    pub fn send_from(
+        &self,
+        route: &crate::router::Route,
+        header: &Header,
+        body: &Bytes,
         mut pending: Pending,
         now: Instant,
+        since: Instant,
     ) -> Result<(), crate::error::Error> {
         use crate::error::Error;
         let service = self
@@ -375,7 +390,7 @@ impl BackendPool {
             .cloned()
             .ok_or_else(|| Error::not_sent(Code::NoRoute, "the route's service is gone"))?;
         let room = self.has_room(pending.asker.light);
-        let deadline = now + self.request_timeout.get();
+        let deadline = since.min(now) + self.request_timeout.get();
         if route.idempotent {
             pending.retry = Some(Rc::new(Retry {
                 service: service.name.clone(),

@@ -360,6 +360,7 @@ impl Core {
                         light,
                         lane,
                     },
+                    read_at: None,
                 };
                 match lane {
                     // A route with `order: PerPlayer`: one at a time.

@@ -102,6 +102,9 @@ pub struct Forward {
     pub header: Header,
     pub body: Bytes,
     pub asker: Asker,
+    /// When it was read, if it waited in an order group before going: its
+    /// deadline counts from then (None: from when it is sent).
+    pub read_at: Option<Instant>,
 }
 
 /// What the cluster must hear (the shell's bridge carries it).

@@ -102,6 +102,8 @@ impl Core {
                 self.handle_answer(asker, a, self.now);
                 continue;
             }
+            let mut fwd = fwd;
+            fwd.read_at = Some(read_at);
             self.forwards.push_back(fwd);
             return;
         }

@@ -160,6 +160,36 @@ mod tests {
     }
 
     #[test]
+    fn per_player_routes_of_a_service_share_a_lane_unless_grouped() {
+        use crate::config::{Order, RouteConfig};
+        let mut cfg = crate::config::Config::embedded_default();
+        let route = |first: u32, order: Order, group: Option<&str>| RouteConfig {
+            msgs: (first, first),
+            service: "demo".into(),
+            auth: true,
+            login: false,
+            balance: Balance::RoundRobin,
+            idempotent: false,
+            order,
+            group: group.map(str::to_string),
+        };
+        cfg.routes = vec![
+            route(300, Order::PerPlayer, None),
+            route(301, Order::PerPlayer, None),
+            route(302, Order::PerPlayer, Some("trade")),
+            route(303, Order::PerPlayer, Some("trade")),
+            route(304, Order::Concurrent, Some("ignored")),
+        ];
+        let r = Router::new(&cfg);
+        let lane = |m: u32| r.lookup(m).and_then(|r| r.lane);
+        assert_eq!(lane(300), lane(301), "one group per service by default");
+        assert_eq!(lane(302), lane(303));
+        assert_ne!(lane(300), lane(302), "a named group is its own");
+        assert!(lane(300).is_some() && lane(302).is_some());
+        assert_eq!(lane(304), None, "concurrent: no lane");
+    }
+
+    #[test]
     fn lookup_finds_ranges_and_gaps() {
         let r = router(&[
             (1, 1, false, true),

@@ -262,9 +262,10 @@ impl ShardCtx {
         let a = f.asker;
         let now = self.now();
         let pending = Pending::new(a, now);
+        let since = f.read_at.unwrap_or(now);
         if let Err(err) = self
             .backends
-            .send(&f.route, &f.header, &f.body, pending, now)
+            .send_from(&f.route, &f.header, &f.body, pending, now, since)
         {
             self.core.borrow_mut().handle_not_sent(a, err, now);
         }
