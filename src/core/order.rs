@@ -108,16 +108,6 @@ impl Core {
             return;
         }
     }
-
-    /// Requests of `player` waiting in order groups (they count as in
-    /// flight for its session).
-    pub fn ordered_waiting(&self, player: u64) -> usize {
-        self.lanes
-            .iter()
-            .filter(|((p, _), _)| *p == player)
-            .map(|(_, l)| l.waiting.len())
-            .sum()
-    }
 }
 
 fn bump_timeout(core: &mut Core) {
