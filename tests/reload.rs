@@ -20,8 +20,8 @@ fn config(main: SocketAddr, extra_service: &str, extra_route: &str) -> String {
             &format!("            connections: 1,\n        ),\n{extra_service}    }},"),
         )
         .replace(
-            "(msgs: (200, 200), service: \"demo\", auth: true),\n    ],",
-            &format!("(msgs: (200, 200), service: \"demo\", auth: true),\n{extra_route}    ],"),
+            "order: PerPlayer),\n    ],",
+            &format!("order: PerPlayer),\n{extra_route}    ],"),
         )
 }
 
