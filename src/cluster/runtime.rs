@@ -168,6 +168,13 @@ impl Load {
         }
     }
 
+    /// Shard `shard` holds `n` players now.
+    pub fn set_players(&self, shard: usize, n: usize) {
+        if let Some(slot) = self.players.get(shard) {
+            slot.store(n, Ordering::Release);
+        }
+    }
+
     /// The lease as of now, with `http` as the address.
     pub fn lease(&self, http: &str) -> Lease {
         Lease {

@@ -1,3 +1,8 @@
+//! The config's rules, key by key: the shipped file against the defaults,
+//! and each refusal with its one-line message. Why one file of this
+//! length: every test loads the same template and mutates one key, and
+//! they read best side by side.
+
 use super::*;
 
 fn default_text() -> String {
@@ -79,10 +84,11 @@ fn embedded_default_parses_and_validates() {
             ((201, 201), "demo", true, false, Balance::RoundRobin),
         ]
     );
-    assert_eq!(c.routes[4].order, crate::config::Order::PerPlayer);
-    assert!(c.routes[..4]
-        .iter()
-        .all(|r| r.order == crate::config::Order::Concurrent));
+    let orders: Vec<Order> = c.routes.iter().map(|r| r.order).collect();
+    assert_eq!(
+        orders,
+        [[Order::Concurrent; 4].as_slice(), &[Order::PerPlayer]].concat()
+    );
     assert_eq!(c.push_token, None);
     assert_eq!(c.demo_backend.as_deref(), Some("127.0.0.1:7100"));
     assert_eq!(c.log, "info");

@@ -295,11 +295,7 @@ impl ShardCtx {
                 let _ = cluster.cmds.send(Cmd::Give { player, to, image });
             }
             ClusterOut::Refuse { player, to } => {
-                tracing::info!(
-                    player,
-                    to,
-                    "takeover refused: the player is online here (on_second_login RejectNew)"
-                );
+                tracing::info!(player, to, "takeover refused: online here (RejectNew)");
                 let _ = cluster.cmds.send(Cmd::Refuse { player, to });
             }
         }
@@ -503,9 +499,7 @@ impl ShardCtx {
         let (held, peak) = self.with(|c, now| {
             c.handle_tick(now);
             if let Some(cl) = &self.cluster {
-                if let Some(slot) = cl.load.players.get(self.id) {
-                    slot.store(c.player_count(), std::sync::atomic::Ordering::Release);
-                }
+                cl.load.set_players(self.id, c.player_count());
             }
             c.take_held()
         });
