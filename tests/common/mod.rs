@@ -305,14 +305,9 @@ pub fn start_redis_on(port: u16) -> Option<Redis> {
             return None;
         }
     };
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "redis-server did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    ha::wait_until(Duration::from_secs(5), "redis-server to start", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
     Some(Redis { child, port })
 }
 
