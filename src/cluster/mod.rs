@@ -279,6 +279,15 @@ impl Directory {
         }
     }
 
+    /// [`replicate`](Self::replicate), its failure logged: the change
+    /// happened whether or not WAIT could say it reached a replica, and the
+    /// caller must act on it.
+    fn replicated(&mut self, key: &str) {
+        if let Err(e) = self.replicate(key) {
+            tracing::warn!(key, error = %e, "cluster: WAIT for a replica failed; the change stands");
+        }
+    }
+
     /// Wait until `key`'s change reached `replicas` replicas (or
     /// [`WAIT_TIMEOUT`] passed: the change stands either way).
     fn replicate(&mut self, key: &str) -> Result<(), DirError> {
@@ -462,29 +471,43 @@ impl Directory {
 
     /// Claim `player` for this gateway.
     pub fn claim(&mut self, player: u64) -> Result<Claim, DirError> {
-        let claim = self.retrying(|d| d.claim_settled(player))?;
+        // Kept across retries: a lost answer of the run that took the
+        // player over from a lapsed holder must still say TakenOver.
+        let mut lapsed: Option<(String, u64)> = None;
+        let claim = self.retrying(|d| d.claim_settled(player, &mut lapsed))?;
         if !matches!(claim, Claim::Held { .. }) {
             let key = self.player_key(player);
-            self.replicate(&key)?;
+            self.replicated(&key);
         }
         Ok(claim)
     }
 
-    fn claim_settled(&mut self, player: u64) -> Result<Claim, DirError> {
-        let mut lapsed: Option<(String, u64)> = None;
+    fn claim_settled(
+        &mut self,
+        player: u64,
+        lapsed: &mut Option<(String, u64)>,
+    ) -> Result<Claim, DirError> {
         // A holder seen dead may have handed the player on meanwhile: look
         // again, a few times, then report whom it is held by.
         for _ in 0..3 {
             let (by, epoch) = match self.claim_once(player, lapsed.as_ref())? {
                 Claim::Held { epoch, by } => (by, epoch),
+                // Ours already, one epoch past the lapsed holder's: the
+                // takeover happened (its answer was lost to a failover).
+                Claim::Granted { epoch } => {
+                    return Ok(match lapsed.take() {
+                        Some((from, e)) if epoch == e + 1 => Claim::TakenOver { epoch, from },
+                        _ => Claim::Granted { epoch },
+                    })
+                }
                 done => return Ok(done),
             };
             if self.alive(&by)? {
                 return Ok(Claim::Held { epoch, by });
             }
-            lapsed = Some((by, epoch));
+            *lapsed = Some((by, epoch));
         }
-        match lapsed {
+        match lapsed.take() {
             Some((by, epoch)) => Ok(Claim::Held { epoch, by }),
             None => Err(DirError::Protocol("claim did not settle".into())),
         }
@@ -527,7 +550,7 @@ impl Directory {
                 .arg(epoch.to_string())
                 .invoke(&mut d.conn)?)
         })?;
-        self.replicate(&key)?;
+        self.replicated(&key);
         Ok(done == 1)
     }
 
@@ -556,7 +579,7 @@ impl Directory {
                 .arg(to)
                 .invoke(&mut d.conn)?)
         })?;
-        self.replicate(&key)?;
+        self.replicated(&key);
         Ok(u64::try_from(e).ok())
     }
 

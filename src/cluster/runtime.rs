@@ -756,7 +756,14 @@ fn forward(
     let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))
         .map_err(|e| nothing(e.to_string()))?;
     match forward_on(s, http, path, body, token) {
-        Err(reason) if reason.starts_with("peer answered HTTP/1.1 503") => Err(nothing(reason)),
+        // Only the refusal of a draining gateway's push endpoint says it
+        // sent nothing; another 503 may come after some frames went out.
+        Err(reason)
+            if reason.starts_with("peer answered HTTP/1.1 503")
+                && reason.ends_with(crate::http::PUSH_REFUSED_DRAINING) =>
+        {
+            Err(nothing(reason))
+        }
         other => other.map_err(|reason| ForwardError {
             delivered_nothing: false,
             reason,
@@ -806,10 +813,14 @@ fn forward_on(
         .split_once("\r\n\r\n")
         .ok_or("no answer from the peer")?;
     if !head.starts_with("HTTP/1.1 200") {
-        return Err(format!(
-            "peer answered {}",
-            head.lines().next().unwrap_or("")
-        ));
+        // The status line, and (for the one refusal that says it sent
+        // nothing) the answer's body.
+        let mut why = format!("peer answered {}", head.lines().next().unwrap_or(""));
+        if body.contains(crate::http::PUSH_REFUSED_DRAINING) {
+            why.push_str(": ");
+            why.push_str(crate::http::PUSH_REFUSED_DRAINING);
+        }
+        return Err(why);
     }
     let v: serde_json::Value = serde_json::from_str(body).map_err(|e| e.to_string())?;
     let n = |k: &str| v[k].as_u64().unwrap_or(0);
@@ -1005,9 +1016,25 @@ mod tests {
         assert!(e.reason.contains("401") && !e.delivered_nothing, "{e}");
         // A 503 (the peer drains) or no peer at all: nothing was sent, so
         // the push may go again wherever its players are now.
-        let busy = b"HTTP/1.1 503 Service Unavailable\r\n\r\n{}".to_vec();
-        let e = forward(&peer(busy), "/v1/push?players=1&msg=1", b"", None).expect_err("503");
+        let draining = format!(
+            "HTTP/1.1 503 Service Unavailable\r\n\r\n{{\"error\":\"{}\"}}",
+            crate::http::PUSH_REFUSED_DRAINING
+        );
+        let e = forward(
+            &peer(draining.into_bytes()),
+            "/v1/push?players=1&msg=1",
+            b"",
+            None,
+        )
+        .expect_err("503");
         assert!(e.delivered_nothing, "{e}");
+        // Another 503 (a shard did not answer) may come after some frames
+        // went out: not to be sent again.
+        let other =
+            b"HTTP/1.1 503 Service Unavailable\r\n\r\n{\"error\":\"a shard did not answer\"}"
+                .to_vec();
+        let e = forward(&peer(other), "/v1/push?players=1&msg=1", b"", None).expect_err("503");
+        assert!(!e.delivered_nothing, "{e}");
         let closed = format!("127.0.0.1:{}", {
             let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
             l.local_addr().expect("addr").port()

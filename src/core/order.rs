@@ -49,7 +49,7 @@ impl Core {
                 lane.waiting.push_back((fwd, now));
             }
             _ => {
-                self.lanes.insert(
+                let old = self.lanes.insert(
                     key,
                     Lane {
                         life: fwd.asker.life,
@@ -57,6 +57,13 @@ impl Core {
                     },
                 );
                 self.forwards.push_back(fwd);
+                // A lane of an earlier life of the player (it ended with a
+                // request still at a backend): what waited there is
+                // answered now (its accounting balanced; the answer is a
+                // stray of that life).
+                for (waiting, _) in old.map(|l| l.waiting).unwrap_or_default() {
+                    self.answer_instead(waiting, Code::Timeout);
+                }
             }
         }
     }
@@ -90,16 +97,7 @@ impl Core {
                 None
             };
             if let Some(code) = instead {
-                let a = Answer {
-                    from_backend: false,
-                    code: code.into(),
-                    msg_id: fwd.header.msg_id,
-                    player: 0,
-                    body: Bytes::new(),
-                };
-                let mut asker = fwd.asker;
-                asker.lane = None;
-                self.handle_answer(asker, a, self.now);
+                self.answer_instead(fwd, code);
                 continue;
             }
             let mut fwd = fwd;
@@ -107,6 +105,23 @@ impl Core {
             self.forwards.push_back(fwd);
             return;
         }
+    }
+}
+
+impl Core {
+    /// Answer a waiting request `code` without sending it, as the gateway
+    /// answers for a backend (its session's accounting balanced).
+    fn answer_instead(&mut self, fwd: Forward, code: Code) {
+        let a = Answer {
+            from_backend: false,
+            code: code.into(),
+            msg_id: fwd.header.msg_id,
+            player: 0,
+            body: Bytes::new(),
+        };
+        let mut asker = fwd.asker;
+        asker.lane = None;
+        self.handle_answer(asker, a, self.now);
     }
 }
 

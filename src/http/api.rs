@@ -98,7 +98,7 @@ async fn route(ctx: &ShardCtx, req: Request) -> Response {
         // peer (which chose this gateway from the directory a moment ago)
         // is still served: its players are delivered here or routed on.
         "/v1/push" | "/v1/broadcast" if ctx.is_draining() && req.param("hops").is_none() => {
-            Response::error(503, "the gateway is draining")
+            Response::error(503, super::PUSH_REFUSED_DRAINING)
         }
         "/v1/push" => match method {
             "POST" => push(ctx, &req).await,

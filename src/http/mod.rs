@@ -148,6 +148,10 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
+/// The refusal of a push or broadcast by a draining gateway, before
+/// anything was sent: a peer that forwarded it may route it again.
+pub const PUSH_REFUSED_DRAINING: &str = "the gateway is draining; nothing was pushed";
+
 /// A JSON string literal for `s`.
 pub fn json_string(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 2);
