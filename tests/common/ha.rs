@@ -106,21 +106,9 @@ pub fn wait_until(limit: Duration, what: &str, mut ok: impl FnMut() -> bool) {
 }
 
 fn base_args(port: u16, dir: &std::path::Path) -> Vec<String> {
-    [
-        "--port",
-        &port.to_string(),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--dir",
-        &dir.display().to_string(),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    let mut args = super::redis_args(port);
+    args.extend(["--dir".to_string(), dir.display().to_string()]);
+    args
 }
 
 /// A Redis Cluster of three masters with a replica each.

@@ -273,6 +273,22 @@ pub fn skip(why: &str, require: Option<&str>) {
     eprintln!("SKIPPED: {name}: {why}");
 }
 
+/// redis-server's arguments for a test's own server on `port`: loopback
+/// only, nothing persisted.
+pub fn redis_args(port: u16) -> Vec<String> {
+    let args = [
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ];
+    args.iter().map(|s| s.to_string()).collect()
+}
+
 /// Start redis-server on `port` (0: a free one). None, after [`skip`] said
 /// so, when it is not installed; under CI or with SLG_REQUIRE_REDIS set
 /// (.ci/run sets both) a missing server fails the test instead.
@@ -280,16 +296,7 @@ pub fn skip(why: &str, require: Option<&str>) {
 pub fn start_redis_on(port: u16) -> Option<Redis> {
     let port = if port == 0 { free_port() } else { port };
     let child = match std::process::Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
+        .args(redis_args(port))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
