@@ -40,4 +40,5 @@ pub mod session;
 pub mod shard;
 pub mod sim;
 pub mod snapshot;
+pub mod upgrade;
 pub mod wire;
