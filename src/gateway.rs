@@ -90,6 +90,10 @@ pub struct Gateway {
     /// Players loaded from a snapshot at start.
     pub restored: usize,
     cluster: Option<crate::cluster::runtime::ClusterRuntime>,
+    /// Every shard's listening sockets (duplicates), for an upgrade.
+    listeners: Vec<Listener>,
+    /// Accept loops running (an upgrade waits for them to end).
+    accepting: Arc<AtomicUsize>,
 }
 
 /// How a drain ended.
@@ -103,6 +107,16 @@ pub struct DrainOutcome {
     pub error: Option<String>,
 }
 
+/// What a shard says once it listens: its listening sockets (duplicates,
+/// for an upgrade to hand over), or why it could not start.
+type Ready = Result<(usize, Vec<Listener>), (usize, String)>;
+
+/// A listening socket of a running gateway, as an upgrade hands it over.
+pub type Listener = (crate::upgrade::channel::ListenerImage, std::os::fd::OwnedFd);
+
+/// handed[i]: the inherited listening sockets of shard i, by port.
+type Handed = Arc<Vec<flume::Receiver<Vec<(u8, std::os::fd::OwnedFd)>>>>;
+
 /// Per-shard start data.
 struct ShardStart {
     cfg: Arc<Config>,
@@ -110,7 +124,7 @@ struct ShardStart {
     http_addr: SocketAddr,
     connections: Arc<AtomicUsize>,
     http_conns: Arc<AtomicUsize>,
-    ready: flume::Sender<Result<usize, (usize, String)>>,
+    ready: flume::Sender<Ready>,
     events: flume::Sender<GatewayEvent>,
     /// restore[i]: the players homed on shard i, from the snapshot.
     restore: Arc<Vec<flume::Receiver<Vec<PlayerImage>>>>,
@@ -118,6 +132,11 @@ struct ShardStart {
     /// The WebSocket port, if any.
     ws_addr: Option<SocketAddr>,
     wires: crate::wire::Wires,
+    /// inherited[i]: the listening sockets shard i starts on (an upgrade).
+    inherited: Handed,
+    /// The listeners were inherited: accept only once told to.
+    gated: bool,
+    accepting: Arc<AtomicUsize>,
 }
 
 impl Clone for ShardStart {
@@ -134,6 +153,9 @@ impl Clone for ShardStart {
             cluster: self.cluster.clone(),
             ws_addr: self.ws_addr,
             wires: self.wires.clone(),
+            inherited: self.inherited.clone(),
+            gated: self.gated,
+            accepting: self.accepting.clone(),
         }
     }
 }
@@ -181,7 +203,80 @@ fn load_snapshot(store: &LocalDir) -> Vec<PlayerImage> {
 impl Gateway {
     /// Validate `cfg`, bind, start every shard; returns once all listen.
     pub fn start(cfg: Config) -> Result<Gateway, StartError> {
+        Gateway::start_on(cfg, None)
+    }
+
+    /// As [`Gateway::start`], on the listening sockets of `inherited` (an
+    /// upgrade: the old process's) instead of binding them; the accept
+    /// loops wait for [`Gateway::open_accept`].
+    pub fn start_on(
+        cfg: Config,
+        inherited: Option<crate::upgrade::Inherited>,
+    ) -> Result<Gateway, StartError> {
         cfg.validate()?;
+        match inherited {
+            None => Gateway::bind_and_start(cfg),
+            Some(inh) => Gateway::start_inherited(cfg, inh),
+        }
+    }
+
+    fn start_inherited(
+        cfg: Config,
+        mut inh: crate::upgrade::Inherited,
+    ) -> Result<Gateway, StartError> {
+        use crate::upgrade::channel::{PORT_CLIENT, PORT_HTTP, PORT_WS};
+        let missing = |what: &'static str, addr: SocketAddr| StartError::Bind {
+            what,
+            addr,
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no such listener was handed over",
+            ),
+        };
+        let client_addr = inh.addr(PORT_CLIENT).ok_or_else(|| {
+            missing(
+                "client listener",
+                cfg.listen_addr().unwrap_or(([0; 4], 0).into()),
+            )
+        })?;
+        let http_addr = inh.addr(PORT_HTTP).ok_or_else(|| {
+            missing(
+                "http listener",
+                cfg.http_listen_addr().unwrap_or(([0; 4], 0).into()),
+            )
+        })?;
+        let ws_addr = inh.addr(PORT_WS);
+        if cfg
+            .listen_addr()
+            .ok()
+            .is_some_and(|a| a.port() != 0 && a != client_addr)
+        {
+            tracing::warn!(%client_addr, listen = %cfg.listen, "upgrade: the config names another client address; the handed-over one stays (a restart moves it)");
+        }
+        let n = cfg.shard_count();
+        let per_shard = (0..n)
+            .map(|i| {
+                let mut v = Vec::new();
+                for port in [PORT_CLIENT, PORT_HTTP, PORT_WS] {
+                    v.extend(inh.take(port, i, n).into_iter().map(|fd| (port, fd)));
+                }
+                let (tx, rx) = flume::bounded(1);
+                let _ = tx.send(v);
+                rx
+            })
+            .collect();
+        Gateway::launch(
+            cfg,
+            client_addr,
+            http_addr,
+            ws_addr,
+            Arc::new(per_shard),
+            true,
+            Vec::new(),
+        )
+    }
+
+    fn bind_and_start(cfg: Config) -> Result<Gateway, StartError> {
         let client = cfg.listen_addr()?;
         let http = cfg.http_listen_addr()?;
         let (client_res, client_addr) =
@@ -209,6 +304,29 @@ impl Gateway {
             None => None,
         };
         let ws_addr = ws.as_ref().map(|w| w.1);
+        let reservations = vec![Some(client_res), Some(http_res), ws.map(|w| w.0)];
+        Gateway::launch(
+            cfg,
+            client_addr,
+            http_addr,
+            ws_addr,
+            Arc::new(Vec::new()),
+            false,
+            reservations,
+        )
+    }
+
+    /// Start the shards on the addresses chosen (bound by each shard, or
+    /// inherited); `reservations` are dropped once every shard listens.
+    fn launch(
+        cfg: Config,
+        client_addr: SocketAddr,
+        http_addr: SocketAddr,
+        ws_addr: Option<SocketAddr>,
+        inherited: Handed,
+        gated: bool,
+        reservations: Vec<Option<socket2::Socket>>,
+    ) -> Result<Gateway, StartError> {
         let wires = crate::wire::Wires::from_config(&cfg, cfg.load_tls()?);
         let shards_cfg = shards::ShardsConfig {
             shards: cfg.shard_count(),
@@ -218,7 +336,8 @@ impl Gateway {
             spin_before_park: cfg.park_spin,
         };
         let connections = Arc::new(AtomicUsize::new(0));
-        let (ready_tx, ready_rx) = flume::unbounded::<Result<usize, (usize, String)>>();
+        let (ready_tx, ready_rx) = flume::unbounded::<Ready>();
+        let accepting = Arc::new(AtomicUsize::new(0));
         let store = cfg.snapshot_dir.as_ref().map(LocalDir::new);
         // Players from the snapshot, homed again by hash on this shard count.
         let n = shards_cfg.shards;
@@ -261,13 +380,17 @@ impl Gateway {
             cluster: cluster.as_ref().map(|(h, _)| h.clone()),
             ws_addr,
             wires,
+            inherited,
+            gated,
+            accepting: accepting.clone(),
         };
         let shards = shards::start(&shards_cfg, move |shard: shards::Shard<ShardMsg>| {
             run_shard(shard, start)
         })?;
+        let mut listeners = Vec::new();
         for _ in 0..shards.count() {
             match ready_rx.recv() {
-                Ok(Ok(_)) => {}
+                Ok(Ok((_, mut l))) => listeners.append(&mut l),
                 Ok(Err((shard, message))) => {
                     shards.stop();
                     let _ = shards.join();
@@ -283,9 +406,7 @@ impl Gateway {
                 }
             }
         }
-        drop(client_res);
-        drop(http_res);
-        drop(ws);
+        drop(reservations);
         let cluster = match (kept.cluster.as_ref(), cluster) {
             (Some(c), Some((handle, rx))) => Some(crate::cluster::runtime::ClusterRuntime::start(
                 c,
@@ -310,7 +431,80 @@ impl Gateway {
             cfg: kept,
             restored,
             cluster,
+            listeners,
+            accepting,
         })
+    }
+
+    /// The sum over every shard of its counter `name` (as in
+    /// `ShardReport`; 0 for a shard that did not answer within a second).
+    pub fn counter(&self, name: &str) -> u64 {
+        let mut total = 0;
+        for tx in self.shards.senders() {
+            let (reply, rx) = flume::bounded(1);
+            if tx.send(ShardMsg::Metrics { reply }).is_err() {
+                continue;
+            }
+            if let Ok(s) = rx.recv_timeout(Duration::from_secs(1)) {
+                total += s
+                    .counters
+                    .iter()
+                    .find(|(n, _, _)| *n == name)
+                    .map_or(0, |c| c.2);
+            }
+        }
+        total
+    }
+
+    /// The shards' inboxes (the upgrade's coordinator talks to them).
+    pub(crate) fn senders(&self) -> Vec<flume::Sender<ShardMsg>> {
+        self.shards.senders()
+    }
+
+    /// Duplicates of every listening socket, for a new process.
+    pub fn listeners(&self) -> std::io::Result<Vec<Listener>> {
+        self.listeners
+            .iter()
+            .map(|(img, fd)| Ok((img.clone(), fd.try_clone()?)))
+            .collect()
+    }
+
+    /// Let the accept loops of inherited listeners accept (an upgrade's
+    /// new process, once the old one stopped accepting there).
+    pub fn open_accept(&self, clients: bool, http: bool) {
+        for tx in self.shards.senders() {
+            let _ = tx.send(ShardMsg::Accept { clients, http });
+        }
+    }
+
+    /// Stop accepting, losing no connection: every accept loop ends after
+    /// the accept it has armed, which the port is poked to complete (the
+    /// pokes that reach the new process are connections closed at once).
+    /// True when every loop ended within `limit`.
+    pub fn stop_accepting(&self, limit: Duration) -> bool {
+        for tx in self.shards.senders() {
+            let _ = tx.send(ShardMsg::StopAccepting);
+        }
+        let mut addrs = vec![self.client_addr, self.http_addr];
+        addrs.extend(self.ws_addr);
+        let deadline = Instant::now() + limit;
+        // Let the shards see the message before the first poke.
+        std::thread::sleep(Duration::from_millis(2));
+        while self.accepting.load(Ordering::Acquire) > 0 {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            for a in &addrs {
+                let to = if a.ip().is_unspecified() {
+                    SocketAddr::new(std::net::Ipv4Addr::LOCALHOST.into(), a.port())
+                } else {
+                    *a
+                };
+                let _ = std::net::TcpStream::connect_timeout(&to, Duration::from_millis(100));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
     }
 
     /// The evacuation phase of a drain; true when a signal forced it.
@@ -508,10 +702,13 @@ impl Gateway {
     /// `drain_timeout`, then the drain proper runs (for up to
     /// `drain_timeout` more) for whatever is left.
     pub fn drain_evacuating(
-        self,
+        mut self,
         force: &flume::Receiver<GatewayEvent>,
         evacuate: bool,
     ) -> DrainOutcome {
+        // The ports close when the accept loops end (a client is refused,
+        // not queued): the upgrade's duplicates go first.
+        self.listeners.clear();
         let forced_early = evacuate && self.evacuate_for_drain(force);
         let n = self.shards.count();
         let (tx, rx) = flume::unbounded::<DrainReport>();
@@ -673,16 +870,17 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
         cluster,
         ws_addr,
         wires,
+        inherited,
+        gated,
+        accepting,
     } = start;
     let (id, count, mesh, inbox, stop, _stop_handle) = shard.into_parts();
-    let listen = |addr| {
-        crate::net::listen_reuseport(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))
-    };
-    let listeners = listen(client_addr).and_then(|l| {
-        let ws = ws_addr.map(listen).transpose()?;
-        Ok((l, listen(http_addr)?, ws))
-    });
-    let (listener, http_listener, ws_listener) = match listeners {
+    let mut handed = inherited
+        .get(id)
+        .and_then(|rx| rx.try_recv().ok())
+        .unwrap_or_default();
+    let listeners = shard_listeners(id, &mut handed, client_addr, http_addr, ws_addr);
+    let (listeners, exported) = match listeners {
         Ok(all) => all,
         Err(e) => {
             let _ = ready.send(Err((id, e)));
@@ -692,6 +890,7 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
             };
         }
     };
+    let (client_listeners, http_listeners, ws_listeners) = listeners;
     let cfg = Rc::new((*cfg).clone());
     let mut ctx = ShardCtx::new(
         id,
@@ -704,6 +903,11 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
         cluster,
     );
     ctx.events = Some(events);
+    ctx.accepting = accepting;
+    if !gated {
+        ctx.accept_clients.open();
+        ctx.accept_http.open();
+    }
     *ctx.wires.borrow_mut() = wires;
     let ctx = Rc::new(ctx);
     *ctx.this.borrow_mut() = Rc::downgrade(&ctx);
@@ -718,7 +922,10 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
             );
         }
     }
-    let http_task = glommio::spawn_local(run_http(ctx.clone(), http_listener));
+    let http_tasks: Vec<_> = http_listeners
+        .into_iter()
+        .map(|l| glommio::spawn_local(run_http(ctx.clone(), l)))
+        .collect();
 
     // Backend connections.
     let mut backend_tasks = Vec::new();
@@ -865,6 +1072,60 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
                         })
                         .detach();
                     }
+                    Some(ShardMsg::Accept { clients, http }) => {
+                        if clients {
+                            ctx.accept_clients.open();
+                        }
+                        if http {
+                            ctx.accept_http.open();
+                        }
+                    }
+                    Some(ShardMsg::StopAccepting) => ctx.stop_accepting.open(),
+                    Some(ShardMsg::ResumeAccepting { listeners }) => {
+                        ctx.stop_accepting.close();
+                        use crate::shard::accept::{accept_clients, Port};
+                        use crate::upgrade::channel::{PORT_HTTP, PORT_WS};
+                        for (port, fd) in listeners {
+                            let l = crate::net::listener_from(fd);
+                            let task = match port {
+                                PORT_HTTP => glommio::spawn_local(run_http(ctx.clone(), l)),
+                                PORT_WS => glommio::spawn_local(accept_clients(
+                                    ctx.clone(),
+                                    l,
+                                    Port::WebSocket,
+                                )),
+                                _ => {
+                                    glommio::spawn_local(accept_clients(ctx.clone(), l, Port::Tcp))
+                                }
+                            };
+                            task.detach();
+                        }
+                    }
+                    Some(ShardMsg::UpgradePull { max, reply }) => {
+                        let ctx = ctx.clone();
+                        glommio::spawn_local(async move {
+                            let _ = reply.send(crate::shard::upgrade::pull(ctx, max).await);
+                        })
+                        .detach();
+                    }
+                    Some(ShardMsg::UpgradeConfirmed { closing }) => {
+                        crate::shard::upgrade::confirmed(&ctx, &closing)
+                    }
+                    Some(ShardMsg::UpgradeTakeBack { batch }) => {
+                        crate::shard::upgrade::take_back(ctx.clone(), batch.sessions, batch.players)
+                    }
+                    Some(ShardMsg::UpgradeCancel) => crate::shard::upgrade::cancel(&ctx),
+                    Some(ShardMsg::UpgradeTakeIn {
+                        sessions,
+                        players,
+                        reply,
+                    }) => {
+                        let _ = reply.send(crate::shard::upgrade::take_in(
+                            ctx.clone(),
+                            sessions,
+                            players,
+                        ));
+                    }
                     Some(ShardMsg::Drain { force, reply }) => {
                         if ctx.drain(force) {
                             glommio::spawn_local(drain_shard(ctx.clone(), reply)).detach();
@@ -876,20 +1137,18 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
         })
     };
 
-    let _ = ready.send(Ok(id));
+    let _ = ready.send(Ok((id, exported)));
     tracing::debug!(shard = id, "listening on {client_addr}");
 
     // Accept until stopped or draining.
-    let ws_task = ws_listener.map(|l| {
-        glommio::spawn_local(crate::shard::accept::accept_clients(
-            ctx.clone(),
-            l,
-            crate::shard::accept::Port::WebSocket,
-        ))
-    });
-    crate::shard::accept::accept_clients(ctx.clone(), listener, crate::shard::accept::Port::Tcp)
-        .await;
-    if let Some(t) = ws_task {
+    use crate::shard::accept::{accept_clients, Port};
+    let accepts: Vec<_> = client_listeners
+        .into_iter()
+        .map(|l| (l, Port::Tcp))
+        .chain(ws_listeners.into_iter().map(|l| (l, Port::WebSocket)))
+        .map(|(l, port)| glommio::spawn_local(accept_clients(ctx.clone(), l, port)))
+        .collect();
+    for t in accepts {
         t.await;
     }
     // A drain stops accepting first; the shard itself ends on the stop.
@@ -901,7 +1160,9 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
     while ctx.session_count() > 0 && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(5)).await;
     }
-    let _ = http_task.await;
+    for t in http_tasks {
+        t.await;
+    }
     let _ = inbox_task.await;
     let _ = deadlines.await;
     let _ = idle.await;
@@ -914,14 +1175,96 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
     }
 }
 
+/// One shard's listeners of each port (client, HTTP, WebSocket): the
+/// inherited ones it was given, else one bound here; and a duplicate of
+/// each, for a later upgrade.
+#[allow(clippy::type_complexity)]
+fn shard_listeners(
+    id: usize,
+    handed: &mut Vec<(u8, std::os::fd::OwnedFd)>,
+    client_addr: SocketAddr,
+    http_addr: SocketAddr,
+    ws_addr: Option<SocketAddr>,
+) -> Result<
+    (
+        (
+            Vec<glommio::net::TcpListener>,
+            Vec<glommio::net::TcpListener>,
+            Vec<glommio::net::TcpListener>,
+        ),
+        Vec<Listener>,
+    ),
+    String,
+> {
+    use crate::upgrade::channel::{ListenerImage, PORT_CLIENT, PORT_HTTP, PORT_WS};
+    let mut exported = Vec::new();
+    let mut per_port =
+        |port: u8, addr: Option<SocketAddr>| -> Result<Vec<glommio::net::TcpListener>, String> {
+            let Some(addr) = addr else {
+                return Ok(Vec::new());
+            };
+            let mut fds: Vec<std::os::fd::OwnedFd> = Vec::new();
+            let mut rest = Vec::new();
+            for (p, fd) in handed.drain(..) {
+                if p == port {
+                    fds.push(fd);
+                } else {
+                    rest.push((p, fd));
+                }
+            }
+            *handed = rest;
+            if fds.is_empty() {
+                fds.push(
+                    crate::net::listen_reuseport_fd(addr)
+                        .map_err(|e| format!("cannot listen on {addr}: {e}"))?,
+                );
+            }
+            let mut out = Vec::new();
+            for fd in fds {
+                socket2::SockRef::from(&fd)
+                    .set_nonblocking(true)
+                    .map_err(|e| format!("listener on {addr}: {e}"))?;
+                let dup = fd
+                    .try_clone()
+                    .map_err(|e| format!("cannot duplicate the listener on {addr}: {e}"))?;
+                let img = ListenerImage {
+                    port,
+                    shard: id as u32,
+                };
+                exported.push((img, dup));
+                out.push(crate::net::listener_from(fd));
+            }
+            Ok(out)
+        };
+    let client = per_port(PORT_CLIENT, Some(client_addr))?;
+    let http = per_port(PORT_HTTP, Some(http_addr))?;
+    let ws = per_port(PORT_WS, ws_addr)?;
+    Ok(((client, http, ws), exported))
+}
+
 /// Accept HTTP connections on this shard until stopped; at most
 /// `http.max_connections` open in the whole gateway.
 async fn run_http(ctx: Rc<ShardCtx>, listener: glommio::net::TcpListener) {
     let open = ctx.http_connections.clone();
+    let _running = crate::shard::accept::Running::new(&ctx.accepting);
+    let gate = futures_lite::future::or(
+        async {
+            ctx.accept_http.opened().await;
+            true
+        },
+        async {
+            ctx.stop.stopped().await;
+            false
+        },
+    );
+    if !gate.await {
+        return;
+    }
     loop {
         let stopped = ctx.stop.stopped();
+        let soft = Some(&ctx.stop_accepting);
         let Some(stream) =
-            crate::shard::accept::accept_until(&listener, stopped, ctx.id, "http").await
+            crate::shard::accept::accept_until(&listener, stopped, soft, ctx.id, "http").await
         else {
             break;
         };

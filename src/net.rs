@@ -66,11 +66,21 @@ pub fn reserve_port(addr: SocketAddr) -> io::Result<(Socket, SocketAddr)> {
 
 /// A listening SO_REUSEPORT socket on `addr`, for the current shard.
 pub fn listen_reuseport(addr: SocketAddr) -> io::Result<TcpListener> {
+    Ok(listener_from(listen_reuseport_fd(addr)?))
+}
+
+/// The socket of [`listen_reuseport`], not yet given to glommio.
+pub fn listen_reuseport_fd(addr: SocketAddr) -> io::Result<std::os::fd::OwnedFd> {
     let socket = reuseport_socket(addr)?;
     socket.listen(LISTEN_BACKLOG)?;
     socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+/// A glommio listener on a listening socket (bound here or inherited).
+pub fn listener_from(fd: std::os::fd::OwnedFd) -> TcpListener {
     // SAFETY: the fd is a listening TCP socket we own and hand over whole.
-    Ok(unsafe { TcpListener::from_raw_fd(socket.into_raw_fd()) })
+    unsafe { TcpListener::from_raw_fd(fd.into_raw_fd()) }
 }
 
 /// One TCP stream shared by a connection's reader and writer tasks, with

@@ -23,6 +23,9 @@ pub enum Step {
     Close,
     /// Move the connection to shard `home`, where `arrival` completes.
     Handoff { home: usize, arrival: Arrival },
+    /// Hand the connection to the new process (a live upgrade): nothing
+    /// more is read or answered here.
+    Upgrade,
 }
 
 impl Core {
@@ -35,6 +38,13 @@ impl Core {
             None => Next::Close,
         };
         let arrival = match next {
+            Next::Read if self.upgrading => {
+                return if self.can_leave(sid) {
+                    Step::Upgrade
+                } else {
+                    Step::Pause
+                };
+            }
             Next::Read => return Step::Read,
             Next::Pause => return Step::Pause,
             Next::Close => return Step::Close,

@@ -30,6 +30,8 @@ mod order;
 mod output;
 mod players;
 mod stats;
+mod upgrade;
+pub use upgrade::Leaving;
 
 pub use budget::Budgets;
 pub use client::Step;
@@ -187,6 +189,8 @@ pub struct Core {
     forwards: VecDeque<Forward>,
     cluster_out: VecDeque<ClusterOut>,
     events: VecDeque<Event>,
+    /// A live upgrade hands every session over (see `upgrade.rs`).
+    upgrading: bool,
 }
 
 impl Core {
@@ -227,6 +231,7 @@ impl Core {
             forwards: VecDeque::new(),
             cluster_out: VecDeque::new(),
             events: VecDeque::new(),
+            upgrading: false,
         }
     }
 

@@ -12,6 +12,8 @@ crate::counters! {
         refused_rate: "Client connections refused by limits.accept (per source IP or per listener).",
         handoffs_out: "Connections handed to another shard.",
         handoffs_in: "Connections received from another shard.",
+        upgraded_out: "Sessions handed to a new process by a live upgrade.",
+        upgraded_in: "Sessions taken in from the old process by a live upgrade.",
         logins_ok: "Logins accepted.",
         logins_rejected: "Logins rejected (by the backend or for lack of one).",
         resumes_ok: "Resumes served.",

@@ -454,6 +454,25 @@ impl Session {
         }
     }
 
+    /// Refused resumes on this connection so far.
+    pub fn resume_failures(&self) -> u8 {
+        self.resume_failures
+    }
+
+    pub fn set_resume_failures(&mut self, n: u8) {
+        self.resume_failures = n;
+    }
+
+    /// How long the client has sent nothing.
+    pub fn quiet_for(&self, now: Instant) -> std::time::Duration {
+        now.saturating_duration_since(self.last_rx)
+    }
+
+    /// The client last sent something `ago` before `now`.
+    pub fn quiet_since_ago(&mut self, now: Instant, ago: std::time::Duration) {
+        self.last_rx = now.checked_sub(ago).unwrap_or(now);
+    }
+
     /// Bind to `player` (on its home shard).
     pub fn bind(&mut self, player: u64) {
         if self.state != State::Closing {

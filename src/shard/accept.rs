@@ -13,12 +13,62 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-/// The next connection on `listener`, or None once `end` resolves. A
-/// failed accept (out of fds, say) is logged and retried after a pause
-/// rather than in a busy loop.
+/// A flag tasks of one shard wait for, many at once: once opened it stays
+/// open (the accept loops of an inherited listener wait for theirs).
+#[derive(Default)]
+pub struct Latch {
+    open: std::cell::Cell<bool>,
+    waiters: std::cell::RefCell<Vec<std::task::Waker>>,
+}
+
+impl Latch {
+    /// Open it and wake every waiter.
+    pub fn open(&self) {
+        self.open.set(true);
+        for w in self.waiters.borrow_mut().drain(..) {
+            w.wake();
+        }
+    }
+
+    /// Close it again (a rolled-back upgrade accepts again).
+    pub fn close(&self) {
+        self.open.set(false);
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.open.get()
+    }
+
+    /// Resolves once it is open.
+    pub async fn opened(&self) {
+        std::future::poll_fn(|cx| {
+            if self.open.get() {
+                std::task::Poll::Ready(())
+            } else {
+                self.waiters.borrow_mut().push(cx.waker().clone());
+                std::task::Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+/// How long an accept loop told to stop softly (an upgrade: its listener
+/// now belongs to the new process too) waits for the accept it has armed.
+/// Cancelling an armed io_uring accept can lose a connection the kernel
+/// gave it meanwhile, so the loop lets it finish: the old process pokes
+/// the port until every such loop has one (see `Gateway::stop_accepting`).
+const SOFT_GRACE: Duration = Duration::from_secs(2);
+
+/// The next connection on `listener`, or None once `end` resolves, or
+/// once `soft` is open and the accept already armed has finished (its
+/// connection, if it got one, is returned and served). A failed accept
+/// (out of fds, say) is logged and retried after a pause rather than in a
+/// busy loop.
 pub async fn accept_until(
     listener: &TcpListener,
     end: impl std::future::Future<Output = ()>,
+    soft: Option<&Latch>,
     shard: usize,
     what: &str,
 ) -> Option<glommio::net::TcpStream> {
@@ -28,15 +78,63 @@ pub async fn accept_until(
     let mut last_warn: Option<std::time::Instant> = None;
     let mut quiet = 0u64;
     loop {
-        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            end.as_mut().await;
-            None
+        if soft.is_some_and(Latch::is_open) {
+            return None;
+        }
+        let mut accept = std::pin::pin!(listener.accept());
+        enum Got<T> {
+            Conn(T),
+            End,
+            Soft,
+        }
+        let got = futures_lite::future::or(async { Got::Conn(accept.as_mut().await) }, async {
+            match soft {
+                Some(l) => {
+                    futures_lite::future::or(
+                        async {
+                            end.as_mut().await;
+                            Got::End
+                        },
+                        async {
+                            l.opened().await;
+                            Got::Soft
+                        },
+                    )
+                    .await
+                }
+                None => {
+                    end.as_mut().await;
+                    Got::End
+                }
+            }
         })
         .await;
+        let accepted = match got {
+            Got::Conn(r) => r,
+            Got::End => return None,
+            Got::Soft => {
+                let r = futures_lite::future::or(async { Some(accept.as_mut().await) }, async {
+                    glommio::timer::sleep(SOFT_GRACE).await;
+                    None
+                })
+                .await;
+                match r {
+                    Some(Ok(s)) => return Some(s),
+                    Some(Err(_)) => return None,
+                    None => {
+                        tracing::warn!(
+                            shard,
+                            what,
+                            "an armed accept did not finish in time; cancelled"
+                        );
+                        return None;
+                    }
+                }
+            }
+        };
         match accepted {
-            None => return None,
-            Some(Ok(s)) => return Some(s),
-            Some(Err(e)) => {
+            Ok(s) => return Some(s),
+            Err(e) => {
                 let now = std::time::Instant::now();
                 if last_warn.is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1)) {
                     tracing::warn!(shard, error = %e, what, not_logged = quiet, "accept failed");
@@ -48,6 +146,22 @@ pub async fn accept_until(
                 glommio::timer::sleep(Duration::from_millis(10)).await;
             }
         }
+    }
+}
+
+/// Counts a running accept loop in `n` while alive.
+pub struct Running(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Running {
+    pub fn new(n: &std::sync::Arc<std::sync::atomic::AtomicUsize>) -> Running {
+        n.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Running(n.clone())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -134,9 +248,28 @@ pub async fn accept_clients(ctx: Rc<ShardCtx>, listener: TcpListener, port: Port
         Port::WebSocket => "websocket",
     };
     let mut limiter = AcceptLimiter::new(Instant::now());
+    let _running = Running::new(&ctx.accepting);
+    // An inherited listener accepts once the old process no longer does.
+    let gate = async {
+        futures_lite::future::or(
+            async {
+                ctx.accept_clients.opened().await;
+                true
+            },
+            async {
+                ctx.stop.stopped().await;
+                false
+            },
+        )
+        .await
+    };
+    if !gate.await {
+        return;
+    }
     loop {
         let end = futures_lite::future::or(ctx.stop.stopped(), ctx.drain_started.notified());
-        let Some(stream) = accept_until(&listener, end, id, what).await else {
+        let soft = Some(&ctx.stop_accepting);
+        let Some(stream) = accept_until(&listener, end, soft, id, what).await else {
             break;
         };
         let peer = stream
@@ -175,7 +308,7 @@ pub async fn accept_clients(ctx: Rc<ShardCtx>, listener: TcpListener, port: Port
                     crate::net::SharedStream::new(stream),
                     peer,
                     BytesMut::new(),
-                    None,
+                    crate::shard::conn::Start::Fresh,
                 ))
                 .detach();
             }

@@ -32,7 +32,22 @@ const LINGER_BYTES: usize = 64 * 1024;
 /// How a read loop ended.
 enum End {
     Close,
-    Handoff { home: usize, arrival: Arrival },
+    Handoff {
+        home: usize,
+        arrival: Arrival,
+    },
+    /// To the new process of a live upgrade.
+    Upgrade,
+}
+
+/// How a connection starts on this shard.
+pub enum Start {
+    /// Accepted here.
+    Fresh,
+    /// Handed over by another shard.
+    Arrived(Arrival),
+    /// Handed over by the old process of a live upgrade.
+    Upgraded(Box<crate::core::Leaving>),
 }
 
 /// Serve one client connection on this shard until it closes or moves.
@@ -48,18 +63,28 @@ pub fn serve(
     stream: SharedStream,
     peer: SocketAddr,
     buf: BytesMut,
-    arrived: Option<Arrival>,
+    start: Start,
 ) -> impl std::future::Future<Output = ()> {
     let _ = stream.with(|s| s.set_nodelay(true));
     let ctl = Rc::new(shards::Notify::new());
     let sid = ctx.add_session(peer, stream.clone(), ctl.clone());
-    match arrived {
-        Some(arrival) => ctx.accept_handoff(sid, arrival),
-        None => tracing::info!(session = sid, %peer, shard = ctx.id, "accept"),
+    let mut adopted = true;
+    match start {
+        Start::Arrived(arrival) => ctx.accept_handoff(sid, arrival),
+        Start::Fresh => tracing::info!(session = sid, %peer, shard = ctx.id, "accept"),
+        Start::Upgraded(l) => adopted = ctx.adopt_upgraded(sid, &l),
     }
     let mut buf = buf;
     async move {
+        if !adopted {
+            // Its player logged in here meanwhile: that session keeps it.
+            ctx.kick(sid, crate::protocol::Code::Replaced);
+        }
         let end = read_loop(&ctx, sid, &stream, &mut buf, &ctl).await;
+        if let End::Upgrade = end {
+            crate::shard::upgrade::leave(&ctx, sid, slot, stream, peer, buf);
+            return;
+        }
         // The ending runs in its own boxed future: its timers and hand-off
         // state would otherwise sit in every idle session's task all its
         // life.
@@ -120,6 +145,7 @@ async fn finish(
             }
             drop(slot);
         }
+        End::Upgrade => unreachable_upgrade(),
         End::Handoff { home, arrival } => {
             // Everything already queued went out from here first.
             // A kick while the output flushed (idle, shutdown) wins: close.
@@ -153,6 +179,11 @@ async fn finish(
             let _ = ctx.mesh.send(home, msg);
         }
     }
+}
+
+/// `serve` hands an upgrading session over before `finish`.
+fn unreachable_upgrade() {
+    tracing::error!("an upgrading session reached the ordinary end of a connection");
 }
 
 /// The writer of a socket that fell behind: writes what the core queued
@@ -239,7 +270,7 @@ pub fn adopt(ctx: Rc<ShardCtx>, h: Handoff) {
         stream,
         h.peer,
         h.leftover,
-        Some(h.arrival),
+        Start::Arrived(h.arrival),
     ))
     .detach();
 }
@@ -340,6 +371,7 @@ fn handle_buffered(ctx: &ShardCtx, sid: SessionId, buf: &mut BytesMut) -> Next {
             Step::Read => {}
             Step::Close => return Next::End(End::Close),
             Step::Handoff { home, arrival } => return Next::End(End::Handoff { home, arrival }),
+            Step::Upgrade => return Next::End(End::Upgrade),
             Step::Pause => return Next::Pause,
         }
         // Read each time: a reload may change max_frame.

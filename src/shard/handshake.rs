@@ -38,7 +38,17 @@ pub async fn handshake_then_serve(
         )
     };
     match handshake(&stream, times, peer).await {
-        Ok(buf) => crate::shard::conn::serve(ctx, slot, stream, peer, buf, None).await,
+        Ok(buf) => {
+            crate::shard::conn::serve(
+                ctx,
+                slot,
+                stream,
+                peer,
+                buf,
+                crate::shard::conn::Start::Fresh,
+            )
+            .await
+        }
         Err(why) => {
             let st = ctx.stats();
             if why == TIMED_OUT {

@@ -17,6 +17,7 @@ pub mod handshake;
 mod log;
 mod msg;
 mod output;
+pub mod upgrade;
 
 pub use crate::core::{PlayerInfo, PushCounts, Step};
 pub use msg::{Arrival, DrainReport, GatewayEvent, Handoff, LoginReply, ShardMsg};
@@ -102,6 +103,18 @@ pub struct ShardCtx {
     pub wires: RefCell<crate::wire::Wires>,
     /// This context's own `Rc`, for tasks it spawns.
     pub this: RefCell<std::rc::Weak<ShardCtx>>,
+    /// The client ports' accept loops may accept (open at once, unless
+    /// the listeners were inherited from a process being upgraded).
+    pub accept_clients: accept::Latch,
+    /// The same for the HTTP port.
+    pub accept_http: accept::Latch,
+    /// Every accept loop ends after the accept it has armed (an upgrade:
+    /// the new process accepts from now on).
+    pub stop_accepting: accept::Latch,
+    /// Accept loops running in the whole gateway.
+    pub accepting: Arc<std::sync::atomic::AtomicUsize>,
+    /// Sessions on their way to a new process (a live upgrade).
+    leavers: RefCell<upgrade::Leavers>,
 }
 
 impl ShardCtx {
@@ -153,6 +166,11 @@ impl ShardCtx {
             cluster,
             wires: RefCell::new(crate::wire::Wires::default()),
             this: RefCell::new(std::rc::Weak::new()),
+            accept_clients: Default::default(),
+            accept_http: Default::default(),
+            stop_accepting: Default::default(),
+            accepting: Default::default(),
+            leavers: Default::default(),
         }
     }
 

@@ -82,6 +82,32 @@ pub enum ShardMsg {
         to: String,
         reply: flume::Sender<Result<String, crate::error::Error>>,
     },
+    /// Open the accept loops of inherited listeners (an upgrade's new
+    /// process, once the old one no longer accepts there).
+    Accept { clients: bool, http: bool },
+    /// End every accept loop after the accept it has armed (an upgrade's
+    /// old process).
+    StopAccepting,
+    /// Accept again on these listeners (an upgrade rolled back after the
+    /// old process had stopped accepting).
+    ResumeAccepting { listeners: Vec<(u8, OwnedFd)> },
+    /// An upgrade's pull: up to `max` sessions ready to leave.
+    UpgradePull {
+        max: usize,
+        reply: flume::Sender<crate::shard::upgrade::Batch>,
+    },
+    /// The new process holds the batch: these wired connections close.
+    UpgradeConfirmed { closing: Vec<u64> },
+    /// The batch was not taken: serve it here again.
+    UpgradeTakeBack { batch: crate::shard::upgrade::Batch },
+    /// The upgrade is abandoned: every session reads again.
+    UpgradeCancel,
+    /// The new process: sessions (with their sockets) and players taken in.
+    UpgradeTakeIn {
+        sessions: Vec<(crate::core::Leaving, OwnedFd)>,
+        players: Vec<crate::snapshot::PlayerImage>,
+        reply: flume::Sender<(u32, u32)>,
+    },
     /// Drain (or, with `force`, stop draining and finish now); the shard
     /// answers once, with its players.
     Drain {

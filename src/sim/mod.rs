@@ -424,6 +424,7 @@ impl Sim {
                     self.hand_off(c, home, arrival);
                     return true;
                 }
+                Step::Upgrade => panic!("the simulation runs no upgrade"),
             }
             if budget == 0 {
                 return did;

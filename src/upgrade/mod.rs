@@ -49,3 +49,396 @@ impl Inherited {
             })
     }
 }
+
+use crate::gateway::Gateway;
+use crate::shard::upgrade::{Batch, Carried};
+use crate::shard::ShardMsg;
+use channel::{Channel, ChannelError, Msg};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+/// Format of the channel's messages; a new process of another version
+/// says so and the old one goes on.
+pub const VERSION: u32 = 1;
+
+/// Sessions per batch (one frame carries at most `channel::MAX_FDS`
+/// sockets).
+pub const BATCH: usize = 200;
+
+/// How long the old process waits for each answer of the new one.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadlines {
+    /// For `Ready` (the new process starts its shards).
+    pub ready: Duration,
+    /// For the answer to each batch.
+    pub batch: Duration,
+}
+
+impl Default for Deadlines {
+    fn default() -> Self {
+        Deadlines {
+            ready: Duration::from_secs(10),
+            batch: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What an upgrade did, from the old process's side.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub pid: u32,
+    pub sessions: u64,
+    pub players: u64,
+    pub batches: u64,
+    /// The longest a batch was away (from its pull to the new process's
+    /// answer): the longest any of its sessions read nothing.
+    pub longest_batch: Duration,
+    pub took: Duration,
+}
+
+/// Why an upgrade did not happen; the old process goes on serving.
+#[derive(Debug, thiserror::Error)]
+#[error("upgrade abandoned ({stage}): {why}")]
+pub struct Abandoned {
+    pub stage: &'static str,
+    pub why: String,
+}
+
+fn abandoned(stage: &'static str, why: impl std::fmt::Display) -> Abandoned {
+    Abandoned {
+        stage,
+        why: why.to_string(),
+    }
+}
+
+/// The old process's side: hand `gw`'s listeners, then every session and
+/// player, to the process at the other end of `ch`. On an error before
+/// everything moved, what is still here stays (and accepts again); what
+/// the new process took is its own.
+pub fn hand_over(gw: &Gateway, ch: &mut Channel, limits: Deadlines) -> Result<Report, Abandoned> {
+    let began = Instant::now();
+    let listeners = gw.listeners().map_err(|e| abandoned("listeners", e))?;
+    let images = listeners.iter().map(|(img, _)| img.clone()).collect();
+    let fds: Vec<_> = listeners.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
+    ch.send(
+        &Msg::Hello {
+            version: VERSION,
+            listeners: images,
+        },
+        &fds,
+    )
+    .map_err(|e| abandoned("hello", e))?;
+    ch.set_timeout(Some(limits.ready)).ok();
+    let pid = match ch.recv() {
+        Ok((Msg::Ready { pid, .. }, _)) => pid,
+        Ok((Msg::Failed { why }, _)) => return Err(abandoned("start", why)),
+        Ok((other, _)) => return Err(abandoned("start", format!("unexpected {other:?}"))),
+        Err(e) => return Err(abandoned("start", e)),
+    };
+    tracing::info!(pid, "upgrade: the new process runs; handing over");
+    let mut report = Report {
+        pid,
+        ..Default::default()
+    };
+    // From here on a failure must accept here again.
+    let senders = gw.senders();
+    let rollback = |why: Abandoned| -> Abandoned {
+        tracing::error!(error = %why, "upgrade: rolling back; this process goes on serving");
+        for tx in &senders {
+            let _ = tx.send(ShardMsg::UpgradeCancel);
+        }
+        if let Ok(ls) = gw.listeners() {
+            let mut per: Vec<Vec<(u8, std::os::fd::OwnedFd)>> =
+                senders.iter().map(|_| Vec::new()).collect();
+            for (img, fd) in ls {
+                if let Some(v) = per.get_mut(img.shard as usize) {
+                    v.push((img.port, fd));
+                }
+            }
+            for (tx, listeners) in senders.iter().zip(per) {
+                let _ = tx.send(ShardMsg::ResumeAccepting { listeners });
+            }
+        }
+        why
+    };
+    if !gw.stop_accepting(Duration::from_secs(5)) {
+        tracing::warn!("upgrade: an accept loop did not end in time");
+    }
+    if let Err(e) = ch.send(&Msg::AcceptClients, &[]) {
+        return Err(rollback(abandoned("accept", e)));
+    }
+    ch.set_timeout(Some(limits.batch)).ok();
+    let mut done = vec![false; senders.len()];
+    let mut id = 0u64;
+    while done.iter().any(|d| !d) {
+        for (i, tx) in senders.iter().enumerate() {
+            if done[i] {
+                continue;
+            }
+            let pulled = Instant::now();
+            let (reply, rx) = flume::bounded(1);
+            if tx
+                .send(ShardMsg::UpgradePull { max: BATCH, reply })
+                .is_err()
+            {
+                done[i] = true;
+                continue;
+            }
+            let Ok(batch) = rx.recv_timeout(Duration::from_secs(5)) else {
+                return Err(rollback(abandoned(
+                    "pull",
+                    format!("shard {i} did not answer"),
+                )));
+            };
+            if batch.sessions.is_empty() && batch.players.is_empty() {
+                done[i] = batch.left == 0;
+                continue;
+            }
+            id += 1;
+            match send_batch(ch, id, &batch) {
+                Ok((sessions, players)) => {
+                    report.sessions += sessions as u64;
+                    report.players += players as u64;
+                    report.batches += 1;
+                    report.longest_batch = report.longest_batch.max(pulled.elapsed());
+                    let closing = batch
+                        .sessions
+                        .iter()
+                        .filter_map(|(_, c)| match c {
+                            Carried::Closing(k) => Some(*k),
+                            Carried::Socket(_) => None,
+                        })
+                        .collect();
+                    let _ = tx.send(ShardMsg::UpgradeConfirmed { closing });
+                    // The sockets sent are the new process's now; ours close.
+                    drop(batch);
+                }
+                Err(e) => {
+                    let _ = tx.send(ShardMsg::UpgradeTakeBack { batch });
+                    return Err(rollback(abandoned("batch", e)));
+                }
+            }
+        }
+    }
+    // Everything moved: the HTTP port is the new process's too.
+    let _ = ch.send(&Msg::AcceptHttp, &[]);
+    let _ = ch.send(&Msg::Done, &[]);
+    report.took = began.elapsed();
+    tracing::info!(
+        pid,
+        sessions = report.sessions,
+        players = report.players,
+        batches = report.batches,
+        longest_batch_ms = report.longest_batch.as_millis() as u64,
+        took_ms = report.took.as_millis() as u64,
+        "upgrade: everything handed over"
+    );
+    Ok(report)
+}
+
+/// Send one batch and wait for its answer: (sessions, players) taken.
+fn send_batch(ch: &mut Channel, id: u64, batch: &Batch) -> Result<(u32, u32), String> {
+    let mut sessions = Vec::new();
+    let mut fds = Vec::new();
+    let mut players = Vec::new();
+    let mut lingering = Vec::new();
+    for (l, carried) in &batch.sessions {
+        match carried {
+            Carried::Socket(fd) => {
+                if let Some(p) = &l.player {
+                    players.push(p.clone());
+                }
+                sessions.push(l.image.clone());
+                fds.push(fd.as_raw_fd());
+            }
+            // Its client resumes there: the player alone moves.
+            Carried::Closing(_) => lingering.extend(l.player.clone()),
+        }
+    }
+    players.extend(lingering);
+    players.extend(batch.players.iter().cloned());
+    let image = crate::snapshot::Image {
+        taken_unix_ms: crate::snapshot::unix_ms_now(),
+        shards: 1,
+        players,
+    }
+    .encode()
+    .map_err(|e| e.to_string())?;
+    ch.send(
+        &Msg::Batch {
+            id,
+            sessions,
+            players: image,
+        },
+        &fds,
+    )
+    .map_err(|e| e.to_string())?;
+    match ch.recv() {
+        Ok((
+            Msg::Adopted {
+                id: got,
+                sessions,
+                players,
+            },
+            _,
+        )) if got == id => Ok((sessions, players)),
+        Ok((Msg::Refused { why, .. }, _)) => Err(format!("refused: {why}")),
+        Ok((other, _)) => Err(format!("unexpected {other:?}")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The new process's side: start on the listeners the old process sends,
+/// take in every batch, and return the running gateway once the old
+/// process is done (it then ends).
+pub fn take_over(cfg: crate::config::Config, ch: &mut Channel) -> Result<Gateway, String> {
+    let (msg, fds) = ch.recv().map_err(|e| e.to_string())?;
+    let Msg::Hello { version, listeners } = msg else {
+        return Err(format!("expected Hello, got {msg:?}"));
+    };
+    if version != VERSION {
+        let why = format!("channel version {version}, this build speaks {VERSION}");
+        let _ = ch.send(&Msg::Failed { why: why.clone() }, &[]);
+        return Err(why);
+    }
+    if fds.len() != listeners.len() {
+        let why = "listener descriptors missing".to_string();
+        let _ = ch.send(&Msg::Failed { why: why.clone() }, &[]);
+        return Err(why);
+    }
+    let inherited = Inherited {
+        listeners: listeners.into_iter().zip(fds).collect(),
+    };
+    let gw = match Gateway::start_on(cfg, Some(inherited)) {
+        Ok(g) => g,
+        Err(e) => {
+            let why = e.to_string();
+            let _ = ch.send(&Msg::Failed { why: why.clone() }, &[]);
+            return Err(why);
+        }
+    };
+    let shards = gw.senders();
+    ch.send(
+        &Msg::Ready {
+            pid: std::process::id(),
+            shards: shards.len() as u32,
+        },
+        &[],
+    )
+    .map_err(|e| e.to_string())?;
+    let mut round = 0usize;
+    loop {
+        let (msg, fds) = match ch.recv() {
+            Ok(m) => m,
+            // The old process died mid-way: what arrived is served; it
+            // takes the rest with it. Accept on every port.
+            Err(ChannelError::Closed) => {
+                tracing::error!("upgrade: the old process went away before it was done");
+                gw.open_accept(true, true);
+                return Ok(gw);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "upgrade: the channel failed");
+                gw.open_accept(true, true);
+                return Ok(gw);
+            }
+        };
+        match msg {
+            Msg::AcceptClients => gw.open_accept(true, false),
+            Msg::AcceptHttp => gw.open_accept(false, true),
+            Msg::Done => {
+                gw.open_accept(true, true);
+                tracing::info!("upgrade: done; this process serves alone");
+                return Ok(gw);
+            }
+            Msg::Batch {
+                id,
+                sessions,
+                players,
+            } => {
+                let answer = match take_batch(&shards, &mut round, sessions, fds, &players) {
+                    Ok((s, p)) => Msg::Adopted {
+                        id,
+                        sessions: s,
+                        players: p,
+                    },
+                    Err(why) => Msg::Refused { id, why },
+                };
+                ch.send(&answer, &[]).map_err(|e| e.to_string())?;
+            }
+            other => tracing::warn!(msg = ?other, "upgrade: unexpected message ignored"),
+        }
+    }
+}
+
+/// One shard's part of a batch: sessions with their sockets, players.
+type Share = (
+    Vec<(crate::core::Leaving, std::os::fd::OwnedFd)>,
+    Vec<crate::snapshot::PlayerImage>,
+);
+
+/// Give a batch's sessions and players to their home shards.
+fn take_batch(
+    shards: &[flume::Sender<ShardMsg>],
+    round: &mut usize,
+    sessions: Vec<channel::SessionImage>,
+    fds: Vec<std::os::fd::OwnedFd>,
+    players: &[u8],
+) -> Result<(u32, u32), String> {
+    if sessions.len() != fds.len() {
+        return Err(format!(
+            "{} sessions, {} sockets",
+            sessions.len(),
+            fds.len()
+        ));
+    }
+    let image = crate::snapshot::Image::decode(players).map_err(|e| e.to_string())?;
+    let n = shards.len();
+    let mut by_id: foldhash::HashMap<u64, crate::snapshot::PlayerImage> =
+        image.players.into_iter().map(|p| (p.id, p)).collect();
+    let mut per: Vec<Share> = (0..n).map(|_| (Vec::new(), Vec::new())).collect();
+    for (img, fd) in sessions.into_iter().zip(fds) {
+        let player = (img.player != 0)
+            .then(|| by_id.remove(&img.player))
+            .flatten();
+        if img.player != 0 && player.is_none() {
+            return Err(format!("no image for player {}", img.player));
+        }
+        let home = match &player {
+            Some(p) => shards::home_shard(p.id, n),
+            None => {
+                *round += 1;
+                *round % n
+            }
+        };
+        per[home]
+            .0
+            .push((crate::core::Leaving { image: img, player }, fd));
+    }
+    for p in by_id.into_values() {
+        per[shards::home_shard(p.id, n)].1.push(p);
+    }
+    let mut waiting = Vec::new();
+    for (tx, (sessions, players)) in shards.iter().zip(per) {
+        if sessions.is_empty() && players.is_empty() {
+            continue;
+        }
+        let (reply, rx) = flume::bounded(1);
+        tx.send(ShardMsg::UpgradeTakeIn {
+            sessions,
+            players,
+            reply,
+        })
+        .map_err(|_| "a shard is stopping".to_string())?;
+        waiting.push(rx);
+    }
+    let mut total = (0, 0);
+    for rx in waiting {
+        let (s, p) = rx
+            .recv_timeout(Duration::from_secs(5))
+            .map_err(|_| "a shard did not answer".to_string())?;
+        total.0 += s;
+        total.1 += p;
+    }
+    Ok(total)
+}

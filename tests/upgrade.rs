@@ -1,0 +1,210 @@
+//! Live upgrade (issue 20): the listening sockets of a running gateway
+//! handed to another, with no connection refused or lost while the old
+//! one stops accepting and the new one starts.
+
+mod common;
+
+use common::{config, Harness};
+use slg_gateway::gateway::Gateway;
+use slg_gateway::upgrade::Inherited;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Connect, log in as `player`, make one request: every step must work.
+fn probe(addr: std::net::SocketAddr, player: u64) -> Result<(), String> {
+    let mut c = slg_gateway::client::Client::connect(addr).map_err(|e| format!("connect: {e}"))?;
+    c.timeout = Duration::from_secs(10);
+    c.login_demo(player).map_err(|e| format!("login: {e}"))?;
+    let f = c.request(100, b"x").map_err(|e| format!("request: {e}"))?;
+    if f.header.code != 0 {
+        return Err(format!("request answered code {}", f.header.code));
+    }
+    Ok(())
+}
+
+#[test]
+fn listeners_handed_to_another_gateway_refuse_no_connection() {
+    let mut old = Harness::start(2);
+    let demo = old.demo.as_ref().expect("demo").addr;
+    let gw = old.gateway.as_ref().expect("running");
+    let addr = gw.client_addr;
+    probe(addr, 1).expect("the old gateway serves");
+
+    // Clients connect all along, from two threads.
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let probes: Vec<_> = (0..2u64)
+        .map(|t| {
+            let (stop, ok, failures) = (stop.clone(), ok.clone(), failures.clone());
+            std::thread::spawn(move || {
+                let mut player = 1000 * (t + 1);
+                while !stop.load(Ordering::Acquire) {
+                    player += 1;
+                    match probe(addr, player) {
+                        Ok(()) => {
+                            ok.fetch_add(1, Ordering::AcqRel);
+                        }
+                        Err(e) => failures.lock().expect("lock").push(e),
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+
+    // A second gateway on the first one's sockets (more shards than it: the
+    // extra one binds its own socket into the same group), accepting nothing
+    // until the first has stopped.
+    let inherited = Inherited {
+        listeners: gw.listeners().expect("listeners"),
+    };
+    assert_eq!(
+        inherited.listeners.len(),
+        4,
+        "client and HTTP port of 2 shards"
+    );
+    let new = Gateway::start_on(config(demo, 3), Some(inherited)).expect("starts on them");
+    assert_eq!(
+        (new.client_addr, new.http_addr),
+        (gw.client_addr, gw.http_addr)
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        gw.stop_accepting(Duration::from_secs(5)),
+        "every accept loop ended"
+    );
+    new.open_accept(true, true);
+    let before = ok.load(Ordering::Acquire);
+    std::thread::sleep(Duration::from_millis(500));
+    // The old gateway no longer accepts: new connections are the new one's.
+    let served = ok.load(Ordering::Acquire) - before;
+    assert!(served > 0, "connections after the hand-over are served");
+    let (status, _) = common::http(new.http_addr, "GET", "/healthz", b"");
+    assert_eq!(status, 200);
+    let accepted_by_old = |g: &Gateway| g.counter("accepted");
+    let old_accepted = accepted_by_old(gw);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        accepted_by_old(gw),
+        old_accepted,
+        "the old gateway accepts nothing more"
+    );
+    stop.store(true, Ordering::Release);
+    for p in probes {
+        p.join().expect("probe thread");
+    }
+    let failures = failures.lock().expect("lock");
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    // The old gateway's sockets close with it; the new one still listens.
+    old.gateway.take().expect("running").stop();
+    probe(addr, 99).expect("the new gateway serves after the old one stopped");
+    new.stop();
+}
+
+/// The next frame of `c`, which must continue its stream (seq last + 1)
+/// and be neither a KICK nor a SESSION.
+fn next_in_order(
+    c: &mut slg_gateway::client::Client,
+    last: &mut u64,
+) -> slg_gateway::protocol::Frame {
+    use slg_gateway::protocol::Kind;
+    let f = c.recv().expect("a frame");
+    assert!(
+        !matches!(f.header.kind, Kind::Kick | Kind::Session),
+        "unexpected {:?}",
+        f.header
+    );
+    assert_eq!(f.header.seq, *last + 1, "{:?}", f.header);
+    *last = f.header.seq;
+    f
+}
+
+#[test]
+fn sessions_and_players_move_to_a_new_gateway_without_a_word_to_the_clients() {
+    use slg_gateway::protocol::Kind;
+    use slg_gateway::upgrade::{channel::Channel, hand_over, take_over, Deadlines};
+    let mut old = Harness::start(2);
+    let demo = old.demo.as_ref().expect("demo").addr;
+    let gw = old.gateway.as_ref().expect("running");
+    let mut clients = Vec::new();
+    for player in 1..=40u64 {
+        let mut c = old.client();
+        let l = c.login_demo(player).expect("login");
+        let mut last = l.response.header.seq;
+        c.send_request(100, b"before").expect("send");
+        let f = next_in_order(&mut c, &mut last);
+        assert_eq!(f.header.kind, Kind::Response);
+        clients.push((player, c, last));
+    }
+    // A player whose client went away: it lingers, and must move too.
+    let mut gone = old.client();
+    let gone_login = gone.login_demo(500).expect("login");
+    drop(gone);
+    std::thread::sleep(Duration::from_millis(100));
+    // A push everyone gets before the hand-over.
+    let list: Vec<String> = (1..=40u64).map(|p| p.to_string()).collect();
+    let (status, _) = common::http(
+        gw.http_addr,
+        "POST",
+        &format!("/v1/push?players={}&msg=9001", list.join(",")),
+        b"p1",
+    );
+    assert_eq!(status, 200);
+    for (_, c, last) in clients.iter_mut() {
+        let f = next_in_order(c, last);
+        assert_eq!(f.header.kind, Kind::Push);
+    }
+
+    let (mut ours, theirs) = Channel::pair().expect("pair");
+    let new = std::thread::spawn(move || {
+        let mut ch = Channel::new(theirs);
+        take_over(config(demo, 3), &mut ch).expect("take over")
+    });
+    let report = hand_over(gw, &mut ours, Deadlines::default()).expect("hand over");
+    let new = new.join().expect("new side");
+    assert_eq!(report.sessions, 40, "{report:?}");
+    assert_eq!(report.players, 41, "{report:?}");
+    assert_eq!(gw.counter("upgraded_out"), 40);
+    assert_eq!(new.counter("upgraded_in"), 40);
+    old.gateway.take().expect("running").stop();
+
+    // Each stream goes on where it was, on the new gateway.
+    for (_, c, last) in clients.iter_mut() {
+        c.send_request(100, b"after").expect("send");
+        let f = next_in_order(c, last);
+        assert_eq!(f.header.kind, Kind::Response);
+        assert_eq!(&f.body[..], b"after");
+    }
+    let (status, body) = common::http(
+        new.http_addr,
+        "POST",
+        "/v1/push?players=1,2,500&msg=9002",
+        b"p2",
+    );
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("\"delivered\":2") && body.contains("\"cached\":1"),
+        "{body}"
+    );
+    for (player, c, last) in clients.iter_mut() {
+        if *player <= 2 {
+            let f = next_in_order(c, last);
+            assert_eq!((f.header.kind, &f.body[..]), (Kind::Push, &b"p2"[..]));
+        }
+    }
+    // The lingering player resumes there with the token it had.
+    let mut back = slg_gateway::client::Client::connect(new.client_addr).expect("connect");
+    back.timeout = Duration::from_secs(10);
+    let r = back
+        .resume(&gone_login.token, gone_login.response.header.seq)
+        .expect("resume on the new gateway");
+    assert!(!r.gap);
+    new.stop();
+}
