@@ -97,15 +97,21 @@ fn forward_signals(events: flume::Sender<GatewayEvent>) -> std::io::Result<()> {
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGHUP,
+        signal_hook::consts::SIGUSR2,
     ])?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
             for sig in signals.forever() {
-                let event = if sig == signal_hook::consts::SIGHUP {
-                    GatewayEvent::Reload(None)
-                } else {
-                    GatewayEvent::Signal(sig)
+                let event = match sig {
+                    signal_hook::consts::SIGHUP => GatewayEvent::Reload(None),
+                    // nginx's convention: a live upgrade to the binary this
+                    // process was started from.
+                    signal_hook::consts::SIGUSR2 => GatewayEvent::Upgrade {
+                        binary: None,
+                        reply: None,
+                    },
+                    _ => GatewayEvent::Signal(sig),
                 };
                 if events.send(event).is_err() {
                     break;
@@ -220,6 +226,31 @@ fn main() -> ExitCode {
         tracing::warn!("{w}");
     }
 
+    // The binary to start on an upgrade (read now: once replaced on disk,
+    // /proc/self/exe names the deleted file).
+    let exe = std::env::current_exe().ok();
+    // Started by an upgrade: the old process hands over its listeners and
+    // sessions on the inherited channel.
+    let inherited = std::env::var(slg_gateway::upgrade::ENV_FD)
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok());
+    if let Some(fd) = inherited {
+        std::env::remove_var(slg_gateway::upgrade::ENV_FD);
+        // SAFETY: the old process passed this descriptor, the channel's
+        // end, to us alone.
+        let mut ch = unsafe { slg_gateway::upgrade::channel::Channel::from_inherited(fd) };
+        let shards = cfg.shard_count();
+        let gw = match slg_gateway::upgrade::take_over(cfg, &mut ch) {
+            Ok(g) => g,
+            Err(e) => {
+                eprintln!("upgrade: cannot take over: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        drop(ch);
+        return serve(gw, shards, None, &cli, exe);
+    }
+
     let demo = match cfg.demo_backend.as_deref().map(str::parse::<SocketAddr>) {
         None => None,
         Some(Err(_)) => unreachable_config(),
@@ -235,7 +266,7 @@ fn main() -> ExitCode {
         },
     };
     let shards = cfg.shard_count();
-    let mut gw = match Gateway::start(cfg) {
+    let gw = match Gateway::start(cfg) {
         Ok(g) => g,
         Err(e) => {
             eprintln!("cannot start the gateway: {e}");
@@ -248,6 +279,19 @@ fn main() -> ExitCode {
             return ExitCode::from(if config { 2 } else { 1 });
         }
     };
+    serve(gw, shards, demo, &cli, exe)
+}
+
+/// Serve reloads and upgrades until a signal or `POST /v1/drain`; then
+/// drain (any further event forces it). A successful upgrade ends this
+/// process at once: the new one holds everything.
+fn serve(
+    mut gw: Gateway,
+    shards: usize,
+    demo: Option<DemoBackend>,
+    cli: &Cli,
+    exe: Option<PathBuf>,
+) -> ExitCode {
     println!(
         "gateway listening on {} (clients), {} (http), {} shards",
         gw.client_addr, gw.http_addr, shards
@@ -260,19 +304,40 @@ fn main() -> ExitCode {
         let _ = gw.stop();
         return ExitCode::from(1);
     }
-    // Serve reloads until a signal or POST /v1/drain; then drain, and any
-    // further event forces the drain.
     let events = gw.events().clone();
     let mut evacuate = false;
     loop {
         match events.recv() {
             Ok(GatewayEvent::Reload(reply)) => {
-                let outcome = load_config(&cli).and_then(|c| gw.reload(c));
+                let outcome = load_config(cli).and_then(|c| gw.reload(c));
                 if let Err(e) = &outcome {
                     tracing::error!(error = %e, "config reload refused; the running config stays");
                 }
                 if let Some(tx) = reply {
                     let _ = tx.send(outcome);
+                }
+            }
+            Ok(GatewayEvent::Upgrade { binary, reply }) => {
+                let refuse = |why: String| {
+                    tracing::error!(error = %why, "upgrade refused");
+                    if let Some(tx) = &reply {
+                        let _ = tx.send(Err(why));
+                    }
+                };
+                if demo.is_some() {
+                    refuse("the demo backend runs in this process and cannot be handed over; run it as `slg-gateway demo-backend`".into());
+                    continue;
+                }
+                let Some(bin) = binary.map(PathBuf::from).or_else(|| exe.clone()) else {
+                    refuse("the path of this binary is unknown; name one (?binary=)".into());
+                    continue;
+                };
+                let limits = slg_gateway::upgrade::Deadlines::default();
+                if slg_gateway::upgrade::upgrade_to(&gw, &bin, limits, reply).is_ok() {
+                    // Everything is the new process's: end without a word
+                    // to anyone (the sockets it holds stay open).
+                    drop(gw.stop());
+                    return ExitCode::SUCCESS;
                 }
             }
             Ok(e) => {

@@ -167,7 +167,7 @@ fn sessions_and_players_move_to_a_new_gateway_without_a_word_to_the_clients() {
         let mut ch = Channel::new(theirs);
         take_over(config(demo, 3), &mut ch).expect("take over")
     });
-    let report = hand_over(gw, &mut ours, Deadlines::default()).expect("hand over");
+    let report = hand_over(gw, &mut ours, Deadlines::default(), None).expect("hand over");
     let new = new.join().expect("new side");
     assert_eq!(report.sessions, 40, "{report:?}");
     assert_eq!(report.players, 41, "{report:?}");
@@ -207,4 +207,94 @@ fn sessions_and_players_move_to_a_new_gateway_without_a_word_to_the_clients() {
         .expect("resume on the new gateway");
     assert!(!r.gap);
     new.stop();
+}
+
+fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+/// `POST /v1/upgrade` until a process that is not `old` answers 202 (an
+/// old process finishing its hand-over still holds the HTTP port a
+/// moment and answers 409): the new pid.
+fn upgrade(http: std::net::SocketAddr, query: &str, old: u32) -> u32 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = common::http(http, "POST", &format!("/v1/upgrade{query}"), b"");
+        if status == 202 {
+            let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+            let pid = v["pid"].as_u64().expect("pid") as u32;
+            assert_ne!(pid, old);
+            return pid;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "upgrade: {status} {body}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_real_process_upgrades_three_times_and_survives_a_bad_binary() {
+    use slg_gateway::protocol::Kind;
+    let demo =
+        slg_gateway::demo::DemoBackend::start("127.0.0.1:0".parse().expect("addr")).expect("demo");
+    let dir = std::env::temp_dir().join(format!("slg-upgrade-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let cfg = dir.join("gateway.ron");
+    std::fs::write(&cfg, common::config_text(demo.addr)).expect("config");
+    let (first, client, http) = common::spawn_gateway(&cfg, 2);
+    let mut pid = first.0.id();
+    let mut clients = Vec::new();
+    for player in 1..=50u64 {
+        let mut c = slg_gateway::client::Client::connect(client).expect("connect");
+        c.timeout = Duration::from_secs(10);
+        let l = c.login_demo(player).expect("login");
+        clients.push((c, l.response.header.seq));
+    }
+    let round = |clients: &mut Vec<(slg_gateway::client::Client, u64)>, tag: &str| {
+        for (c, last) in clients.iter_mut() {
+            c.send_request(100, tag.as_bytes()).expect("send");
+            let f = next_in_order(c, last);
+            assert_eq!(
+                (f.header.kind, &f.body[..]),
+                (Kind::Response, tag.as_bytes())
+            );
+        }
+    };
+    round(&mut clients, "start");
+    // A binary that exits at once: refused, the old process goes on.
+    let (status, body) = common::http(http, "POST", "/v1/upgrade?binary=/bin/false", b"");
+    assert_eq!(status, 502, "{body}");
+    assert!(alive(pid));
+    round(&mut clients, "after a failed upgrade");
+    let mut pids = vec![pid];
+    for n in 0..3 {
+        let new = upgrade(http, "", pid);
+        round(&mut clients, &format!("during upgrade {n}"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while alive(pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the old process {pid} ended"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        round(&mut clients, &format!("after upgrade {n}"));
+        pid = new;
+        pids.push(pid);
+    }
+    let probe_ok = probe(client, 777);
+    // SAFETY: kill(2) on the last process, which no Proc owns.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    drop(first);
+    demo.stop();
+    probe_ok.expect("the last process serves new clients");
+    let mut unique = pids.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(unique.len(), 4, "{pids:?}");
 }

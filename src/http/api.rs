@@ -60,6 +60,10 @@ async fn route(ctx: &ShardCtx, req: Request) -> Response {
             "POST" => migrate(ctx, &req).await,
             _ => Response::error(405, "use POST"),
         },
+        "/v1/upgrade" => match method {
+            "POST" => upgrade(ctx, &req).await,
+            _ => Response::error(405, "use POST"),
+        },
         "/v1/reload" => match method {
             "POST" => reload(ctx).await,
             _ => Response::error(405, "use POST"),
@@ -826,6 +830,40 @@ async fn reload(ctx: &ShardCtx) -> Response {
         Some(Ok(())) => Response::json(200, "{\"reloaded\":true}".into()),
         Some(Err(e)) => Response::error(400, &format!("config refused: {e}")),
         None => Response::error(503, "the reload did not finish in time"),
+    }
+}
+
+/// `POST /v1/upgrade[?binary=/path]`: hand everything to a new process;
+/// answered once it runs (202, its pid) or failed (the old process goes
+/// on). One at a time: 409 while one runs.
+async fn upgrade(ctx: &ShardCtx, req: &Request) -> Response {
+    if crate::upgrade::running() {
+        return Response::error(409, "an upgrade is already running");
+    }
+    let Some(events) = &ctx.events else {
+        return Response::error(503, "no coordinator to upgrade this gateway");
+    };
+    let binary = req.param("binary").map(str::to_string);
+    let (tx, rx) = flume::bounded(1);
+    let ev = GatewayEvent::Upgrade {
+        binary,
+        reply: Some(tx),
+    };
+    if events.send(ev).is_err() {
+        return Response::error(503, "the coordinator is gone");
+    }
+    let outcome = futures_lite::future::or(async { rx.recv_async().await.ok() }, async {
+        glommio::timer::sleep(Duration::from_secs(30)).await;
+        None
+    })
+    .await;
+    match outcome {
+        Some(Ok(pid)) => {
+            Response::json(202, format!("{{\"upgrading\":true,\"pid\":{pid}}}")).closing()
+        }
+        Some(Err(e)) if e.contains("already running") => Response::error(409, &e),
+        Some(Err(e)) => Response::error(502, &format!("upgrade failed, this process goes on: {e}")),
+        None => Response::error(503, "the upgrade did not answer in time"),
     }
 }
 

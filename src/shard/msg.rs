@@ -136,6 +136,13 @@ pub enum GatewayEvent {
     /// Re-read the config file (SIGHUP, `POST /v1/reload`); the outcome
     /// goes to the sender, if any.
     Reload(Option<flume::Sender<Result<(), String>>>),
+    /// Hand everything to a new process (SIGUSR2, `POST /v1/upgrade`):
+    /// `binary`, or the one this process was started from; the answer
+    /// (the new process's pid once it runs, or why not) goes to `reply`.
+    Upgrade {
+        binary: Option<String>,
+        reply: Option<flume::Sender<Result<u32, String>>>,
+    },
 }
 
 pub use crate::session::{Arrival, LoginReply};

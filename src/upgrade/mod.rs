@@ -57,6 +57,80 @@ use channel::{Channel, ChannelError, Msg};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
+/// An upgrade runs in this process (one at a time).
+static RUNNING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether an upgrade runs now.
+pub fn running() -> bool {
+    RUNNING.load(std::sync::atomic::Ordering::Acquire)
+}
+
+/// The environment variable naming the inherited channel's descriptor.
+pub const ENV_FD: &str = "SLG_UPGRADE_FD";
+
+/// Start `binary` with this process's arguments and the channel's other
+/// end, then hand everything over to it (see [`hand_over`]). `ready` hears
+/// the new pid once it runs. Refused while another upgrade runs. On any
+/// failure the child is killed and this process goes on serving.
+pub fn upgrade_to(
+    gw: &Gateway,
+    binary: &std::path::Path,
+    limits: Deadlines,
+    ready: Option<flume::Sender<Result<u32, String>>>,
+) -> Result<Report, String> {
+    use std::sync::atomic::Ordering;
+    if RUNNING.swap(true, Ordering::AcqRel) {
+        let why = "an upgrade is already running".to_string();
+        if let Some(r) = ready {
+            let _ = r.send(Err(why.clone()));
+        }
+        return Err(why);
+    }
+    struct Done;
+    impl Drop for Done {
+        fn drop(&mut self) {
+            RUNNING.store(false, std::sync::atomic::Ordering::Release);
+        }
+    }
+    let _done = Done;
+    let fail = |why: String, ready: Option<flume::Sender<Result<u32, String>>>| {
+        tracing::error!(error = %why, "upgrade failed; this process goes on serving");
+        if let Some(r) = ready {
+            let _ = r.send(Err(why.clone()));
+        }
+        Err(why)
+    };
+    let (mut ch, theirs) = match Channel::pair() {
+        Ok(p) => p,
+        Err(e) => return fail(format!("cannot make the channel: {e}"), ready),
+    };
+    let fd = theirs.as_raw_fd();
+    let mut cmd = std::process::Command::new(binary);
+    cmd.args(std::env::args_os().skip(1))
+        .env(ENV_FD, fd.to_string());
+    // The child's end survives exec; everything else stays close-on-exec.
+    // SAFETY: between fork and exec only fcntl (async-signal-safe) runs.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(move || channel::set_cloexec(fd, false));
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => return fail(format!("cannot start {}: {e}", binary.display()), ready),
+    };
+    drop(theirs);
+    tracing::info!(binary = %binary.display(), pid = child.id(), "upgrade: new process started");
+    let outcome = hand_over(gw, &mut ch, limits, ready.clone());
+    match outcome {
+        Ok(r) => Ok(r),
+        Err(e) => {
+            let _ = child.kill();
+            let status = child.wait().ok();
+            fail(format!("{e} (new process ended: {status:?})"), ready)
+        }
+    }
+}
+
 /// Format of the channel's messages; a new process of another version
 /// says so and the old one goes on.
 pub const VERSION: u32 = 1;
@@ -115,7 +189,12 @@ fn abandoned(stage: &'static str, why: impl std::fmt::Display) -> Abandoned {
 /// player, to the process at the other end of `ch`. On an error before
 /// everything moved, what is still here stays (and accepts again); what
 /// the new process took is its own.
-pub fn hand_over(gw: &Gateway, ch: &mut Channel, limits: Deadlines) -> Result<Report, Abandoned> {
+pub fn hand_over(
+    gw: &Gateway,
+    ch: &mut Channel,
+    limits: Deadlines,
+    ready: Option<flume::Sender<Result<u32, String>>>,
+) -> Result<Report, Abandoned> {
     let began = Instant::now();
     let listeners = gw.listeners().map_err(|e| abandoned("listeners", e))?;
     let images = listeners.iter().map(|(img, _)| img.clone()).collect();
@@ -136,6 +215,9 @@ pub fn hand_over(gw: &Gateway, ch: &mut Channel, limits: Deadlines) -> Result<Re
         Err(e) => return Err(abandoned("start", e)),
     };
     tracing::info!(pid, "upgrade: the new process runs; handing over");
+    if let Some(r) = ready {
+        let _ = r.send(Ok(pid));
+    }
     let mut report = Report {
         pid,
         ..Default::default()
