@@ -248,6 +248,12 @@ fn main() -> ExitCode {
             }
         };
         drop(ch);
+        // Under systemd (Type=notify, NotifyAccess=all) the service's main
+        // process is this one from now on.
+        let _ = sd_notify::notify(&[
+            sd_notify::NotifyState::MainPid(std::process::id()),
+            sd_notify::NotifyState::Ready,
+        ]);
         return serve(gw, shards, None, &cli, exe);
     }
 
@@ -292,6 +298,8 @@ fn serve(
     cli: &Cli,
     exe: Option<PathBuf>,
 ) -> ExitCode {
+    // systemd's Type=notify: listening now (nothing without NOTIFY_SOCKET).
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     println!(
         "gateway listening on {} (clients), {} (http), {} shards",
         gw.client_addr, gw.http_addr, shards

@@ -862,6 +862,7 @@ async fn upgrade(ctx: &ShardCtx, req: &Request) -> Response {
             Response::json(202, format!("{{\"upgrading\":true,\"pid\":{pid}}}")).closing()
         }
         Some(Err(e)) if e.contains("already running") => Response::error(409, &e),
+        Some(Err(e)) if e.contains("demo backend") => Response::error(503, &e),
         Some(Err(e)) => Response::error(502, &format!("upgrade failed, this process goes on: {e}")),
         None => Response::error(503, "the upgrade did not answer in time"),
     }
