@@ -1247,17 +1247,7 @@ fn shard_listeners(
 async fn run_http(ctx: Rc<ShardCtx>, listener: glommio::net::TcpListener) {
     let open = ctx.http_connections.clone();
     let _running = crate::shard::accept::Running::new(&ctx.accepting);
-    let gate = futures_lite::future::or(
-        async {
-            ctx.accept_http.opened().await;
-            true
-        },
-        async {
-            ctx.stop.stopped().await;
-            false
-        },
-    );
-    if !gate.await {
+    if !crate::shard::accept::gate(&ctx, &ctx.accept_http).await {
         return;
     }
     loop {

@@ -149,6 +149,21 @@ pub async fn accept_until(
     }
 }
 
+/// Wait until `latch` opens (true) or the shard stops (false).
+pub async fn gate(ctx: &ShardCtx, latch: &Latch) -> bool {
+    futures_lite::future::or(
+        async {
+            latch.opened().await;
+            true
+        },
+        async {
+            ctx.stop.stopped().await;
+            false
+        },
+    )
+    .await
+}
+
 /// Counts a running accept loop in `n` while alive.
 pub struct Running(std::sync::Arc<std::sync::atomic::AtomicUsize>);
 
@@ -250,20 +265,7 @@ pub async fn accept_clients(ctx: Rc<ShardCtx>, listener: TcpListener, port: Port
     let mut limiter = AcceptLimiter::new(Instant::now());
     let _running = Running::new(&ctx.accepting);
     // An inherited listener accepts once the old process no longer does.
-    let gate = async {
-        futures_lite::future::or(
-            async {
-                ctx.accept_clients.opened().await;
-                true
-            },
-            async {
-                ctx.stop.stopped().await;
-                false
-            },
-        )
-        .await
-    };
-    if !gate.await {
+    if !gate(&ctx, &ctx.accept_clients).await {
         return;
     }
     loop {

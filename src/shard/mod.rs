@@ -8,6 +8,10 @@
 //! Nothing here decides a protocol rule: that is the core's. What stays is
 //! what moves bytes and tasks: the session tasks' handles, the backend
 //! pool, the mesh, the cluster bridge ([`cluster`]).
+//!
+//! Why one file of this length: `ShardCtx` is one struct whose fields and
+//! thin wrappers over the core belong together; the flows that use it
+//! (connections, accept, cluster, upgrade, output) are in submodules.
 
 pub mod accept;
 mod admin;

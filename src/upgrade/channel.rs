@@ -21,7 +21,7 @@
 use rkyv::{Archive, Deserialize, Serialize};
 use sendfd::{RecvWithFd, SendWithFd};
 use std::collections::VecDeque;
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
@@ -278,15 +278,6 @@ impl Channel {
         }
         Ok(())
     }
-
-    /// Whether the other end is gone (a read would see its close).
-    pub fn peer_closed(&self) -> bool {
-        let mut b = [0u8; 1];
-        self.sock.set_nonblocking(true).ok();
-        let r = (&self.sock).read(&mut b);
-        self.sock.set_nonblocking(false).ok();
-        matches!(r, Ok(0))
-    }
 }
 
 impl AsRawFd for Channel {
@@ -317,7 +308,7 @@ pub fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::Write;
+    use std::io::{Read, Write};
 
     fn pipe_fd() -> (OwnedFd, UnixStream) {
         let (r, w) = UnixStream::pair().expect("pair");
