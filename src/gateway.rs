@@ -94,6 +94,8 @@ pub struct Gateway {
     listeners: Vec<Listener>,
     /// Accept loops running (an upgrade waits for them to end).
     accepting: Arc<AtomicUsize>,
+    /// Open HTTP API connections, all shards.
+    http_open: Arc<AtomicUsize>,
 }
 
 /// How a drain ended.
@@ -338,6 +340,7 @@ impl Gateway {
         let connections = Arc::new(AtomicUsize::new(0));
         let (ready_tx, ready_rx) = flume::unbounded::<Ready>();
         let accepting = Arc::new(AtomicUsize::new(0));
+        let http_open = Arc::new(AtomicUsize::new(0));
         let store = cfg.snapshot_dir.as_ref().map(LocalDir::new);
         // Players from the snapshot, homed again by hash on this shard count.
         let n = shards_cfg.shards;
@@ -373,7 +376,7 @@ impl Gateway {
             client_addr,
             http_addr,
             connections: connections.clone(),
-            http_conns: Arc::new(AtomicUsize::new(0)),
+            http_conns: http_open.clone(),
             ready: ready_tx,
             events: events.0.clone(),
             restore: Arc::new(restore),
@@ -433,6 +436,7 @@ impl Gateway {
             cluster,
             listeners,
             accepting,
+            http_open,
         })
     }
 
@@ -481,6 +485,11 @@ impl Gateway {
     /// the accept it has armed, which the port is poked to complete (the
     /// pokes that reach the new process are connections closed at once).
     /// True when every loop ended within `limit`.
+    /// Open HTTP API connections now, all shards.
+    pub fn http_open(&self) -> usize {
+        self.http_open.load(Ordering::Acquire)
+    }
+
     pub fn stop_accepting(&self, limit: Duration) -> bool {
         for tx in self.shards.senders() {
             let _ = tx.send(ShardMsg::StopAccepting);
@@ -1104,13 +1113,16 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
                     Some(ShardMsg::UpgradePull { max, reply }) => {
                         let ctx = ctx.clone();
                         glommio::spawn_local(async move {
-                            let _ = reply.send(crate::shard::upgrade::pull(ctx, max).await);
+                            let batch = crate::shard::upgrade::pull(ctx, max).await;
+                            let _ = reply.send(crate::upgrade::Event::Pulled(batch));
                         })
                         .detach();
                     }
-                    Some(ShardMsg::UpgradeConfirmed { closing }) => {
-                        crate::shard::upgrade::confirmed(&ctx, &closing)
+                    Some(ShardMsg::UpgradeForwardTo { to }) => *ctx.upgrade_to.borrow_mut() = to,
+                    Some(ShardMsg::UpgradeConfirmed { closing, players }) => {
+                        crate::shard::upgrade::confirmed(&ctx, &closing, &players)
                     }
+                    Some(ShardMsg::UpgradeHttpQuit) => ctx.http_quit.open(),
                     Some(ShardMsg::UpgradeTakeBack { batch }) => {
                         crate::shard::upgrade::take_back(ctx.clone(), batch.sessions, batch.players)
                     }
@@ -1293,7 +1305,19 @@ async fn run_http(ctx: Rc<ShardCtx>, listener: glommio::net::TcpListener) {
         let tls = ctx.wires.borrow().http.clone();
         glommio::spawn_local(async move {
             let stop = ctx2.stop.clone();
-            let handler = |req| crate::http::api::handle(ctx2.clone(), req);
+            let handler = |req| {
+                let ctx = ctx2.clone();
+                async move {
+                    let resp = crate::http::api::handle(ctx.clone(), req).await;
+                    // Handed over: the client's next request goes to the
+                    // new process.
+                    if ctx.http_quit.is_open() {
+                        resp.closing()
+                    } else {
+                        resp
+                    }
+                }
+            };
             let count = |status| ctx2.metrics().http(status);
             let serve = async {
                 let peer = stream
@@ -1320,7 +1344,17 @@ async fn run_http(ctx: Rc<ShardCtx>, listener: glommio::net::TcpListener) {
                         }
                     }
                 };
-                crate::http::serve_conn(stream.clone(), read, limits, handler, count).await;
+                // An upgrade's old process, once everything moved, closes
+                // connections between requests: their clients reconnect to
+                // the new process.
+                let quit = {
+                    let ctx = ctx2.clone();
+                    move || {
+                        let ctx = ctx.clone();
+                        async move { ctx.http_quit.opened().await }
+                    }
+                };
+                crate::http::serve_conn(stream.clone(), read, limits, handler, count, quit).await;
                 if stream.is_wired() {
                     // HTTPS ends with close_notify.
                     stream.with_wire(|_, w| w.map(|w| w.close()));

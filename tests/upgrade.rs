@@ -298,3 +298,211 @@ fn a_real_process_upgrades_three_times_and_survives_a_bad_binary() {
     unique.dedup();
     assert_eq!(unique.len(), 4, "{pids:?}");
 }
+
+/// One client of the steady load: its stream so far.
+struct Player {
+    id: u64,
+    c: slg_gateway::client::Client,
+    last: u64,
+    asked: u64,
+    pushes: std::collections::HashSet<u64>,
+}
+
+impl Player {
+    /// One request and its answer; pushes that come meanwhile are kept.
+    fn round(&mut self) {
+        use slg_gateway::protocol::Kind;
+        self.asked += 1;
+        let tag = format!("{}:{}", self.id, self.asked);
+        self.c.send_request(100, tag.as_bytes()).expect("send");
+        loop {
+            let f = next_in_order(&mut self.c, &mut self.last);
+            match f.header.kind {
+                Kind::Push => {
+                    let n: u64 = std::str::from_utf8(&f.body)
+                        .ok()
+                        .and_then(|s| s.parse().ok())
+                        .expect("a push id");
+                    assert!(self.pushes.insert(n), "push {n} twice to {}", self.id);
+                }
+                Kind::Response => {
+                    assert_eq!(&f.body[..], tag.as_bytes(), "player {}", self.id);
+                    break;
+                }
+                k => panic!("unexpected {k:?}"),
+            }
+        }
+        if self.asked % 8 == 0 {
+            self.c.ack().expect("ack");
+        }
+    }
+}
+
+/// Issue 20's acceptance run: 1,000 clients making requests without a
+/// pause while pushes go to them and new clients connect, three upgrades
+/// of a real process in a row. No client sees a close, a KICK or a
+/// SESSION; each stream is exactly 1..N; each request is answered once;
+/// each push answered 200 reaches every player it counted; no connection
+/// to the port fails.
+#[test]
+fn a_thousand_clients_under_load_see_nothing_of_three_upgrades() {
+    const CLIENTS: u64 = 1000;
+    const THREADS: u64 = 8;
+    let demo =
+        slg_gateway::demo::DemoBackend::start("127.0.0.1:0".parse().expect("addr")).expect("demo");
+    let dir = std::env::temp_dir().join(format!("slg-upgrade-load-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let cfg = dir.join("gateway.ron");
+    std::fs::write(&cfg, common::config_text(demo.addr)).expect("config");
+    let (first, client, http) = common::spawn_gateway(&cfg, 2);
+    let mut pid = first.0.id();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let rounds = Arc::new(AtomicU64::new(0));
+    let workers: Vec<_> = (0..THREADS)
+        .map(|t| {
+            let (stop, rounds) = (stop.clone(), rounds.clone());
+            std::thread::spawn(move || {
+                let mut players: Vec<Player> = (0..CLIENTS / THREADS)
+                    .map(|k| {
+                        let id = 1 + t + k * THREADS;
+                        let mut c =
+                            slg_gateway::client::Client::connect(client).expect("connect");
+                        c.timeout = Duration::from_secs(20);
+                        let l = c.login_demo(id).expect("login");
+                        Player {
+                            id,
+                            c,
+                            last: l.response.header.seq,
+                            asked: 0,
+                            pushes: Default::default(),
+                        }
+                    })
+                    .collect();
+                while !stop.load(Ordering::Acquire) {
+                    for p in players.iter_mut() {
+                        p.round();
+                    }
+                    rounds.fetch_add(1, Ordering::AcqRel);
+                }
+                // Every push answered before `stop` is in by now or comes
+                // before this last answer.
+                for p in players.iter_mut() {
+                    p.round();
+                }
+                players
+                    .into_iter()
+                    .map(|p| (p.id, p.pushes, p.asked))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    while rounds.load(Ordering::Acquire) < THREADS {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // Pushes all along: each to 50 players, one after another.
+    let pusher = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut promised: Vec<(u64, Vec<u64>)> = Vec::new();
+            let mut refused = 0u64;
+            let mut n = 0u64;
+            while !stop.load(Ordering::Acquire) {
+                n += 1;
+                let players: Vec<u64> = (0..50).map(|k| 1 + (n * 50 + k) % CLIENTS).collect();
+                let list: Vec<String> = players.iter().map(|p| p.to_string()).collect();
+                let path = format!("/v1/push?players={}&msg=7001", list.join(","));
+                let (status, body) = common::http(http, "POST", &path, n.to_string().as_bytes());
+                match status {
+                    200 => {
+                        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+                        let got = v["delivered"].as_u64().unwrap_or(0)
+                            + v["cached"].as_u64().unwrap_or(0);
+                        assert_eq!(got, 50, "push {n}: {body}");
+                        promised.push((n, players));
+                    }
+                    503 => refused += 1,
+                    s => panic!("push {n}: {s} {body}"),
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            (promised, refused)
+        })
+    };
+    // New clients all along: the port never refuses one.
+    let prober = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let (mut ok, mut player) = (0u64, 100_000u64);
+            while !stop.load(Ordering::Acquire) {
+                player += 1;
+                probe(client, player).unwrap_or_else(|e| panic!("probe {player}: {e}"));
+                ok += 1;
+            }
+            ok
+        })
+    };
+
+    std::thread::sleep(Duration::from_millis(500));
+    let mut pids = vec![pid];
+    for _ in 0..3 {
+        let before = rounds.load(Ordering::Acquire);
+        let new = upgrade(http, "", pid);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while alive(pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the old process {pid} ended"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        // The load goes on on the new process.
+        let after = rounds.load(Ordering::Acquire);
+        while rounds.load(Ordering::Acquire) < after + THREADS {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(rounds.load(Ordering::Acquire) > before);
+        pid = new;
+        pids.push(pid);
+    }
+    stop.store(true, Ordering::Release);
+    let (promised, refused) = pusher.join().expect("pusher");
+    let probes = prober.join().expect("prober");
+    let mut got: std::collections::HashMap<u64, std::collections::HashSet<u64>> =
+        Default::default();
+    let mut requests = 0;
+    for w in workers {
+        for (id, pushes, asked) in w.join().expect("a client thread") {
+            got.insert(id, pushes);
+            requests += asked;
+        }
+    }
+    // SAFETY: kill(2) on the last process, which no Proc owns.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    drop(first);
+    demo.stop();
+    let mut missing = Vec::new();
+    for (n, players) in &promised {
+        for p in players {
+            if !got.get(p).is_some_and(|s| s.contains(n)) {
+                missing.push((*n, *p));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "{} pushes answered 200 not delivered, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    let mut unique = pids.clone();
+    unique.sort_unstable();
+    unique.dedup();
+    assert_eq!(unique.len(), 4, "{pids:?}");
+    assert!(promised.len() > 50, "{} pushes", promised.len());
+    eprintln!(
+        "{requests} requests, {} pushes delivered ({refused} refused), {probes} new clients, pids {pids:?}",
+        promised.len()
+    );
+}

@@ -828,7 +828,7 @@ fn forward_on(
         delivered: n("delivered"),
         cached: n("cached"),
         offline: n("offline"),
-        offline_players: Vec::new(),
+        ..Default::default()
     })
 }
 

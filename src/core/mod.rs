@@ -191,6 +191,9 @@ pub struct Core {
     events: VecDeque<Event>,
     /// A live upgrade hands every session over (see `upgrade.rs`).
     upgrading: bool,
+    /// Players on their way between two processes in a live upgrade
+    /// (see `upgrade::Transit`).
+    transit: HashMap<u64, upgrade::Transit>,
 }
 
 impl Core {
@@ -232,6 +235,7 @@ impl Core {
             cluster_out: VecDeque::new(),
             events: VecDeque::new(),
             upgrading: false,
+            transit: HashMap::new(),
         }
     }
 

@@ -21,6 +21,9 @@ pub struct PushCounts {
     pub offline: u64,
     /// Which players were offline here (a cluster forwards to their holder).
     pub offline_players: Vec<u64>,
+    /// Players handed to a new process by a live upgrade: not counted
+    /// yet, the push is forwarded to it.
+    pub away_players: Vec<u64>,
 }
 
 impl PushCounts {
@@ -29,6 +32,7 @@ impl PushCounts {
         self.cached += o.cached;
         self.offline += o.offline;
         self.offline_players.extend(o.offline_players);
+        self.away_players.extend(o.away_players);
     }
 }
 
@@ -69,6 +73,26 @@ impl Core {
         let body = Bytes::copy_from_slice(body);
         for &player in players {
             let online = self.players.get(&player).map(|p| p.session.is_some());
+            if online.is_none() {
+                match self.transit.get_mut(&player) {
+                    // On its way to (or into) a process: the push waits
+                    // with it, and follows once it has landed.
+                    Some(super::upgrade::Transit::Held(held)) => {
+                        if held.len() < max_held {
+                            held.push((msg_id, body.clone()));
+                            counts.cached += 1;
+                        } else {
+                            counts.offline += 1;
+                        }
+                        continue;
+                    }
+                    Some(super::upgrade::Transit::Gone) => {
+                        counts.away_players.push(player);
+                        continue;
+                    }
+                    None => {}
+                }
+            }
             if let Some(held) = self.migrating.get_mut(&player) {
                 // It leaves for another gateway: the push goes with it, up
                 // to what an outbox could hold; beyond, it is not taken.
@@ -326,11 +350,14 @@ impl Core {
             let mut p = Player::from_image(img, o.max_frames, o.max_bytes, now, unix_ms);
             if p.expired(now, linger) {
                 dropped += 1;
+                self.transit.remove(&p.id);
                 continue;
             }
             p.life = self.new_life();
             p.outbox.meter(self.meter());
-            self.players.insert(p.id, p);
+            let id = p.id;
+            self.players.insert(id, p);
+            self.land(id);
         }
         (self.players.len(), dropped)
     }

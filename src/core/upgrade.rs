@@ -6,6 +6,8 @@
 
 use super::Core;
 use crate::player::Player;
+use crate::protocol::{Header, Kind};
+use bytes::Bytes;
 use crate::session::{SessionId, State};
 use crate::snapshot::PlayerImage;
 use crate::upgrade::channel::SessionImage;
@@ -18,7 +20,59 @@ pub struct Leaving {
     pub player: Option<PlayerImage>,
 }
 
+/// A player between two processes. In the old one: `Held` from the
+/// moment its state is taken out until the new process confirms it holds
+/// it (pushes meanwhile wait here and follow it, or are delivered here
+/// again if it comes back), then `Gone` (pushes are forwarded). In the
+/// new one: `Held` from the batch's arrival until its session binds it
+/// (its task starts a moment later), pushes forwarded meanwhile wait.
+#[derive(Debug)]
+pub enum Transit {
+    Held(Vec<(u32, Bytes)>),
+    Gone,
+}
+
 impl Core {
+    /// `players` are on their way into this shard (the new process):
+    /// pushes for them wait until each lands.
+    pub fn expect(&mut self, players: impl IntoIterator<Item = u64>) {
+        for id in players {
+            self.transit.insert(id, Transit::Held(Vec::new()));
+        }
+    }
+
+    /// The new process holds `players` now: the pushes held for them here
+    /// go after them (in order), and later ones are forwarded.
+    pub fn departed(&mut self, players: &[u64]) -> Vec<(u64, Vec<(u32, Bytes)>)> {
+        let mut out = Vec::new();
+        for &id in players {
+            if let Some(Transit::Held(held)) = self.transit.insert(id, Transit::Gone) {
+                if !held.is_empty() {
+                    out.push((id, held));
+                }
+            }
+        }
+        out
+    }
+
+    /// `player` is held here again (taken back, or arrived): the pushes
+    /// that waited for it are delivered, in order.
+    pub(super) fn land(&mut self, player: u64) {
+        if !self.players.contains_key(&player) {
+            return;
+        }
+        let Some(t) = self.transit.remove(&player) else {
+            return;
+        };
+        if let Transit::Held(held) = t {
+            for (msg_id, body) in held {
+                let mut h = Header::new(Kind::Push);
+                h.msg_id = msg_id;
+                self.deliver(player, h, body);
+            }
+        }
+    }
+
     /// Begin (true) or stop (false, a rollback) handing every session over.
     pub fn set_upgrading(&mut self, on: bool) {
         self.upgrading = on;
@@ -76,6 +130,9 @@ impl Core {
         self.forget_partial(sid);
         let c = self.sessions.remove(&sid)?;
         let player = c.session.player().and_then(|id| self.players.remove(&id));
+        if let Some(p) = &player {
+            self.transit.insert(p.id, Transit::Held(Vec::new()));
+        }
         let image = SessionImage {
             player: player.as_ref().map_or(0, |p| p.id),
             peer,
@@ -103,10 +160,15 @@ impl Core {
             .map(|p| p.id)
             .take(max)
             .collect();
-        ids.into_iter()
+        let out: Vec<PlayerImage> = ids
+            .into_iter()
             .filter_map(|id| self.players.remove(&id))
             .map(|p| p.to_image(now, unix_ms))
-            .collect()
+            .collect();
+        for p in &out {
+            self.transit.insert(p.id, Transit::Held(Vec::new()));
+        }
+        out
     }
 
     /// A session handed over by the old process, registered here as `sid`
@@ -139,6 +201,8 @@ impl Core {
             return true;
         };
         if self.players.contains_key(&img.id) {
+            // What waited for the arriving state goes to the one held.
+            self.land(img.id);
             return false;
         }
         let o = self.cfg.outbox;
@@ -151,6 +215,9 @@ impl Core {
         if let Some(c) = self.sessions.get_mut(&sid) {
             c.session.bind(img.id);
         }
+        // Unsent output is older than the pushes that waited: it is
+        // already in the buffer ahead of them.
+        self.land(img.id);
         if !image.unsent.is_empty() {
             self.wake(sid, false, true);
         }

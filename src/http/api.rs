@@ -34,7 +34,21 @@ async fn route(ctx: &ShardCtx, req: Request) -> Response {
         return refused;
     }
     let method = req.method.as_str();
+    // (The shards hear of an upgrade once the new process runs: from
+    // then on, until this process ends or the upgrade is abandoned.)
+    let handed = ctx.http_quit.is_open();
+    let upgrading = handed || ctx.upgrade_to.borrow().is_some();
     match req.path.as_str() {
+        // While a live upgrade moves the players (or once it has), what
+        // would need all of them in one place waits for the new process.
+        "/v1/broadcast" | "/v1/evacuate" | "/v1/migrate" | "/v1/drain" if upgrading => {
+            Response::error(503, super::REFUSED_UPGRADING)
+        }
+        // This process has handed everything over and forwards nothing
+        // more: nothing was pushed, the new process takes it.
+        "/v1/push" if handed && ctx.upgrade_to.borrow().is_none() => {
+            Response::error(503, super::REFUSED_UPGRADING)
+        }
         "/healthz" => match method {
             "GET"
                 if ctx.is_draining()
@@ -222,6 +236,11 @@ async fn push(ctx: &ShardCtx, req: &Request) -> Response {
         Ok(c) => c,
         Err(r) => return r,
     };
+    // A live upgrade: players already in the new process get it there.
+    if !total.away_players.is_empty() {
+        let away = std::mem::take(&mut total.away_players);
+        total.add(forward_to_new(ctx, away, msg_id, &body).await);
+    }
     // In a cluster, players this gateway does not hold may be held by
     // another: the push goes there, and its counts join ours.
     if let Some(cluster) = &ctx.cluster {
@@ -252,6 +271,43 @@ async fn push(ctx: &ShardCtx, req: &Request) -> Response {
         }
     }
     Response::json(200, counts_json(&total))
+}
+
+/// A push for players a live upgrade moved to the new process: through
+/// this process's coordinator, which forwards it over the channel. What
+/// cannot reach them is counted offline (the frames of the others have
+/// their seqs already).
+async fn forward_to_new(
+    ctx: &ShardCtx,
+    players: Vec<u64>,
+    msg_id: u32,
+    body: &Bytes,
+) -> PushCounts {
+    let n = players.len() as u64;
+    let offline = PushCounts {
+        offline: n,
+        ..Default::default()
+    };
+    let Some(to) = ctx.upgrade_to.borrow().clone() else {
+        tracing::warn!(players = n, "push: players handed to a new process; nothing forwards");
+        return offline;
+    };
+    let (reply, rx) = flume::bounded(1);
+    let f = crate::upgrade::Forward {
+        players,
+        msg_id,
+        body: body.clone(),
+        reply: Some(reply),
+    };
+    if to.send(crate::upgrade::Event::Forward(f)).is_err() {
+        return offline;
+    }
+    futures_lite::future::or(async { rx.recv_async().await.ok() }, async {
+        glommio::timer::sleep(SHARD_REPLY).await;
+        None
+    })
+    .await
+    .unwrap_or(offline)
 }
 
 /// One PUSH to each of the players in `by_shard` (by home shard) held on

@@ -150,6 +150,9 @@ fn reason(status: u16) -> &'static str {
 
 /// The refusal of a push or broadcast by a draining gateway, before
 /// anything was sent: a peer that forwarded it may route it again.
+/// The answer of what waits for a live upgrade to finish.
+pub const REFUSED_UPGRADING: &str =
+    "a live upgrade is under way; nothing was done, send it again in a moment";
 pub const PUSH_REFUSED_DRAINING: &str = "the gateway is draining; nothing was pushed";
 
 /// A JSON string literal for `s`.
@@ -313,6 +316,25 @@ async fn read_more(
     }
 }
 
+/// [`read_more`], or, while no byte of the next request came, Ok(false)
+/// once `quit` resolves.
+async fn read_or_quit<Q: std::future::Future<Output = ()>>(
+    stream: &SharedStream,
+    buf: &mut BytesMut,
+    deadline: Instant,
+    started: bool,
+    quit: &impl Fn() -> Q,
+) -> std::io::Result<bool> {
+    if started {
+        return read_more(stream, buf, deadline).await;
+    }
+    futures_lite::future::or(read_more(stream, buf, deadline), async {
+        quit().await;
+        Ok(false)
+    })
+    .await
+}
+
 /// Write `out` whole within `limit`; false on error or deadline.
 async fn write_within(stream: &mut SharedStream, out: &[u8], limit: Duration) -> bool {
     // Through TLS the write encrypts; the flush sends what that left.
@@ -331,15 +353,19 @@ async fn write_within(stream: &mut SharedStream, out: &[u8], limit: Duration) ->
 /// protocol, or misses a deadline.
 /// `count` sees the status of every answer, including the rejections
 /// made here before a handler runs (400, 408, 411, 413, 431).
-pub async fn serve_conn<H, F>(
+/// Once `quit` resolves, a connection waiting for its next request closes
+/// (one in the middle of a request is answered first).
+pub async fn serve_conn<H, F, Q>(
     stream: SharedStream,
     read: BytesMut,
     limits: HttpLimits,
     handler: H,
     count: impl Fn(u16),
+    quit: impl Fn() -> Q,
 ) where
     H: Fn(Request) -> F,
     F: std::future::Future<Output = Response>,
+    Q: std::future::Future<Output = ()>,
 {
     let _ = stream.with(|s| s.set_nodelay(true));
     let mut stream = stream;
@@ -377,7 +403,9 @@ pub async fn serve_conn<H, F>(
                     write_within(&mut stream, &out, limits.body_timeout).await;
                     return;
                 }
-                Parsed::Partial => match read_more(&stream, &mut buf, deadline).await {
+                Parsed::Partial => match read_or_quit(&stream, &mut buf, deadline, started, &quit)
+                    .await
+                {
                     Ok(true) => {
                         if !started {
                             started = true;

@@ -115,6 +115,12 @@ pub struct ShardCtx {
     /// Every accept loop ends after the accept it has armed (an upgrade:
     /// the new process accepts from now on).
     pub stop_accepting: accept::Latch,
+    /// Opened once an upgrade has moved everything: HTTP connections
+    /// close between requests.
+    pub http_quit: accept::Latch,
+    /// An upgrade's coordinator (old process): pushes for players the new
+    /// process holds go there.
+    pub upgrade_to: RefCell<Option<flume::Sender<crate::upgrade::Event>>>,
     /// Accept loops running in the whole gateway.
     pub accepting: Arc<std::sync::atomic::AtomicUsize>,
     /// Sessions on their way to a new process (a live upgrade).
@@ -173,6 +179,8 @@ impl ShardCtx {
             accept_clients: Default::default(),
             accept_http: Default::default(),
             stop_accepting: Default::default(),
+            http_quit: Default::default(),
+            upgrade_to: RefCell::new(None),
             accepting: Default::default(),
             leavers: Default::default(),
         }

@@ -92,12 +92,21 @@ pub enum ShardMsg {
     /// old process had stopped accepting).
     ResumeAccepting { listeners: Vec<(u8, OwnedFd)> },
     /// An upgrade's pull: up to `max` sessions ready to leave.
+    /// (The answer is `Event::Pulled`.)
     UpgradePull {
         max: usize,
-        reply: flume::Sender<crate::shard::upgrade::Batch>,
+        reply: flume::Sender<crate::upgrade::Event>,
     },
-    /// The new process holds the batch: these wired connections close.
-    UpgradeConfirmed { closing: Vec<u64> },
+    /// An upgrade begins: pushes for players the new process holds go to
+    /// `to` (None: it ended or was abandoned).
+    UpgradeForwardTo {
+        to: Option<flume::Sender<crate::upgrade::Event>>,
+    },
+    /// The new process holds the batch: these wired connections close,
+    /// and the pushes held for its players follow them.
+    UpgradeConfirmed { closing: Vec<u64>, players: Vec<u64> },
+    /// Everything moved: HTTP connections close between requests.
+    UpgradeHttpQuit,
     /// The batch was not taken: serve it here again.
     UpgradeTakeBack { batch: crate::shard::upgrade::Batch },
     /// The upgrade is abandoned: every session reads again.

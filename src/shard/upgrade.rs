@@ -134,8 +134,30 @@ pub async fn pull(ctx: Rc<ShardCtx>, max: usize) -> Batch {
 }
 
 /// The new process holds the batch's players now: the wired connections
-/// of `closing` close (their clients resume there).
-pub fn confirmed(ctx: &ShardCtx, closing: &[u64]) {
+/// of `closing` close (their clients resume there), and the pushes held
+/// for `players` meanwhile follow them, in order, ahead of any later one
+/// (which finds the player gone and is forwarded after these).
+pub fn confirmed(ctx: &ShardCtx, closing: &[u64], players: &[u64]) {
+    let held = ctx.with(|c, _| c.departed(players));
+    if !held.is_empty() {
+        let to = ctx.upgrade_to.borrow().clone();
+        for (player, pushes) in held {
+            for (msg_id, body) in pushes {
+                let f = crate::upgrade::Forward {
+                    players: vec![player],
+                    msg_id,
+                    body,
+                    reply: None,
+                };
+                let sent = to
+                    .as_ref()
+                    .is_some_and(|to| to.send(crate::upgrade::Event::Forward(f)).is_ok());
+                if !sent {
+                    tracing::warn!(player, "upgrade: a held push could not follow its player");
+                }
+            }
+        }
+    }
     let mut l = ctx.leavers.borrow_mut();
     for k in closing {
         if let Some(s) = l.closing.remove(k) {
@@ -206,6 +228,15 @@ pub fn take_in(
     players: Vec<PlayerImage>,
 ) -> (u32, u32) {
     let n = sessions.len() as u32;
+    // Their tasks bind them a moment later: pushes forwarded meanwhile
+    // wait for them.
+    ctx.with(|c, _| {
+        c.expect(
+            sessions
+                .iter()
+                .filter_map(|(l, _)| l.player.as_ref().map(|p| p.id)),
+        )
+    });
     let mut with_player = 0;
     for (leaving, fd) in sessions {
         with_player += u32::from(leaving.player.is_some());

@@ -146,6 +146,13 @@ pub struct Deadlines {
     pub ready: Duration,
     /// For the answer to each batch.
     pub batch: Duration,
+    /// For a shard whose sessions cannot leave (an answer never comes, a
+    /// write never ends): past it they stay behind and end with this
+    /// process.
+    pub settle: Duration,
+    /// For the HTTP connections of this process to close once everything
+    /// moved (pushes on them are forwarded until then).
+    pub http: Duration,
 }
 
 impl Default for Deadlines {
@@ -153,6 +160,8 @@ impl Default for Deadlines {
         Deadlines {
             ready: Duration::from_secs(10),
             batch: Duration::from_secs(5),
+            settle: Duration::from_secs(30),
+            http: Duration::from_secs(10),
         }
     }
 }
@@ -167,6 +176,11 @@ pub struct Report {
     /// The longest a batch was away (from its pull to the new process's
     /// answer): the longest any of its sessions read nothing.
     pub longest_batch: Duration,
+    /// How long each batch was away, in order.
+    pub holds: Vec<Duration>,
+    /// Sessions that never became ready to leave (they end with this
+    /// process).
+    pub left_behind: u64,
     pub took: Duration,
 }
 
@@ -227,6 +241,7 @@ pub fn hand_over(
     let rollback = |why: Abandoned| -> Abandoned {
         tracing::error!(error = %why, "upgrade: rolling back; this process goes on serving");
         for tx in &senders {
+            let _ = tx.send(ShardMsg::UpgradeForwardTo { to: None });
             let _ = tx.send(ShardMsg::UpgradeCancel);
         }
         if let Ok(ls) = gw.listeners() {
@@ -243,46 +258,314 @@ pub fn hand_over(
         }
         why
     };
+    // One thread reads the channel; this one writes it and runs the
+    // hand-over as a loop over events: the shards' batches, the new
+    // process's answers, and pushes for players already there.
+    let (events, rx) = flume::unbounded::<Event>();
+    let reader = match ch.try_clone() {
+        Ok(r) => r,
+        Err(e) => return Err(rollback(abandoned("channel", e))),
+    };
+    ch.set_timeout(Some(limits.batch)).ok();
+    let reader = {
+        let events = events.clone();
+        let mut reader = reader;
+        std::thread::Builder::new()
+            .name("upgrade-rx".into())
+            .spawn(move || loop {
+                let got = reader.recv();
+                let end = match &got {
+                    Ok(_) => false,
+                    // The socket's read timeout (the writer's): read on.
+                    Err(ChannelError::Io(e))
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        continue
+                    }
+                    Err(_) => true,
+                };
+                if events.send(Event::Answer(got)).is_err() || end {
+                    break;
+                }
+            })
+    };
+    let reader = match reader {
+        Ok(t) => t,
+        Err(e) => return Err(rollback(abandoned("channel", e))),
+    };
+    for tx in &senders {
+        let _ = tx.send(ShardMsg::UpgradeForwardTo {
+            to: Some(events.clone()),
+        });
+    }
     if !gw.stop_accepting(Duration::from_secs(5)) {
         tracing::warn!("upgrade: an accept loop did not end in time");
     }
     if let Err(e) = ch.send(&Msg::AcceptClients, &[]) {
         return Err(rollback(abandoned("accept", e)));
     }
-    ch.set_timeout(Some(limits.batch)).ok();
-    let mut done = vec![false; senders.len()];
-    let mut id = 0u64;
-    while done.iter().any(|d| !d) {
-        for (i, tx) in senders.iter().enumerate() {
-            if done[i] {
-                continue;
+    let mut fwd = Forwarder::default();
+    let moved = move_sessions(ch, &senders, &events, &rx, &mut fwd, limits, &mut report);
+    if let Err(why) = moved {
+        // The reader ends when the new process does (it is killed).
+        drop(reader);
+        return Err(rollback(why));
+    }
+    // Everything moved: the HTTP port is the new process's too. HTTP
+    // connections here close between requests; until the last one has,
+    // pushes that reach this process are forwarded.
+    let _ = ch.send(&Msg::AcceptHttp, &[]);
+    for tx in &senders {
+        let _ = tx.send(ShardMsg::UpgradeHttpQuit);
+    }
+    let until = Instant::now() + limits.http;
+    loop {
+        let open = gw.http_open();
+        if open == 0 && fwd.waiting.is_empty() {
+            break;
+        }
+        if Instant::now() >= until {
+            tracing::warn!(
+                open,
+                forwards = fwd.waiting.len(),
+                "upgrade: HTTP connections still open at the deadline"
+            );
+            break;
+        }
+        match rx.recv_timeout(Duration::from_millis(5)) {
+            Ok(Event::Forward(f)) => fwd.send(ch, f),
+            Ok(Event::Answer(Ok((m, _)))) => {
+                fwd.answer(m);
             }
-            let pulled = Instant::now();
-            let (reply, rx) = flume::bounded(1);
-            if tx
-                .send(ShardMsg::UpgradePull { max: BATCH, reply })
-                .is_err()
-            {
+            Ok(Event::Answer(Err(_))) => break,
+            Ok(Event::Pulled(b)) => {
+                tracing::warn!(shard = b.shard, "upgrade: a late batch stays here")
+            }
+            Err(_) => {}
+        }
+    }
+    for tx in &senders {
+        let _ = tx.send(ShardMsg::UpgradeForwardTo { to: None });
+    }
+    let _ = ch.send(&Msg::Done, &[]);
+    ch.shutdown();
+    let _ = reader.join();
+    report.took = began.elapsed();
+    tracing::info!(
+        pid,
+        sessions = report.sessions,
+        players = report.players,
+        batches = report.batches,
+        pushes_forwarded = fwd.sent,
+        left_behind = report.left_behind,
+        longest_batch_ms = report.longest_batch.as_millis() as u64,
+        took_ms = report.took.as_millis() as u64,
+        "upgrade: everything handed over"
+    );
+    Ok(report)
+}
+
+/// What the old process's coordinator hears.
+pub enum Event {
+    /// A shard's answer to a pull.
+    Pulled(Batch),
+    /// A push for players the new process holds.
+    Forward(Forward),
+    /// A message from the new process.
+    Answer(Result<(Msg, Vec<std::os::fd::OwnedFd>), ChannelError>),
+}
+
+/// A push to forward to the new process; `reply` hears what it did there
+/// (None: it was already answered, as cached with its player).
+pub struct Forward {
+    pub players: Vec<u64>,
+    pub msg_id: u32,
+    pub body: bytes::Bytes,
+    pub reply: Option<flume::Sender<crate::core::PushCounts>>,
+}
+
+/// The pushes forwarded and not yet answered.
+#[derive(Default)]
+struct Forwarder {
+    next: u64,
+    sent: u64,
+    waiting: foldhash::HashMap<u64, Option<flume::Sender<crate::core::PushCounts>>>,
+}
+
+impl Forwarder {
+    fn send(&mut self, ch: &mut Channel, f: Forward) {
+        self.next += 1;
+        let id = self.next;
+        let msg = Msg::Push {
+            id,
+            players: f.players.clone(),
+            msg_id: f.msg_id,
+            body: f.body.to_vec(),
+        };
+        match ch.send(&msg, &[]) {
+            Ok(()) => {
+                self.sent += 1;
+                self.waiting.insert(id, f.reply);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, players = f.players.len(), "upgrade: a push could not be forwarded");
+                if let Some(r) = f.reply {
+                    let _ = r.send(crate::core::PushCounts {
+                        offline: f.players.len() as u64,
+                        ..Default::default()
+                    });
+                }
+            }
+        }
+    }
+
+    /// A push's answer: its sender hears it.
+    fn answer(&mut self, m: Msg) {
+        let Msg::Pushed {
+            id,
+            delivered,
+            cached,
+            offline,
+        } = m
+        else {
+            tracing::warn!(msg = ?m, "upgrade: unexpected message ignored");
+            return;
+        };
+        if let Some(Some(r)) = self.waiting.remove(&id) {
+            let _ = r.send(crate::core::PushCounts {
+                delivered,
+                cached,
+                offline,
+                ..Default::default()
+            });
+        }
+    }
+}
+
+/// Pull every shard's sessions and players in batches and send them,
+/// forwarding pushes all along. On an error, the batch under way is back
+/// on its shard.
+fn move_sessions(
+    ch: &mut Channel,
+    senders: &[flume::Sender<ShardMsg>],
+    events: &flume::Sender<Event>,
+    rx: &flume::Receiver<Event>,
+    fwd: &mut Forwarder,
+    limits: Deadlines,
+    report: &mut Report,
+) -> Result<(), Abandoned> {
+    enum Stage {
+        Idle,
+        Pulling { shard: usize, at: Instant },
+        Sent { batch: Batch, id: u64, at: Instant },
+    }
+    let n = senders.len();
+    let mut done = vec![false; n];
+    let mut cursor = 0usize;
+    let mut stage = Stage::Idle;
+    let mut id = 0u64;
+    // When each shard last gave something (it may hold sessions that
+    // cannot leave yet: an answer still due, a write under way).
+    let began = Instant::now();
+    let mut gave = vec![began; n];
+    loop {
+        if let Stage::Idle = stage {
+            let Some(i) = (0..n).map(|k| (cursor + k) % n).find(|&i| !done[i]) else {
+                return Ok(());
+            };
+            cursor = i + 1;
+            let pull = ShardMsg::UpgradePull {
+                max: BATCH,
+                reply: events.clone(),
+            };
+            if senders[i].send(pull).is_err() {
                 done[i] = true;
                 continue;
             }
-            let Ok(batch) = rx.recv_timeout(Duration::from_secs(5)) else {
-                return Err(rollback(abandoned(
-                    "pull",
-                    format!("shard {i} did not answer"),
-                )));
+            stage = Stage::Pulling {
+                shard: i,
+                at: Instant::now(),
             };
-            if batch.sessions.is_empty() && batch.players.is_empty() {
-                done[i] = batch.left == 0;
-                continue;
+        }
+        let deadline = match &stage {
+            Stage::Pulling { at, .. } => *at + Duration::from_secs(5),
+            Stage::Sent { at, .. } => *at + limits.batch,
+            Stage::Idle => Instant::now(),
+        };
+        let ev = match rx.recv_deadline(deadline) {
+            Ok(ev) => ev,
+            Err(_) => {
+                return Err(match std::mem::replace(&mut stage, Stage::Idle) {
+                    Stage::Pulling { shard, .. } => {
+                        abandoned("pull", format!("shard {shard} did not answer"))
+                    }
+                    Stage::Sent { batch, .. } => {
+                        let shard = batch.shard;
+                        let _ = senders[shard].send(ShardMsg::UpgradeTakeBack { batch });
+                        abandoned("batch", "the new process did not answer in time")
+                    }
+                    Stage::Idle => abandoned("batch", "lost track"),
+                });
             }
-            id += 1;
-            match send_batch(ch, id, &batch) {
-                Ok((sessions, players)) => {
+        };
+        match ev {
+            Event::Forward(f) => fwd.send(ch, f),
+            Event::Pulled(batch) => {
+                let Stage::Pulling { shard, at } = stage else {
+                    tracing::warn!(shard = batch.shard, "upgrade: an unexpected batch goes back");
+                    let s = batch.shard;
+                    let _ = senders[s].send(ShardMsg::UpgradeTakeBack { batch });
+                    continue;
+                };
+                let i = shard;
+                if batch.sessions.is_empty() && batch.players.is_empty() {
+                    if batch.left == 0 {
+                        done[i] = true;
+                    } else if gave[i].elapsed() >= limits.settle {
+                        tracing::error!(
+                            shard = i,
+                            left = batch.left,
+                            "upgrade: sessions that never became ready to leave stay behind"
+                        );
+                        report.left_behind += batch.left as u64;
+                        done[i] = true;
+                    }
+                    stage = Stage::Idle;
+                    continue;
+                }
+                gave[i] = Instant::now();
+                id += 1;
+                if let Err(e) = send_batch(ch, id, &batch) {
+                    let _ = senders[i].send(ShardMsg::UpgradeTakeBack { batch });
+                    return Err(abandoned("batch", e));
+                }
+                stage = Stage::Sent { batch, id, at };
+            }
+            Event::Answer(Err(e)) => {
+                if let Stage::Sent { batch, .. } = std::mem::replace(&mut stage, Stage::Idle) {
+                    let s = batch.shard;
+                    let _ = senders[s].send(ShardMsg::UpgradeTakeBack { batch });
+                }
+                return Err(abandoned("channel", e));
+            }
+            Event::Answer(Ok((m, _))) => match (m, std::mem::replace(&mut stage, Stage::Idle)) {
+                (
+                    Msg::Adopted {
+                        id: got,
+                        sessions,
+                        players,
+                    },
+                    Stage::Sent { batch, id, at },
+                ) if got == id => {
                     report.sessions += sessions as u64;
                     report.players += players as u64;
                     report.batches += 1;
-                    report.longest_batch = report.longest_batch.max(pulled.elapsed());
+                    let held = at.elapsed();
+                    report.longest_batch = report.longest_batch.max(held);
+                    report.holds.push(held);
                     let closing = batch
                         .sessions
                         .iter()
@@ -291,35 +574,32 @@ pub fn hand_over(
                             Carried::Socket(_) => None,
                         })
                         .collect();
-                    let _ = tx.send(ShardMsg::UpgradeConfirmed { closing });
+                    let players = batch
+                        .sessions
+                        .iter()
+                        .filter_map(|(l, _)| l.player.as_ref().map(|p| p.id))
+                        .chain(batch.players.iter().map(|p| p.id))
+                        .collect();
+                    let _ = senders[batch.shard].send(ShardMsg::UpgradeConfirmed { closing, players });
                     // The sockets sent are the new process's now; ours close.
                     drop(batch);
                 }
-                Err(e) => {
-                    let _ = tx.send(ShardMsg::UpgradeTakeBack { batch });
-                    return Err(rollback(abandoned("batch", e)));
+                (Msg::Refused { why, .. }, Stage::Sent { batch, .. }) => {
+                    let s = batch.shard;
+                    let _ = senders[s].send(ShardMsg::UpgradeTakeBack { batch });
+                    return Err(abandoned("batch", format!("refused: {why}")));
                 }
-            }
+                (m, st) => {
+                    stage = st;
+                    fwd.answer(m);
+                }
+            },
         }
     }
-    // Everything moved: the HTTP port is the new process's too.
-    let _ = ch.send(&Msg::AcceptHttp, &[]);
-    let _ = ch.send(&Msg::Done, &[]);
-    report.took = began.elapsed();
-    tracing::info!(
-        pid,
-        sessions = report.sessions,
-        players = report.players,
-        batches = report.batches,
-        longest_batch_ms = report.longest_batch.as_millis() as u64,
-        took_ms = report.took.as_millis() as u64,
-        "upgrade: everything handed over"
-    );
-    Ok(report)
 }
 
-/// Send one batch and wait for its answer: (sessions, players) taken.
-fn send_batch(ch: &mut Channel, id: u64, batch: &Batch) -> Result<(u32, u32), String> {
+/// Send one batch (its answer comes to the reader thread).
+fn send_batch(ch: &mut Channel, id: u64, batch: &Batch) -> Result<(), String> {
     let mut sessions = Vec::new();
     let mut fds = Vec::new();
     let mut players = Vec::new();
@@ -354,20 +634,7 @@ fn send_batch(ch: &mut Channel, id: u64, batch: &Batch) -> Result<(u32, u32), St
         },
         &fds,
     )
-    .map_err(|e| e.to_string())?;
-    match ch.recv() {
-        Ok((
-            Msg::Adopted {
-                id: got,
-                sessions,
-                players,
-            },
-            _,
-        )) if got == id => Ok((sessions, players)),
-        Ok((Msg::Refused { why, .. }, _)) => Err(format!("refused: {why}")),
-        Ok((other, _)) => Err(format!("unexpected {other:?}")),
-        Err(e) => Err(e.to_string()),
-    }
+    .map_err(|e| e.to_string())
 }
 
 /// The new process's side: start on the listeners the old process sends,
@@ -448,9 +715,66 @@ pub fn take_over(cfg: crate::config::Config, ch: &mut Channel) -> Result<Gateway
                 };
                 ch.send(&answer, &[]).map_err(|e| e.to_string())?;
             }
+            Msg::Push {
+                id,
+                players,
+                msg_id,
+                body,
+            } => {
+                let c = push_here(&shards, players, msg_id, bytes::Bytes::from(body));
+                let answer = Msg::Pushed {
+                    id,
+                    delivered: c.delivered,
+                    cached: c.cached,
+                    offline: c.offline,
+                };
+                ch.send(&answer, &[]).map_err(|e| e.to_string())?;
+            }
             other => tracing::warn!(msg = ?other, "upgrade: unexpected message ignored"),
         }
     }
+}
+
+/// A push forwarded by the old process, delivered on its players' home
+/// shards here (in the order the pushes came: the next waits for this).
+fn push_here(
+    shards: &[flume::Sender<ShardMsg>],
+    players: Vec<u64>,
+    msg_id: u32,
+    body: bytes::Bytes,
+) -> crate::core::PushCounts {
+    let n = shards.len();
+    let mut by: Vec<Vec<u64>> = vec![Vec::new(); n];
+    for p in players {
+        by[shards::home_shard(p, n)].push(p);
+    }
+    let mut total = crate::core::PushCounts::default();
+    let mut waiting = Vec::new();
+    for (tx, players) in shards.iter().zip(by) {
+        if players.is_empty() {
+            continue;
+        }
+        let k = players.len() as u64;
+        let (reply, rx) = flume::bounded(1);
+        let m = ShardMsg::Push {
+            players,
+            msg_id,
+            body: body.clone(),
+            reply,
+        };
+        if tx.send(m).is_err() {
+            total.offline += k;
+            continue;
+        }
+        waiting.push((k, rx));
+    }
+    for (k, rx) in waiting {
+        match rx.recv_timeout(Duration::from_secs(5)) {
+            Ok(Some(c)) => total.add(c),
+            _ => total.offline += k,
+        }
+    }
+    total
 }
 
 /// One shard's part of a batch: sessions with their sockets, players.
