@@ -96,6 +96,8 @@ pub struct Gateway {
     accepting: Arc<AtomicUsize>,
     /// Open HTTP API connections, all shards.
     http_open: Arc<AtomicUsize>,
+    /// The live upgrade that started this process, once done.
+    upgraded: Arc<std::sync::OnceLock<crate::upgrade::Taken>>,
 }
 
 /// How a drain ended.
@@ -139,6 +141,7 @@ struct ShardStart {
     /// The listeners were inherited: accept only once told to.
     gated: bool,
     accepting: Arc<AtomicUsize>,
+    upgraded: Arc<std::sync::OnceLock<crate::upgrade::Taken>>,
 }
 
 impl Clone for ShardStart {
@@ -158,6 +161,7 @@ impl Clone for ShardStart {
             inherited: self.inherited.clone(),
             gated: self.gated,
             accepting: self.accepting.clone(),
+            upgraded: self.upgraded.clone(),
         }
     }
 }
@@ -341,6 +345,7 @@ impl Gateway {
         let (ready_tx, ready_rx) = flume::unbounded::<Ready>();
         let accepting = Arc::new(AtomicUsize::new(0));
         let http_open = Arc::new(AtomicUsize::new(0));
+        let upgraded = Arc::new(std::sync::OnceLock::new());
         let store = cfg.snapshot_dir.as_ref().map(LocalDir::new);
         // Players from the snapshot, homed again by hash on this shard count.
         let n = shards_cfg.shards;
@@ -386,6 +391,7 @@ impl Gateway {
             inherited,
             gated,
             accepting: accepting.clone(),
+            upgraded: upgraded.clone(),
         };
         let shards = shards::start(&shards_cfg, move |shard: shards::Shard<ShardMsg>| {
             run_shard(shard, start)
@@ -437,6 +443,7 @@ impl Gateway {
             listeners,
             accepting,
             http_open,
+            upgraded,
         })
     }
 
@@ -485,6 +492,11 @@ impl Gateway {
     /// the accept it has armed, which the port is poked to complete (the
     /// pokes that reach the new process are connections closed at once).
     /// True when every loop ended within `limit`.
+    /// What the live upgrade that started this process did (its metrics).
+    pub fn set_upgraded(&self, t: crate::upgrade::Taken) {
+        let _ = self.upgraded.set(t);
+    }
+
     /// Open HTTP API connections now, all shards.
     pub fn http_open(&self) -> usize {
         self.http_open.load(Ordering::Acquire)
@@ -882,6 +894,7 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
         inherited,
         gated,
         accepting,
+        upgraded,
     } = start;
     let (id, count, mesh, inbox, stop, _stop_handle) = shard.into_parts();
     let mut handed = inherited
@@ -913,6 +926,7 @@ async fn run_shard(shard: shards::Shard<ShardMsg>, start: ShardStart) -> ShardRe
     );
     ctx.events = Some(events);
     ctx.accepting = accepting;
+    ctx.upgraded = upgraded;
     if !gated {
         ctx.accept_clients.open();
         ctx.accept_http.open();

@@ -299,6 +299,73 @@ fn a_real_process_upgrades_three_times_and_survives_a_bad_binary() {
     assert_eq!(unique.len(), 4, "{pids:?}");
 }
 
+/// An HTTP/1.1 connection kept alive, as a backend keeps its pool:
+/// opened again when the gateway closes it.
+struct KeptAlive {
+    addr: std::net::SocketAddr,
+    conn: Option<std::io::BufReader<std::net::TcpStream>>,
+}
+
+impl KeptAlive {
+    fn new(addr: std::net::SocketAddr) -> KeptAlive {
+        KeptAlive { addr, conn: None }
+    }
+
+    /// POST and read the answer; None when the connection ended first.
+    fn post(&mut self, path: &str, body: &[u8]) -> Option<(u16, String)> {
+        use std::io::{BufRead, Read, Write};
+        if self.conn.is_none() {
+            let s = std::net::TcpStream::connect(self.addr).expect("connect http");
+            s.set_read_timeout(Some(Duration::from_secs(20)))
+                .expect("timeout");
+            self.conn = Some(std::io::BufReader::new(s));
+        }
+        let r = self.conn.as_mut()?;
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: test\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let sent = r
+            .get_mut()
+            .write_all(head.as_bytes())
+            .and_then(|_| r.get_mut().write_all(body));
+        let answer = sent.ok().and_then(|_| {
+            let mut line = String::new();
+            r.read_line(&mut line).ok().filter(|n| *n > 0)?;
+            let status: u16 = line.split_whitespace().nth(1)?.parse().ok()?;
+            let (mut len, mut close) = (0usize, false);
+            loop {
+                let mut h = String::new();
+                r.read_line(&mut h).ok().filter(|n| *n > 0)?;
+                let h = h.trim_end();
+                if h.is_empty() {
+                    break;
+                }
+                let lower = h.to_ascii_lowercase();
+                if let Some(v) = lower.strip_prefix("content-length:") {
+                    len = v.trim().parse().ok()?;
+                }
+                close |= lower == "connection: close";
+            }
+            let mut b = vec![0u8; len];
+            r.read_exact(&mut b).ok()?;
+            Some((status, String::from_utf8_lossy(&b).to_string(), close))
+        });
+        match answer {
+            Some((status, body, close)) => {
+                if close {
+                    self.conn = None;
+                }
+                Some((status, body))
+            }
+            None => {
+                self.conn = None;
+                None
+            }
+        }
+    }
+}
+
 /// One client of the steady load: its stream so far.
 struct Player {
     id: u64,
@@ -332,7 +399,7 @@ impl Player {
                 k => panic!("unexpected {k:?}"),
             }
         }
-        if self.asked % 8 == 0 {
+        if self.asked.is_multiple_of(8) {
             self.c.ack().expect("ack");
         }
     }
@@ -366,8 +433,7 @@ fn a_thousand_clients_under_load_see_nothing_of_three_upgrades() {
                 let mut players: Vec<Player> = (0..CLIENTS / THREADS)
                     .map(|k| {
                         let id = 1 + t + k * THREADS;
-                        let mut c =
-                            slg_gateway::client::Client::connect(client).expect("connect");
+                        let mut c = slg_gateway::client::Client::connect(client).expect("connect");
                         c.timeout = Duration::from_secs(20);
                         let l = c.login_demo(id).expect("login");
                         Player {
@@ -401,35 +467,44 @@ fn a_thousand_clients_under_load_see_nothing_of_three_upgrades() {
         std::thread::sleep(Duration::from_millis(20));
     }
 
-    // Pushes all along: each to 50 players, one after another.
-    let pusher = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut promised: Vec<(u64, Vec<u64>)> = Vec::new();
-            let mut refused = 0u64;
-            let mut n = 0u64;
-            while !stop.load(Ordering::Acquire) {
-                n += 1;
-                let players: Vec<u64> = (0..50).map(|k| 1 + (n * 50 + k) % CLIENTS).collect();
-                let list: Vec<String> = players.iter().map(|p| p.to_string()).collect();
-                let path = format!("/v1/push?players={}&msg=7001", list.join(","));
-                let (status, body) = common::http(http, "POST", &path, n.to_string().as_bytes());
-                match status {
-                    200 => {
-                        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
-                        let got = v["delivered"].as_u64().unwrap_or(0)
-                            + v["cached"].as_u64().unwrap_or(0);
-                        assert_eq!(got, 50, "push {n}: {body}");
-                        promised.push((n, players));
+    // Pushes all along, as a backend sends them: on kept-alive
+    // connections, each push to 50 players, one after another, from two
+    // threads (push ids odd and even).
+    let pushers: Vec<_> = (0..2u64)
+        .map(|t| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut promised: Vec<(u64, Vec<u64>)> = Vec::new();
+                let (mut refused, mut unanswered) = (0u64, 0u64);
+                let mut conn = KeptAlive::new(http);
+                let mut n = t;
+                while !stop.load(Ordering::Acquire) {
+                    n += 2;
+                    let players: Vec<u64> = (0..50).map(|k| 1 + (n * 50 + k) % CLIENTS).collect();
+                    let list: Vec<String> = players.iter().map(|p| p.to_string()).collect();
+                    let path = format!("/v1/push?players={}&msg=7001", list.join(","));
+                    let Some((status, body)) = conn.post(&path, n.to_string().as_bytes()) else {
+                        // Closed before an answer: promised nothing.
+                        unanswered += 1;
+                        continue;
+                    };
+                    match status {
+                        200 => {
+                            let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+                            let got = v["delivered"].as_u64().unwrap_or(0)
+                                + v["cached"].as_u64().unwrap_or(0);
+                            assert_eq!(got, 50, "push {n}: {body}");
+                            promised.push((n, players));
+                        }
+                        503 => refused += 1,
+                        s => panic!("push {n}: {s} {body}"),
                     }
-                    503 => refused += 1,
-                    s => panic!("push {n}: {s} {body}"),
+                    std::thread::sleep(Duration::from_millis(2));
                 }
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            (promised, refused)
+                (promised, refused, unanswered)
+            })
         })
-    };
+        .collect();
     // New clients all along: the port never refuses one.
     let prober = {
         let stop = stop.clone();
@@ -446,6 +521,7 @@ fn a_thousand_clients_under_load_see_nothing_of_three_upgrades() {
 
     std::thread::sleep(Duration::from_millis(500));
     let mut pids = vec![pid];
+    let mut forwarded = 0;
     for _ in 0..3 {
         let before = rounds.load(Ordering::Acquire);
         let new = upgrade(http, "", pid);
@@ -463,11 +539,31 @@ fn a_thousand_clients_under_load_see_nothing_of_three_upgrades() {
             std::thread::sleep(Duration::from_millis(20));
         }
         assert!(rounds.load(Ordering::Acquire) > before);
+        // The new process says what moved (its old one is gone).
+        let (status, text) = common::http(http, "GET", "/metrics", b"");
+        assert_eq!(status, 200);
+        let gauge = |name: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("slg_{name} ")))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("slg_{name} in /metrics"))
+        };
+        assert!(gauge("upgrade_sessions") >= CLIENTS as f64, "{text}");
+        assert_eq!(gauge("upgrade_left_behind"), 0.0);
+        assert!(gauge("upgrade_hold_longest_seconds") > 0.0);
+        forwarded += gauge("upgrade_pushes_forwarded") as u64;
         pid = new;
         pids.push(pid);
+        std::thread::sleep(Duration::from_millis(300));
     }
     stop.store(true, Ordering::Release);
-    let (promised, refused) = pusher.join().expect("pusher");
+    let (mut promised, mut refused, mut unanswered) = (Vec::new(), 0, 0);
+    for p in pushers {
+        let (p, r, u) = p.join().expect("pusher");
+        promised.extend(p);
+        refused += r;
+        unanswered += u;
+    }
     let probes = prober.join().expect("prober");
     let mut got: std::collections::HashMap<u64, std::collections::HashSet<u64>> =
         Default::default();
@@ -501,8 +597,9 @@ fn a_thousand_clients_under_load_see_nothing_of_three_upgrades() {
     unique.dedup();
     assert_eq!(unique.len(), 4, "{pids:?}");
     assert!(promised.len() > 50, "{} pushes", promised.len());
+    assert!(forwarded > 0, "no push was forwarded during the upgrades");
     eprintln!(
-        "{requests} requests, {} pushes delivered ({refused} refused), {probes} new clients, pids {pids:?}",
+        "{requests} requests, {} pushes delivered ({refused} refused, {unanswered} unanswered, {forwarded} forwarded by old processes), {probes} new clients, pids {pids:?}",
         promised.len()
     );
 }

@@ -7,10 +7,10 @@
 use super::Core;
 use crate::player::Player;
 use crate::protocol::{Header, Kind};
-use bytes::Bytes;
 use crate::session::{SessionId, State};
 use crate::snapshot::PlayerImage;
 use crate::upgrade::channel::SessionImage;
+use bytes::Bytes;
 use std::time::{Duration, Instant};
 
 /// A session as it leaves for the new process (its socket goes with it).

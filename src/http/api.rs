@@ -289,7 +289,10 @@ async fn forward_to_new(
         ..Default::default()
     };
     let Some(to) = ctx.upgrade_to.borrow().clone() else {
-        tracing::warn!(players = n, "push: players handed to a new process; nothing forwards");
+        tracing::warn!(
+            players = n,
+            "push: players handed to a new process; nothing forwards"
+        );
         return offline;
     };
     let (reply, rx) = flume::bounded(1);
@@ -944,6 +947,9 @@ async fn metrics(ctx: &ShardCtx) -> Response {
     );
     if let Some(cluster) = &ctx.cluster {
         cluster.migrations.render(&mut text);
+    }
+    if let Some(t) = ctx.upgraded.get() {
+        crate::metrics::render_upgrade(&mut text, t);
     }
     Response::text(200, text)
 }

@@ -403,27 +403,27 @@ pub async fn serve_conn<H, F, Q>(
                     write_within(&mut stream, &out, limits.body_timeout).await;
                     return;
                 }
-                Parsed::Partial => match read_or_quit(&stream, &mut buf, deadline, started, &quit)
-                    .await
-                {
-                    Ok(true) => {
-                        if !started {
-                            started = true;
-                            deadline = Instant::now() + limits.head_timeout;
+                Parsed::Partial => {
+                    match read_or_quit(&stream, &mut buf, deadline, started, &quit).await {
+                        Ok(true) => {
+                            if !started {
+                                started = true;
+                                deadline = Instant::now() + limits.head_timeout;
+                            }
                         }
+                        Ok(false) => return,
+                        Err(e) if e.kind() == std::io::ErrorKind::TimedOut && started => {
+                            out.clear();
+                            count(408);
+                            Response::error(408, "request head not received in time")
+                                .closing()
+                                .encode(&mut out);
+                            write_within(&mut stream, &out, limits.body_timeout).await;
+                            return;
+                        }
+                        Err(_) => return,
                     }
-                    Ok(false) => return,
-                    Err(e) if e.kind() == std::io::ErrorKind::TimedOut && started => {
-                        out.clear();
-                        count(408);
-                        Response::error(408, "request head not received in time")
-                            .closing()
-                            .encode(&mut out);
-                        write_within(&mut stream, &out, limits.body_timeout).await;
-                        return;
-                    }
-                    Err(_) => return,
-                },
+                }
             }
         };
         let deadline = Instant::now() + limits.body_timeout;

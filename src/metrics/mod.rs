@@ -252,6 +252,27 @@ impl Out {
     }
 }
 
+/// The live upgrade that started this process (as its old process saw it).
+pub fn render_upgrade(text: &mut String, t: &crate::upgrade::Taken) {
+    let mut o = Out(std::mem::take(text));
+    let secs = |us: u64| us as f64 / 1e6;
+    let gauges: [(&str, &str, f64); 8] = [
+        ("upgrade_sessions", "Sessions handed to this process by the live upgrade that started it.", t.sessions as f64),
+        ("upgrade_players", "Players handed to this process by that upgrade (with a session or not).", t.players as f64),
+        ("upgrade_batches", "Batches that upgrade sent.", t.batches as f64),
+        ("upgrade_hold_longest_seconds", "The longest a batch of that upgrade was away: the longest any session's reads were held.", secs(t.longest_hold_us)),
+        ("upgrade_hold_median_seconds", "The median batch's time away in that upgrade.", secs(t.median_hold_us)),
+        ("upgrade_seconds", "From that upgrade's start to everything handed over.", secs(t.took_us)),
+        ("upgrade_pushes_forwarded", "Pushes the old process forwarded to this one during that upgrade.", t.pushes_forwarded as f64),
+        ("upgrade_left_behind", "Sessions that upgrade left in the old process (they never became ready to leave).", t.left_behind as f64),
+    ];
+    for (name, help, v) in gauges {
+        o.head(name, "gauge", help);
+        o.line(name, "", v);
+    }
+    *text = o.0;
+}
+
 /// Render every shard's snapshot in the Prometheus text format (0.0.4).
 pub fn render(snaps: &[Snapshot], ctx: &Context) -> String {
     let mut o = Out(String::with_capacity(8192));

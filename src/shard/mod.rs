@@ -125,6 +125,8 @@ pub struct ShardCtx {
     pub accepting: Arc<std::sync::atomic::AtomicUsize>,
     /// Sessions on their way to a new process (a live upgrade).
     leavers: RefCell<upgrade::Leavers>,
+    /// The live upgrade that started this process, once done (metrics).
+    pub upgraded: Arc<std::sync::OnceLock<crate::upgrade::Taken>>,
 }
 
 impl ShardCtx {
@@ -181,6 +183,7 @@ impl ShardCtx {
             stop_accepting: Default::default(),
             http_quit: Default::default(),
             upgrade_to: RefCell::new(None),
+            upgraded: Default::default(),
             accepting: Default::default(),
             leavers: Default::default(),
         }

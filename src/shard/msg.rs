@@ -104,7 +104,10 @@ pub enum ShardMsg {
     },
     /// The new process holds the batch: these wired connections close,
     /// and the pushes held for its players follow them.
-    UpgradeConfirmed { closing: Vec<u64>, players: Vec<u64> },
+    UpgradeConfirmed {
+        closing: Vec<u64>,
+        players: Vec<u64>,
+    },
     /// Everything moved: HTTP connections close between requests.
     UpgradeHttpQuit,
     /// The batch was not taken: serve it here again.

@@ -114,8 +114,25 @@ pub enum Msg {
     },
     /// Old to new: accept on the HTTP port too; everything has moved.
     AcceptHttp,
-    /// Old to new: the old process ends now.
-    Done,
+    /// Old to new: the old process ends now; what it did.
+    Done(Taken),
+}
+
+/// A whole upgrade as the old process saw it (the new one shows it in
+/// its metrics).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub struct Taken {
+    pub sessions: u64,
+    pub players: u64,
+    pub batches: u64,
+    /// The longest a batch was away (its sessions read nothing), µs.
+    pub longest_hold_us: u64,
+    /// The median batch's time away, µs.
+    pub median_hold_us: u64,
+    /// From the start to everything handed over, µs.
+    pub took_us: u64,
+    pub pushes_forwarded: u64,
+    pub left_behind: u64,
 }
 
 /// Why a frame could not be read.

@@ -9,6 +9,7 @@
 //! and the trigger (`SIGUSR2`, `POST /v1/upgrade`) build on these.
 
 pub mod channel;
+pub use channel::Taken;
 
 use std::os::fd::OwnedFd;
 
@@ -133,7 +134,7 @@ pub fn upgrade_to(
 
 /// Format of the channel's messages; a new process of another version
 /// says so and the old one goes on.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// Sessions per batch (one frame carries at most `channel::MAX_FDS`
 /// sockets).
@@ -182,6 +183,25 @@ pub struct Report {
     /// process).
     pub left_behind: u64,
     pub took: Duration,
+}
+
+impl Report {
+    /// What the new process shows of it.
+    pub fn taken(&self, pushes_forwarded: u64) -> Taken {
+        let mut holds = self.holds.clone();
+        holds.sort_unstable();
+        let us = |d: Duration| d.as_micros() as u64;
+        Taken {
+            sessions: self.sessions,
+            players: self.players,
+            batches: self.batches,
+            longest_hold_us: us(self.longest_batch),
+            median_hold_us: holds.get(holds.len() / 2).copied().map_or(0, us),
+            took_us: us(self.took),
+            pushes_forwarded,
+            left_behind: self.left_behind,
+        }
+    }
 }
 
 /// Why an upgrade did not happen; the old process goes on serving.
@@ -350,10 +370,10 @@ pub fn hand_over(
     for tx in &senders {
         let _ = tx.send(ShardMsg::UpgradeForwardTo { to: None });
     }
-    let _ = ch.send(&Msg::Done, &[]);
+    report.took = began.elapsed();
+    let _ = ch.send(&Msg::Done(report.taken(fwd.sent)), &[]);
     ch.shutdown();
     let _ = reader.join();
-    report.took = began.elapsed();
     tracing::info!(
         pid,
         sessions = report.sessions,
@@ -515,7 +535,10 @@ fn move_sessions(
             Event::Forward(f) => fwd.send(ch, f),
             Event::Pulled(batch) => {
                 let Stage::Pulling { shard, at } = stage else {
-                    tracing::warn!(shard = batch.shard, "upgrade: an unexpected batch goes back");
+                    tracing::warn!(
+                        shard = batch.shard,
+                        "upgrade: an unexpected batch goes back"
+                    );
                     let s = batch.shard;
                     let _ = senders[s].send(ShardMsg::UpgradeTakeBack { batch });
                     continue;
@@ -580,7 +603,8 @@ fn move_sessions(
                         .filter_map(|(l, _)| l.player.as_ref().map(|p| p.id))
                         .chain(batch.players.iter().map(|p| p.id))
                         .collect();
-                    let _ = senders[batch.shard].send(ShardMsg::UpgradeConfirmed { closing, players });
+                    let _ =
+                        senders[batch.shard].send(ShardMsg::UpgradeConfirmed { closing, players });
                     // The sockets sent are the new process's now; ours close.
                     drop(batch);
                 }
@@ -695,8 +719,9 @@ pub fn take_over(cfg: crate::config::Config, ch: &mut Channel) -> Result<Gateway
         match msg {
             Msg::AcceptClients => gw.open_accept(true, false),
             Msg::AcceptHttp => gw.open_accept(false, true),
-            Msg::Done => {
+            Msg::Done(taken) => {
                 gw.open_accept(true, true);
+                gw.set_upgraded(taken);
                 tracing::info!("upgrade: done; this process serves alone");
                 return Ok(gw);
             }
